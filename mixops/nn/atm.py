@@ -1,0 +1,2 @@
+"""placeholder"""
+ATMOp = ATMLayer = None

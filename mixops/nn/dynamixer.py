@@ -1,0 +1,2 @@
+"""placeholder"""
+DynaMixerOp = DynaMixerBlock = None

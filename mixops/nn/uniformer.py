@@ -1,0 +1,2 @@
+"""placeholder"""
+Attention = SABlock = SABlock_Windows = None

@@ -1,0 +1,2 @@
+"""placeholder"""
+SABlock = None

@@ -1,0 +1,16 @@
+"""The public functional ops, each a ``torch.library.custom_op`` in the ``mixops`` namespace."""
+from .atm import atm_fc, atm_sample
+from .dynamixer import dynamixer_mix
+from .morph_fc import morph_fc
+from .repmlp import locality_injection, partition_fc
+from .window_attention import window_attention
+
+__all__ = [
+    "atm_fc",
+    "atm_sample",
+    "dynamixer_mix",
+    "locality_injection",
+    "morph_fc",
+    "partition_fc",
+    "window_attention",
+]

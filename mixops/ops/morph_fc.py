@@ -1,0 +1,2 @@
+"""placeholder"""
+def morph_fc(*a, **k): raise RuntimeError("placeholder")

@@ -1,0 +1,2 @@
+"""placeholder"""
+def window_attention(*a, **k): raise RuntimeError("placeholder")

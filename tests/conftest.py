@@ -1,0 +1,43 @@
+"""Test configuration: Triton interpreter on GPU-less machines, the needs_cuda marker, seeds.
+
+TRITON_INTERPRET must be set before anything imports the Triton kernels (``mixops.kernels``):
+``triton.jit`` decides at decoration time whether a kernel is interpreted. Importing torch
+first is safe; it does not import triton.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_cuda: the test needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: a test that takes more than a few seconds on 2 CPU cores")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "needs_cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # exit code 5 = nothing collected/selected (e.g. `-m needs_cuda` on a CPU machine): not a failure
+    if exitstatus == 5:
+        session.exitstatus = 0
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same RNG state and leaves the global state as it found it."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    yield
+    torch.random.set_rng_state(state)

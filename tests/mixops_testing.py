@@ -1,0 +1,43 @@
+"""Helpers shared by the tests: per-dtype tolerances, a verbose closeness check, devices."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+# ||out - ref|| / ||ref|| and max|out - ref| / max(max|ref|, 1), against a float64 reference.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (3e-3, 1e-2),
+    torch.bfloat16: (2e-2, 6e-2),
+}
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None, name: str = "output"):
+    """``out`` matches ``ref`` within the tolerance of ``dtype`` (default: ``out.dtype``).
+
+    NaN or inf never passes; the message gives the relative error, the max error and where
+    the worst element sits.
+    """
+    dtype = dtype or out.dtype
+    rel_tol, max_tol = TOLERANCES[dtype]
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    o = out.detach().to(torch.float64).cpu()
+    r = ref.detach().to(torch.float64).cpu()
+    assert torch.isfinite(o).all(), f"{name}: {int((~torch.isfinite(o)).sum())} non-finite elements"
+    assert torch.isfinite(r).all(), f"{name}: the reference has non-finite elements"
+    diff = (o - r).abs()
+    scale = r.norm().clamp_min(1e-30)
+    rel = float((o - r).norm() / scale)
+    worst = float(diff.max()) if diff.numel() else 0.0
+    bound = max(float(r.abs().max()) if r.numel() else 0.0, 1.0)
+    where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape)) if diff.numel() else ()
+    assert rel <= rel_tol and worst <= max_tol * bound, (
+        f"{name} ({dtype}): relative error {rel:.3e} (tol {rel_tol:.1e}), "
+        f"max error {worst:.3e} at {where} (tol {max_tol * bound:.1e})"
+    )
+
+
+def cpu_and_cuda():
+    """Parametrize values for a ``device`` argument: cpu always, cuda marked needs_cuda."""
+    return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
