@@ -1,0 +1,23 @@
+// The one place where mixops' C++/CUDA ops meet the dispatcher: every schema of the extension
+// is defined here, next to the kernel that implements it for each dispatch key.
+//
+// The Python front defines its own custom ops in the same `mixops` namespace (as fragments);
+// this file holds the namespace's single TORCH_LIBRARY block.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(mixops, m) {
+  m.def("_cuda_version() -> int", &mixops::cuda_version);
+  m.def("_cuda_arch_list() -> str", &mixops::cuda_arch_list);
+  m.def("_device_arch(Tensor like) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mixops, CUDA, m) { m.impl("_device_arch", &mixops::device_arch); }
+
+// `import mixops._C` loads the library and thereby runs the registrations above; the module
+// itself exposes nothing (the ops live in torch.ops.mixops).
+static struct PyModuleDef mixops_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&mixops_c_module); }

@@ -1,0 +1,135 @@
+"""Build and install mixops.
+
+The Python package always installs. The CUDA extension ``mixops._C`` is built from ``csrc/`` by
+CMake (``CMakeLists.txt``) when PyTorch is a CUDA build and nvcc is found, or when forced:
+
+    MIXOPS_FORCE_CUDA=1     build the extension, and fail loudly if it cannot be built
+    MIXOPS_SKIP_CUDA=1      never build it (pure-Python install)
+    TORCH_CUDA_ARCH_LIST    target architectures, e.g. "9.0a" or "8.0;9.0a" (default in CMakeLists)
+    MAX_JOBS                parallel compile jobs (default: all cores)
+    CUDA_HOME / CUDA_PATH   the CUDA toolkit, when nvcc is not on PATH
+
+Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _find_nvcc() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuda_library_root() -> str | None:
+    """site-packages/nvidia/cu<major>: the CUDA library headers and .so files pip installs with
+    a CUDA build of torch (a compiler-only toolkit lacks cusparse.h, cublas_v2.h, ...)."""
+    import torch
+
+    major = torch.version.cuda.split(".")[0]
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return None
+    for base in nvidia.__path__:
+        cand = Path(base) / f"cu{major}"
+        if (cand / "include").is_dir():
+            return str(cand)
+    return None
+
+
+def _cuda_build_decision() -> tuple[bool, str]:
+    """(build?, why) for the CUDA extension."""
+    if _flag("MIXOPS_SKIP_CUDA"):
+        return False, "MIXOPS_SKIP_CUDA is set"
+    force = _flag("MIXOPS_FORCE_CUDA")
+    try:
+        import torch
+    except ImportError:
+        why = "torch is not importable at build time (install with --no-build-isolation)"
+        if force:
+            raise RuntimeError(f"MIXOPS_FORCE_CUDA=1 but {why}")
+        return False, why
+    if torch.version.cuda is None and not force:
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    if _find_nvcc() is None:
+        if force:
+            raise RuntimeError("MIXOPS_FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        return False, "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    return True, "forced" if force else f"torch {torch.__version__} with CUDA {torch.version.cuda}"
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Configures and builds CMakeLists.txt, placing the module where setuptools expects it."""
+
+    def build_extension(self, ext: Extension) -> None:
+        import torch.utils
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        nvcc = _find_nvcc()
+        args = [
+            f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            # the real nvcc, not a wrapper script, so CMake can locate the toolkit next to it
+            f"-DCMAKE_CUDA_COMPILER={os.path.realpath(nvcc)}",
+        ]
+        lib_root = _cuda_library_root()
+        if lib_root:
+            args.append(f"-DMIXOPS_CUDA_LIBRARY_ROOT={lib_root}")
+        if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            args.append(f"-DTORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args])
+        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+
+
+BUILD_CUDA, WHY = _cuda_build_decision()
+print(f"mixops: {'building' if BUILD_CUDA else 'skipping'} the CUDA extension ({WHY})")
+
+setup(
+    name="mixops",
+    version="0.1.0",
+    description="Fused Triton and CUDA kernels for the token mixers of MLP-like and hybrid vision backbones",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mixops", "mixops.*"]) + ["mixops.kernels"],
+    package_dir={"mixops.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "torchvision"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["mixops-bench = mixops.bench.cli:main"]},
+    ext_modules=[CMakeExtension("mixops._C")] if BUILD_CUDA else [],
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)
