@@ -1,0 +1,195 @@
+"""Benchmark presets: the stage shapes of the model configs in the specs, per family.
+
+A preset is a list of cases; a case builds, on a device and dtype, the official computation
+(the reference, i.e. the official code's own sequence of ops), the mixops path (the drop-in
+module or op, which runs on whatever backend is selected) and their inputs. FLOPs are the
+forward GEMM/attention FLOPs of the layer (2 per multiply-add).
+
+Batch sizes: the model's training batch per GPU (B = 128 unless the spec says otherwise), a
+prime batch where the official code degrades on one (ATM: torchvision chunks the batch by its
+largest divisor <= 32), and B = 1 on CPUs, where the large batches would take minutes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .. import nn as mnn
+from .. import reference as ref
+from ..ops import window_attention
+
+
+@dataclass
+class Built:
+    official: Callable[..., torch.Tensor]
+    mixops: Callable[..., torch.Tensor]
+    inputs: list[torch.Tensor]
+    params: list[torch.Tensor]
+    flops: float
+
+
+@dataclass
+class Case:
+    preset: str
+    name: str
+    batch: int
+    ops: tuple[str, ...]
+    build: Callable[[torch.device, torch.dtype], Built] = field(repr=False)
+
+
+def _rand(*shape, device, dtype, scale=1.0):
+    return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
+
+
+def _module(m: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    return m.to(device=device, dtype=dtype).eval()
+
+
+# --- MorphMLP: MorphFC layers (spec morph_fc.md 10.1) ------------------------------------
+
+_MORPH = {
+    "morphmlp-t": [(56, 84, 14), (28, 168, 28), (14, 336, 28), (7, 588, 49)],
+    "morphmlp-s": [(56, 112, 14), (28, 224, 28), (14, 392, 28), (7, 784, 49)],
+}
+
+
+def _morph_case(preset, stage, hw, c, seg, batch):
+    last = stage == 4
+
+    def build(device, dtype):
+        cls = mnn.MorphFC_S2 if last else mnn.MorphFC_S
+        m = _module(cls(c, segment_dim=seg, qkv_bias=True), device, dtype)
+        official = ref.morph_fc.morph_fc_s2_forward if last else ref.morph_fc.morph_fc_s_forward
+        x = _rand(batch, hw, hw, c, device=device, dtype=dtype)
+        gemms = 3 if last else 4  # branches + proj
+        return Built(lambda x: official(m, x), m, [x], list(m.parameters()),
+                     gemms * 2.0 * batch * hw * hw * c * c)
+
+    return Case(preset, f"s{stage} {hw}x{hw} C{c} L{seg}", batch, ("morph_fc",), build)
+
+
+def _morph_video_case(stage, hw, c, seg, batch, frames=8):
+    """MorphMLP-S 16x224 video block mixers: MorphFC_S (S2 at stage 4) and MorphFC_T."""
+
+    def build(device, dtype):
+        s_cls = mnn.MorphFC_S2 if stage == 4 else mnn.MorphFC_S
+        s = _module(s_cls(c, segment_dim=seg, qkv_bias=True), device, dtype)
+        t = _module(mnn.MorphFC_T(c, qkv_bias=True), device, dtype)
+        s_ref = ref.morph_fc.morph_fc_s2_forward if stage == 4 else ref.morph_fc.morph_fc_s_forward
+        x = _rand(batch, frames, hw, hw, c, device=device, dtype=dtype)
+        gemms = (3 if stage == 4 else 4) + 2
+        return Built(lambda x: s_ref(s, x + ref.morph_fc.morph_fc_t_forward(t, x)),
+                     lambda x: s(x + t(x)), [x], [*s.parameters(), *t.parameters()],
+                     gemms * 2.0 * batch * frames * hw * hw * c * c)
+
+    return Case("morphmlp-s-video16", f"s{stage} 8x{hw}x{hw} C{c}", batch, ("morph_fc",), build)
+
+
+# --- ActiveMLP: ATMLayer (spec atm.md 11.1) ------------------------------------------------
+
+_ATM = {"activemlp-t": [(56, 64, 2), (28, 128, 4), (14, 320, 4), (7, 512, 8)]}
+
+
+def _atm_case(preset, stage, hw, c, share, batch):
+    def build(device, dtype):
+        m = _module(mnn.ATMLayer(c), device, dtype)
+        x = _rand(batch, hw, hw, c, device=device, dtype=dtype)
+        # the official offset: offset_layer output [B,H,W,2C/S], repeat_interleave'd, permuted
+        compact = _rand(batch, hw, hw, 2 * c // share, device=device, dtype=dtype, scale=2.0)
+        official = ref.atm.atm_layer_forward
+
+        def expand(o):
+            return o.repeat_interleave(share, dim=-1).permute(0, 3, 1, 2)
+
+        return Built(lambda x, o: official(m, x, expand(o)), lambda x, o: m(x, expand(o)),
+                     [x, compact], list(m.parameters()), 4 * 2.0 * batch * hw * hw * c * c)
+
+    return Case(preset, f"s{stage} {hw}x{hw} C{c} S{share}", batch, ("atm_fc", "atm_sample"), build)
+
+
+# --- DynaMixer: DynaMixerBlock (spec dynamixer.md 7.1) -------------------------------------
+
+_DYNA = {"dynamixer-s": [(32, 192, 8, 2), (16, 384, 16, 2)]}
+
+
+def _dyna_case(preset, stage, n, c, heads, d, batch):
+    def build(device, dtype):
+        m = _module(mnn.DynaMixerBlock(c, resolution=n, num_head=heads, reduced_dim=d), device, dtype)
+        x = _rand(batch, n, n, c, device=device, dtype=dtype)
+        seqs = batch * n  # per mixing op
+        per_op = 2.0 * seqs * (n * c * heads * d + heads * n * d * n * n + n * n * c + n * c * c)
+        return Built(lambda x: ref.dynamixer.dynamixer_block_forward(m, x), m, [x],
+                     list(m.parameters()), 2 * per_op + 2 * 2.0 * batch * n * n * c * c)
+
+    return Case(preset, f"s{stage} {n}x{n} C{c} S{heads} d{d}", batch, ("dynamixer_mix",), build)
+
+
+# --- UniFormer: window attention, stage 3 (spec window_attention.md 2.10) ------------------
+
+_WINDOWS = {"uniformer-s-win": [(50, 84, 14), (32, 32, 14), (32, 32, 32)]}
+
+
+def _window_case(preset, h, w, ws, batch, c=320, heads=5):
+    def build(device, dtype):
+        qkv = _rand(batch, h, w, 3 * c, device=device, dtype=dtype)
+        bias = _rand(3 * c, device=device, dtype=dtype)
+        n_win = -(-h // ws) * -(-w // ws)
+        flops = 4.0 * batch * n_win * (ws * ws) ** 2 * c
+
+        def official(qkv, bias):
+            return ref.window_attention.window_attention(qkv, heads, ws, None, "bias", bias)
+
+        def fast(qkv, bias):
+            return window_attention(qkv, num_heads=heads, window_size=ws, qkv_bias=bias)
+
+        return Built(official, fast, [qkv, bias], [], flops)
+
+    return Case(preset, f"{h}x{w} ws{ws} C{c}", batch, ("window_attention",), build)
+
+
+# --- RepMLPNet: deploy RepMLPBlock (spec repmlp.md 8) --------------------------------------
+
+_REPMLP = {
+    "repmlp-t224": [(56, 64, 1), (28, 128, 4), (14, 256, 16), (7, 512, 128)],
+    "repmlp-b224": [(56, 96, 1), (28, 192, 4), (14, 384, 32), (7, 768, 128)],
+}
+
+
+def _repmlp_case(preset, stage, hw, c, sets, batch):
+    def build(device, dtype):
+        m = _module(mnn.RepMLPBlock(c, c, hw, hw, num_sharesets=sets, deploy=True), device, dtype)
+        x = _rand(batch, c, hw, hw, device=device, dtype=dtype)
+        return Built(lambda x: ref.repmlp.repmlp_block_forward(m, x), m, [x], list(m.parameters()),
+                     2.0 * batch * c * (hw * hw) ** 2)
+
+    return Case(preset, f"s{stage} {hw}x{hw} C{c} S{sets}", batch, ("partition_fc",), build)
+
+
+def presets(device: torch.device, batches: list[int] | None = None) -> dict[str, list[Case]]:
+    """All presets; ``batches`` overrides every preset's batch sizes."""
+    gpu = device.type == "cuda"
+
+    def bs(*gpu_batches):
+        return batches or (list(gpu_batches) if gpu else [1])
+
+    out: dict[str, list[Case]] = {}
+    for name, stages in _MORPH.items():
+        out[name] = [_morph_case(name, i + 1, *s, b) for b in bs(128, 1) for i, s in enumerate(stages)]
+    out["morphmlp-s-video16"] = [
+        _morph_video_case(i + 1, *s, b) for b in bs(8) for i, s in enumerate(_MORPH["morphmlp-s"])
+    ]
+    for name, stages in _ATM.items():
+        out[name] = [_atm_case(name, i + 1, *s, b) for b in bs(128, 127, 1) for i, s in enumerate(stages)]
+    for name, stages in _DYNA.items():
+        out[name] = [_dyna_case(name, i + 1, *s, b) for b in bs(128, 1) for i, s in enumerate(stages)]
+    for name, shapes in _WINDOWS.items():
+        out[name] = [_window_case(name, *s, b) for b in bs(2, 1) for s in shapes]
+    for name, stages in _REPMLP.items():
+        out[name] = [_repmlp_case(name, i + 1, *s, b) for b in bs(128, 1) for i, s in enumerate(stages)]
+    return out
+
+
+# The presets of the DESIGN.md target table: what `mixops-bench` runs with no arguments.
+DEFAULT = ["morphmlp-s", "activemlp-t", "dynamixer-s", "uniformer-s-win", "repmlp-t224", "repmlp-b224"]
