@@ -1,2 +1,220 @@
-"""placeholder"""
-MorphFC_S = MorphFC_S2 = MorphFC_T = PermutatorBlock = None
+"""Drop-in MorphMLP modules: ``Mlp``, ``MorphFC_S``, ``MorphFC_S2``, ``MorphFC_T``,
+``PermutatorBlock`` (and a small ``DropPath``).
+
+Class names, constructor arguments and defaults, child names and registration order follow
+``MTLab/MorphMLP`` ``slowfast/models/morphmlp.py`` (and ``morphmlp_32.py`` for the 32-frame
+temporal rule), so official state_dicts load with ``strict=True``. The chunked token FCs run
+through ``mixops.morph_fc`` (and so through the selected backend); the channel FC, reweighting
+and projections are plain torch.
+
+Layout is channels-last: ``[B, T, H, W, C]`` (official video layout). ``MorphFC_S`` and
+``MorphFC_S2`` also take images ``[B, H, W, C]`` (T = 1); ``MorphFC_T`` and
+``PermutatorBlock`` need the clip axis T.
+
+Extension over the official code: ``MorphFC_T`` and ``PermutatorBlock`` take a keyword-only
+``frames`` (16 or 32, default 16) choosing which official file's hard-coded temporal group
+rule applies -- ``frames=16``: G = 8, ``mlp_t`` is ``[C, C]`` (morphmlp.py, needs T = 8);
+``frames=32``: G = 16, or G = 14 with ``mlp_t`` ``[448, 448]`` when ``dim == 392``
+(morphmlp_32.py, needs T = 16). As in the official code, ``segment_dim`` does not affect
+``MorphFC_T``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import _validate as v
+from ..ops.morph_fc import morph_fc
+from ..reference.morph_fc import drop_path as _drop_path
+
+__all__ = ["DropPath", "Mlp", "MorphFC_S", "MorphFC_S2", "MorphFC_T", "PermutatorBlock"]
+
+FRAMES = (16, 32)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample; the identity in eval mode or with ``drop_prob == 0``."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    """fc1 -> act -> dropout -> fc2 -> dropout on the last axis."""
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def _check_input(module: nn.Module, x: torch.Tensor, dim: int, ranks) -> None:
+    name = type(module).__name__
+    v.check_tensor("x", x, ndim=ranks)
+    if x.shape[-1] != dim:
+        raise ValueError(f"x must have {dim} channels (last axis) for this {name}, got shape {tuple(x.shape)}")
+
+
+def _reweighted_sum(reweight: Mlp, branches: list[torch.Tensor]) -> torch.Tensor:
+    """ViP reweighting of K branches ``[B, T, H, W, C]``: one softmax weight per clip,
+    channel and branch, read from the interleaved reweight output (index ``K*c + k``)."""
+    B, C = branches[0].shape[0], branches[0].shape[-1]
+    K = len(branches)
+    total = branches[0]
+    for b in branches[1:]:
+        total = total + b
+    acc = torch.promote_types(total.dtype, torch.float32)  # clip mean kept in fp32
+    a = total.mean(dim=(1, 2, 3), dtype=acc).to(total.dtype)
+    alpha = reweight(a).reshape(B, C, K).softmax(dim=2)[:, None, None, None, :, :]
+    y = branches[0] * alpha[..., 0]
+    for k in range(1, K):  # order h, w, c: ((h*a0 + w*a1) + c*a2)
+        y = y + branches[k] * alpha[..., k]
+    return y
+
+
+class MorphFC_S(nn.Module):
+    """Spatial MorphFC of stages 1-3: H and W chunked token FCs, a channel FC, reweighting.
+
+    x: ``[B, T, H, W, C]`` or ``[B, H, W, C]`` with ``C == dim``, ``C % segment_dim == 0``,
+    ``(H*W) % segment_dim == 0``; returns x's shape. ``qk_scale`` and ``attn_drop`` are
+    accepted and unused, as in the official module.
+    """
+
+    def __init__(self, dim, segment_dim=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.segment_dim = segment_dim
+        self.mlp_h = nn.Linear(dim, dim, bias=qkv_bias)
+        self.mlp_w = nn.Linear(dim, dim, bias=qkv_bias)
+        self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
+        self.reweight = Mlp(dim, dim // 4, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(self, x, self.proj.in_features, (4, 5))
+        x5 = x if x.dim() == 5 else x.unsqueeze(1)
+        L = self.segment_dim
+        h = morph_fc(x5, self.mlp_h.weight, self.mlp_h.bias, segment_dim=L, axis="h")
+        w = morph_fc(x5, self.mlp_w.weight, self.mlp_w.bias, segment_dim=L, axis="w")
+        c = self.mlp_c(x5)
+        y = self.proj_drop(self.proj(_reweighted_sum(self.reweight, [h, w, c])))
+        return y.reshape(x.shape)
+
+
+class MorphFC_S2(nn.Module):
+    """Spatial MorphFC of stage 4: strided-chunk token FC ("hs") and a channel FC, two-way
+    reweighting; no ``mlp_w``. ``mlp_c`` is registered before ``mlp_h`` (official order).
+
+    x: ``[B, T, H, W, C]`` or ``[B, H, W, C]``, constraints as :class:`MorphFC_S`.
+    """
+
+    def __init__(self, dim, segment_dim=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.segment_dim = segment_dim
+        self.mlp_c = nn.Linear(dim, dim, bias=qkv_bias)
+        self.mlp_h = nn.Linear(dim, dim, bias=qkv_bias)
+        self.reweight = Mlp(dim, dim // 4, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(self, x, self.proj.in_features, (4, 5))
+        x5 = x if x.dim() == 5 else x.unsqueeze(1)
+        h = morph_fc(x5, self.mlp_h.weight, self.mlp_h.bias, segment_dim=self.segment_dim, axis="hs")
+        c = self.mlp_c(x5)
+        y = self.proj_drop(self.proj(_reweighted_sum(self.reweight, [h, c])))
+        return y.reshape(x.shape)
+
+
+def temporal_groups(dim: int, frames: int) -> tuple[int, int]:
+    """(G, F): the channel-group count and ``mlp_t`` width the official file for ``frames``
+    hard-codes (16: morphmlp.py; 32: morphmlp_32.py, with its dim == 392 special case)."""
+    v.check_choice("frames", frames, FRAMES)
+    if frames == 16:
+        return 8, dim
+    if dim == 392:
+        return 14, 392 // 14 * 16
+    return 16, dim
+
+
+class MorphFC_T(nn.Module):
+    """Temporal MorphFC: a token FC over the whole clip per channel group, then ``proj``.
+
+    x: ``[B, T, H, W, C]`` with ``C == dim`` and ``T * C / G == mlp_t.in_features``
+    (T = 8 for ``frames=16``, T = 16 for ``frames=32``). ``segment_dim`` is ignored like in
+    the official module; ``frames`` (keyword-only, extension) picks the group rule, see the
+    module docstring.
+    """
+
+    def __init__(
+        self, dim, segment_dim=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0, *, frames=16
+    ):
+        super().__init__()
+        self.segment_dim, width = temporal_groups(dim, frames)
+        self.frames = frames
+        self.mlp_t = nn.Linear(width, width, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(self, x, self.proj.in_features, 5)
+        t = morph_fc(x, self.mlp_t.weight, self.mlp_t.bias, segment_dim=self.segment_dim, axis="t")
+        return self.proj_drop(self.proj(t))
+
+
+class PermutatorBlock(nn.Module):
+    """MorphMLP block: temporal MorphFC feeding the spatial MorphFC, then the FFN.
+
+    ``xt = x + t_fc(t_norm1(x))`` is used only as the input of ``fc``; the residual stream
+    continues from ``x`` (official "skip residual"). x: ``[B, T, H, W, C]``. ``frames``
+    (keyword-only, extension) is passed to ``t_fc``.
+    """
+
+    def __init__(
+        self,
+        dim,
+        segment_dim,
+        mlp_ratio=4.0,
+        qkv_bias=False,
+        qk_scale=None,
+        drop=0.0,
+        attn_drop=0.0,
+        drop_path=0.0,
+        act_layer=nn.GELU,
+        norm_layer=nn.LayerNorm,
+        skip_lam=1.0,
+        mlp_fn=MorphFC_S,
+        *,
+        frames=16,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.t_norm1 = norm_layer(dim)
+        self.t_fc = MorphFC_T(
+            dim, segment_dim=segment_dim, qkv_bias=qkv_bias, qk_scale=None, attn_drop=attn_drop, frames=frames
+        )
+        self.fc = mlp_fn(dim, segment_dim=segment_dim, qkv_bias=qkv_bias, qk_scale=None, attn_drop=attn_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+        self.skip_lam = skip_lam
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(self, x, self.mlp.fc1.in_features, 5)
+        xt = x + self.t_fc(self.t_norm1(x))
+        x = x + self.drop_path(self.fc(self.norm1(xt))) / self.skip_lam
+        return x + self.drop_path(self.mlp(self.norm2(x))) / self.skip_lam

@@ -1,1 +1,205 @@
-"""placeholder: replaced by the family work"""
+"""MorphMLP (MorphFC) reference: the official computation, restated step by step.
+
+Restates ``MTLab/MorphMLP`` @ 62ebe80d7f76, ``slowfast/models/morphmlp.py``:
+
+- ``Mlp`` (L19-35)                 -> :func:`mlp_forward`
+- ``MorphFC_S2`` (L38-74)          -> :func:`morph_fc_s2_forward` (strided "hs" chunks)
+- ``MorphFC_S`` (L76-115)          -> :func:`morph_fc_s_forward` ("h" and "w" chunks)
+- ``MorphFC_T`` (L117-145; and ``morphmlp_32.py`` L115-145 for the 32-frame group rule)
+                                   -> :func:`morph_fc_t_forward`
+- ``PermutatorBlock`` (L146-168)   -> :func:`permutator_block_forward`
+
+:func:`morph_fc` is one chunked token-FC branch, ``(x, weight, bias, segment_dim, axis)``,
+written as the official reshape / permute / Linear / inverse-permute sequence of that branch.
+It is the ``torch`` backend of ``mixops.morph_fc``. Layout is channels-last throughout:
+``x`` is ``[B, T, H, W, C]`` (video) or ``[B, H, W, C]`` (image, handled as T = 1).
+
+With ``L = segment_dim``, ``D = C // L``, ``N = H * W``:
+
+- ``"w"``:  chunk k holds tokens ``n = k*L + p`` of the row-major sequence (``n = h*W + w``);
+- ``"h"``:  the same on the column-major sequence (``m = w*H + h``);
+- ``"hs"``: chunk k holds tokens ``n = p*(N/L) + k`` (stage-4 strided chunks);
+- ``"t"``:  ``segment_dim`` is the channel-group count G, ``D_t = C // G``; for each
+  (b, h, w, g) the whole clip ``v[t*D_t + s] = x[b, t, h, w, g*D_t + s]`` is one row.
+
+In every spatial branch the FC row of chunk (b, t, k, g) is ``v[p*D + s] = x[.., tok(k, p),
+g*D + s]`` (position-major, channel-minor) and the weight is ``[C, C]``; the bias is therefore
+indexed by ``p*D + s`` (or ``t*D_t + s``), not by output channel.
+
+Everything here is dtype-generic (float64 included), validates nothing and uses no custom op:
+it is the oracle the ops and kernels are tested against.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "drop_path",
+    "mlp_forward",
+    "morph_fc",
+    "morph_fc_s2_forward",
+    "morph_fc_s_forward",
+    "morph_fc_t_forward",
+    "permutator_block_forward",
+]
+
+
+def _branch_w(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: int) -> torch.Tensor:
+    # MorphFC_S "W" branch: (k, p) splits the row-major token axis, (g, s) the channels.
+    B, T, H, W, C = x.shape
+    S = C // L
+    n = H * W // L
+    rows = x.reshape(B, T, n, L, L, S).permute(0, 1, 2, 4, 3, 5).reshape(B, T, n, L, L * S)
+    out = F.linear(rows, weight, bias)
+    return out.reshape(B, T, n, L, L, S).permute(0, 1, 2, 4, 3, 5).reshape(B, T, H, W, C)
+
+
+def _branch_h(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: int) -> torch.Tensor:
+    # MorphFC_S "H" branch: the W branch on the spatially transposed tensor (column-major).
+    B, T, H, W, C = x.shape
+    S = C // L
+    n = H * W // L
+    rows = (
+        x.transpose(3, 2)
+        .reshape(B, T, n, L, L, S)
+        .permute(0, 1, 2, 4, 3, 5)
+        .reshape(B, T, n, L, L * S)
+    )
+    out = F.linear(rows, weight, bias)
+    return out.reshape(B, T, n, L, L, S).permute(0, 1, 2, 4, 3, 5).reshape(B, T, W, H, C).transpose(3, 2)
+
+
+def _branch_hs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: int) -> torch.Tensor:
+    # MorphFC_S2 "H" branch: the token axis splits as (p, k), so chunk k is strided by N/L.
+    B, T, H, W, C = x.shape
+    S = C // L
+    n = H * W // L
+    rows = x.reshape(B, T, L, n, L, S).permute(0, 1, 4, 3, 2, 5).reshape(B, T, L, n, L * S)
+    out = F.linear(rows, weight, bias)
+    return out.reshape(B, T, L, n, L, S).permute(0, 1, 4, 3, 2, 5).reshape(B, T, H, W, C)
+
+
+def _branch_t(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], G: int) -> torch.Tensor:
+    # MorphFC_T: G channel groups; each (b, g, h, w) row is the whole clip, time-major.
+    B, T, H, W, C = x.shape
+    S = C // G
+    rows = x.reshape(B, T, H, W, G, S).permute(0, 4, 2, 3, 1, 5).reshape(B, G, H, W, T * S)
+    out = F.linear(rows, weight, bias)
+    return out.reshape(B, G, H, W, T, S).permute(0, 4, 2, 3, 1, 5).reshape(B, T, H, W, C)
+
+
+_BRANCHES = {"w": _branch_w, "h": _branch_h, "hs": _branch_hs, "t": _branch_t}
+
+
+def morph_fc(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    segment_dim: int,
+    axis: str,
+) -> torch.Tensor:
+    """One chunked token-FC branch of MorphFC.
+
+    x: ``[B, T, H, W, C]`` or ``[B, H, W, C]`` (T = 1), channels-last.
+    weight: ``[C, C]`` for axis "w", "h", "hs"; ``[F, F]`` with ``F = T * C / segment_dim``
+    for axis "t". bias: ``[C]`` / ``[F]`` or None, indexed by (position in row, channel in group).
+    Returns a contiguous tensor of x's shape.
+    """
+    x5 = x if x.dim() == 5 else x.unsqueeze(1)
+    out = _BRANCHES[axis](x5, weight, bias, segment_dim)
+    # The op's output is contiguous by contract (one layout for every backend); the official
+    # H branch leaves a transposed view at this point, with the same values.
+    return out.reshape(x.shape).contiguous()
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample (timm ``DropPath`` semantics, scaled by 1/keep)."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    if keep > 0.0:
+        mask.div_(keep)
+    return x * mask
+
+
+def mlp_forward(m, x: torch.Tensor) -> torch.Tensor:
+    """``Mlp``: fc1 -> act -> dropout -> fc2 -> dropout. x: ``[..., in]`` -> ``[..., out]``."""
+    p = m.drop.p
+    x = F.linear(x, m.fc1.weight, m.fc1.bias)
+    x = m.act(x)
+    x = F.dropout(x, p, m.training)
+    x = F.linear(x, m.fc2.weight, m.fc2.bias)
+    return F.dropout(x, p, m.training)
+
+
+def _clip_mean(y: torch.Tensor) -> torch.Tensor:
+    # [B, T, H, W, C] -> [B, C]: the official permute + flatten + mean over T*H*W, accumulated
+    # in at least fp32 and rounded back to y's dtype (what torch's mean does for half types).
+    acc = torch.promote_types(y.dtype, torch.float32)
+    return y.permute(0, 4, 1, 2, 3).flatten(2).mean(2, dtype=acc).to(y.dtype)
+
+
+def _as_video(x: torch.Tensor) -> torch.Tensor:
+    # Image input [B, H, W, C] is a clip of one frame; the official code is video-only.
+    return x if x.dim() == 5 else x.unsqueeze(1)
+
+
+def morph_fc_s_forward(m, x: torch.Tensor) -> torch.Tensor:
+    """``MorphFC_S`` (stages 1-3). x: ``[B, T, H, W, C]`` or ``[B, H, W, C]``; same shape out."""
+    v = _as_video(x)
+    B, T, H, W, C = v.shape
+    L = m.segment_dim
+    h = morph_fc(v, m.mlp_h.weight, m.mlp_h.bias, L, "h")
+    w = morph_fc(v, m.mlp_w.weight, m.mlp_w.bias, L, "w")
+    c = F.linear(v, m.mlp_c.weight, m.mlp_c.bias)
+    a = _clip_mean(h + w + c)
+    # reweight output is interleaved (C, 3): channel c, branch k at index 3c + k
+    a = mlp_forward(m.reweight, a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)
+    a = a.unsqueeze(2).unsqueeze(2).unsqueeze(2)
+    y = h * a[0] + w * a[1] + c * a[2]
+    y = F.linear(y, m.proj.weight, m.proj.bias)
+    y = F.dropout(y, m.proj_drop.p, m.training)
+    return y.reshape(x.shape)
+
+
+def morph_fc_s2_forward(m, x: torch.Tensor) -> torch.Tensor:
+    """``MorphFC_S2`` (stage 4). x: ``[B, T, H, W, C]`` or ``[B, H, W, C]``; same shape out."""
+    v = _as_video(x)
+    B, T, H, W, C = v.shape
+    L = m.segment_dim
+    h = morph_fc(v, m.mlp_h.weight, m.mlp_h.bias, L, "hs")
+    c = F.linear(v, m.mlp_c.weight, m.mlp_c.bias)
+    a = _clip_mean(h + c)
+    # two-way interleaved reweight: channel c, branch k at index 2c + k
+    a = mlp_forward(m.reweight, a).reshape(B, C, 2).permute(2, 0, 1).softmax(dim=0)
+    a = a.unsqueeze(2).unsqueeze(2).unsqueeze(2)
+    y = h * a[0] + c * a[1]
+    y = F.linear(y, m.proj.weight, m.proj.bias)
+    y = F.dropout(y, m.proj_drop.p, m.training)
+    return y.reshape(x.shape)
+
+
+def morph_fc_t_forward(m, x: torch.Tensor) -> torch.Tensor:
+    """``MorphFC_T``. x: ``[B, T, H, W, C]`` with ``T * C / m.segment_dim == mlp_t`` size."""
+    t = morph_fc(x, m.mlp_t.weight, m.mlp_t.bias, m.segment_dim, "t")
+    y = F.linear(t, m.proj.weight, m.proj.bias)
+    return F.dropout(y, m.proj_drop.p, m.training)
+
+
+def permutator_block_forward(m, x: torch.Tensor) -> torch.Tensor:
+    """``PermutatorBlock``. x: ``[B, T, H, W, C]`` -> same shape.
+
+    The temporal output ``xt`` feeds only the spatial MorphFC; the residual stream continues
+    from ``x`` (official "skip residual"). ``m.fc`` is MorphFC_S when it has ``mlp_w``, else
+    MorphFC_S2.
+    """
+    p = getattr(m.drop_path, "drop_prob", 0.0)
+    spatial = morph_fc_s_forward if hasattr(m.fc, "mlp_w") else morph_fc_s2_forward
+    xt = x + morph_fc_t_forward(m.t_fc, m.t_norm1(x))
+    x = x + drop_path(spatial(m.fc, m.norm1(xt)), p, m.training) / m.skip_lam
+    x = x + drop_path(mlp_forward(m.mlp, m.norm2(x)), p, m.training) / m.skip_lam
+    return x
