@@ -1,0 +1,220 @@
+"""mixops.partition_fc / mixops.locality_injection: vs the reference, autograd, opcheck, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mixops
+from mixops.ops import repmlp as ops
+from mixops.reference import repmlp as ref
+from mixops_testing import assert_close, cpu_and_cuda
+
+F64 = torch.float64
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+# (N, C, S, h, w, H, W): native resolution, S = 1 scrambled, S > 1 scrambled, non-square
+CASES = [
+    (2, 8, 2, 4, 4, 4, 4),
+    (2, 4, 1, 3, 3, 6, 6),
+    (1, 8, 2, 4, 3, 8, 6),
+    (3, 6, 3, 5, 4, 5, 8),
+]
+
+
+def _inputs(N, C, S, h, w, H, W, dtype=F64, device="cpu", bias=True):
+    hw = h * w
+    x = torch.randn(N, C, H, W, dtype=F64)
+    weight = torch.randn(S * hw, hw, 1, 1, dtype=F64) / hw**0.5
+    b = torch.randn(S * hw, dtype=F64) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)  # noqa: E731
+    return (x, weight, b), (cast(x), cast(weight), cast(b))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_partition_fc_matches_reference(case, dtype, device):
+    N, C, S, h, w, H, W = case
+    (x64, w64, b64), (x, weight, b) = _inputs(*case, dtype=dtype, device=device)
+    out = mixops.partition_fc(x, weight, b, partition=(h, w), num_sharesets=S)
+    assert out.dtype == dtype and out.device.type == device
+    assert_close(out, ref.partition_fc(x64, w64, b64, (h, w), S), dtype)
+
+
+@pytest.mark.parametrize("case", CASES[:3])
+def test_partition_fc_awkward_layouts(case):
+    N, C, S, h, w, H, W = case
+    (x, weight, b), _ = _inputs(*case)
+    expected = ref.partition_fc(x, weight, b, (h, w), S)
+    channels_last = x.to(memory_format=torch.channels_last)
+    sliced = torch.randn(N, C, H, W + 3, dtype=F64)[..., 1:1 + W]
+    sliced.copy_(x)
+    # the 2-D weight form, as a non-contiguous (transposed) view
+    weight_2d = weight[:, :, 0, 0].t().contiguous().t()
+    assert not weight_2d.is_contiguous()
+    for xv, wv in ((channels_last, weight), (sliced, weight), (x, weight_2d)):
+        out = mixops.partition_fc(xv, wv, b, partition=[h, w], num_sharesets=S)
+        assert_close(out, expected)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", [(1, 4, 2, 2, 3, 4, 3), (1, 2, 1, 2, 2, 4, 4)])
+def test_partition_fc_gradcheck(case, bias):
+    N, C, S, h, w, H, W = case
+    (x, weight, b), _ = _inputs(*case, bias=bias)
+    args = [t.requires_grad_() for t in (x, weight, b) if t is not None]
+
+    def f(*ts):
+        bb = ts[2] if bias else None
+        return mixops.partition_fc(ts[0], ts[1], bb, partition=(h, w), num_sharesets=S)
+
+    assert torch.autograd.gradcheck(f, args, fast_mode=True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed_weight"])
+@pytest.mark.parametrize("H,W", [(2, 3), (4, 6)])
+def test_partition_fc_opcheck(bias, layout, H, W):
+    (x, weight, b), _ = _inputs(1, 4, 2, 2, 3, H, W, bias=bias)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    if layout == "transposed_weight":
+        weight = weight[:, :, 0, 0].t().contiguous().t()[:, :, None, None]
+    for t in (x, weight, b):
+        if t is not None:
+            t.requires_grad_()
+    torch.library.opcheck(ops._partition_fc.op, (x, weight, b, [2, 3], 2, "torch"))
+
+
+def _li_inputs(S=2, K=3, h=3, w=4, dtype=F64, fc_bias=True, kernel_bias=True):
+    hw = h * w
+    return (
+        torch.randn(S * hw, hw, 1, 1, dtype=dtype),
+        torch.randn(S * hw, dtype=dtype) if fc_bias else None,
+        torch.randn(S, 1, K, K, dtype=dtype),
+        torch.randn(S, dtype=dtype) if kernel_bias else None,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S,K,h,w", [(2, 3, 3, 4), (1, 5, 4, 4), (4, 1, 2, 3)])
+def test_locality_injection_matches_reference(dtype, S, K, h, w):
+    inputs64 = _li_inputs(S, K, h, w)
+    inputs = [t.to(dtype) for t in inputs64]
+    weight, bias = mixops.locality_injection(*inputs, partition=(h, w))
+    ref_w, ref_b = ref.locality_injection(*inputs64, (h, w))
+    assert weight.dtype == dtype and weight.shape == inputs[0].shape
+    assert_close(weight, ref_w, dtype, name="weight")
+    assert_close(bias, ref_b, dtype, name="bias")
+
+
+def test_locality_injection_2d_fc_weight_and_missing_biases():
+    fc_weight, _, kernel, _ = _li_inputs()
+    weight, bias = mixops.locality_injection(fc_weight[:, :, 0, 0], None, kernel, None, partition=(3, 4))
+    ref_w, ref_b = ref.locality_injection(fc_weight, None, kernel, None, (3, 4))
+    assert weight.shape == (24, 12)
+    assert_close(weight, ref_w[:, :, 0, 0])
+    assert_close(bias, torch.zeros(24, dtype=F64))
+    assert_close(ref_b, torch.zeros(24, dtype=F64))
+
+
+@pytest.mark.parametrize("fc_bias,kernel_bias", [(True, True), (False, True), (True, False), (False, False)])
+def test_locality_injection_gradcheck(fc_bias, kernel_bias):
+    inputs = _li_inputs(2, 3, 2, 3, fc_bias=fc_bias, kernel_bias=kernel_bias)
+    present = [i for i, t in enumerate(inputs) if t is not None]
+    args = [inputs[i].requires_grad_() for i in present]
+
+    def f(*ts):
+        full = list(inputs)
+        for i, t in zip(present, ts):
+            full[i] = t
+        return mixops.locality_injection(*full, partition=(2, 3))
+
+    assert torch.autograd.gradcheck(f, args, fast_mode=True)
+
+
+@pytest.mark.parametrize("biases", [True, False])
+def test_locality_injection_opcheck(biases):
+    inputs = _li_inputs(2, 3, 2, 3, fc_bias=biases, kernel_bias=biases)
+    for t in inputs:
+        if t is not None:
+            t.requires_grad_()
+    torch.library.opcheck(ops._locality_injection.op, (*inputs, [2, 3], "torch"))
+
+
+def test_backend_plumbing():
+    (x, weight, b), _ = _inputs(*CASES[0])
+    with pytest.raises(ValueError, match="available: torch"):
+        mixops.partition_fc(x, weight, b, partition=(4, 4), num_sharesets=2, backend="triton")
+    with pytest.raises(ValueError, match="available: torch"):
+        mixops.locality_injection(*_li_inputs(), partition=(3, 4), backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        mixops.partition_fc(x, weight, b, partition=(4, 4), num_sharesets=2, backend="nope")
+    with mixops.use_backend("torch"):
+        out = mixops.partition_fc(x, weight, b, partition=(4, 4), num_sharesets=2)
+    assert_close(out, ref.partition_fc(x, weight, b, (4, 4), 2))
+    assert mixops.available_backends("partition_fc") == ("torch",)
+
+
+def _pfc_call(x=None, weight=None, bias="default", partition=(4, 4), S=2):
+    (x0, w0, b0), _ = _inputs(2, 8, 2, 4, 4, 8, 8)
+    return lambda: mixops.partition_fc(
+        x0 if x is None else x,
+        w0 if weight is None else weight,
+        b0 if isinstance(bias, str) else bias,
+        partition=partition,
+        num_sharesets=S,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(x=torch.randn(2, 8, 8, 7, dtype=F64)), ValueError, "width"),
+        (dict(x=torch.randn(2, 8, 6, 8, dtype=F64)), ValueError, "height"),
+        (dict(x=torch.randn(2, 7, 8, 8, dtype=F64)), ValueError, "num_sharesets"),
+        (dict(x=torch.randn(8, 8, 8, dtype=F64)), ValueError, "x"),
+        (dict(x=torch.randn(2, 8, 8, 8, dtype=torch.float32)), TypeError, "weight"),
+        (dict(x=torch.zeros(2, 8, 8, 8, dtype=torch.int64)), TypeError, "x"),
+        (dict(weight=torch.randn(32, 16, 1, 1, dtype=F64), S=1), ValueError, "weight"),
+        (dict(weight=torch.randn(32, 16, 3, 1, dtype=F64)), ValueError, "weight"),
+        (dict(weight=torch.randn(32, 15, dtype=F64)), ValueError, "weight"),
+        (dict(weight=torch.randn(32, 16, 1, 1, dtype=F64, device="meta")), ValueError, "weight"),
+        (dict(bias=torch.randn(16, dtype=F64)), ValueError, "bias"),
+        (dict(bias=torch.randn(32, dtype=torch.float32)), TypeError, "bias"),
+        (dict(partition=4), TypeError, "partition"),
+        (dict(partition=(4, 4, 1)), TypeError, "partition"),
+        (dict(partition=(0, 4)), ValueError, "partition"),
+        (dict(partition=(4, 4.0)), TypeError, "partition"),
+        (dict(S=0), ValueError, "num_sharesets"),
+        (dict(S=True), TypeError, "num_sharesets"),
+    ],
+)
+def test_partition_fc_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        _pfc_call(**kwargs)()
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(kernel=torch.randn(2, 1, 2, 2, dtype=F64)), ValueError, "kernel"),
+        (dict(kernel=torch.randn(2, 2, 3, 3, dtype=F64)), ValueError, "kernel"),
+        (dict(kernel=torch.randn(2, 1, 3, 5, dtype=F64)), ValueError, "kernel"),
+        (dict(kernel=torch.randn(2, 3, 3, dtype=F64)), ValueError, "kernel"),
+        (dict(kernel=torch.randn(3, 1, 3, 3, dtype=F64)), ValueError, "fc_weight"),
+        (dict(fc_weight=torch.randn(24, 12, 1, 1, dtype=torch.float32)), TypeError, "fc_weight"),
+        (dict(fc_weight=torch.randn(24, 11, 1, 1, dtype=F64)), ValueError, "fc_weight"),
+        (dict(fc_bias=torch.randn(12, dtype=F64)), ValueError, "fc_bias"),
+        (dict(kernel_bias=torch.randn(3, dtype=F64)), ValueError, "kernel_bias"),
+        (dict(kernel_bias=torch.randn(2, dtype=torch.float32)), TypeError, "kernel_bias"),
+        (dict(partition=(3,)), TypeError, "partition"),
+    ],
+)
+def test_locality_injection_errors(change, exc, match):
+    names = ("fc_weight", "fc_bias", "kernel", "kernel_bias")
+    args = dict(zip(names, _li_inputs()))
+    partition = change.pop("partition", (3, 4))
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        mixops.locality_injection(*(args[n] for n in names), partition=partition)
