@@ -1,0 +1,57 @@
+"""The CUDA extension mixops._C: optional, and when built, its diagnostic ops work.
+
+CI builds the extension (CUDA build of torch + nvcc, one architecture) and sets
+MIXOPS_EXPECT_CUDA_EXTENSION=1, so a build that was silently skipped fails here.
+"""
+import os
+
+import pytest
+import torch
+
+import mixops
+
+built = mixops.cuda_extension_available()
+needs_extension = pytest.mark.skipif(not built, reason=f"extension not built: {mixops.cuda_extension_status()}")
+
+
+def test_status_is_consistent():
+    status = mixops.cuda_extension_status()
+    assert (status == "loaded") == built
+    if not built:
+        assert "mixops._C" in status
+
+
+@pytest.mark.skipif(os.environ.get("MIXOPS_EXPECT_CUDA_EXTENSION") != "1", reason="extension not expected here")
+def test_extension_was_built_when_expected():
+    assert built, mixops.cuda_extension_status()
+
+
+@needs_extension
+def test_cuda_version_matches_torch():
+    version = torch.ops.mixops._cuda_version()
+    major, minor = (int(v) for v in torch.version.cuda.split(".")[:2])
+    # CUDART_VERSION is 1000*major + 10*minor; torch and the toolkit share the major version
+    assert version // 1000 == major, (version, torch.version.cuda)
+    assert version > 0 and minor >= 0
+
+
+@needs_extension
+def test_arch_list_names_compiled_architectures():
+    archs = torch.ops.mixops._cuda_arch_list()
+    values = [int(a) for a in archs.split(",")]
+    assert values and all(a >= 700 for a in values), archs
+
+
+@needs_extension
+def test_device_arch_has_no_cpu_kernel():
+    with pytest.raises(NotImplementedError):
+        torch.ops.mixops._device_arch(torch.zeros(1))
+
+
+@pytest.mark.needs_cuda
+@needs_extension
+def test_device_arch_runs_a_kernel_for_this_gpu():
+    got = int(torch.ops.mixops._device_arch(torch.zeros(1, device="cuda"))[0])
+    major, minor = torch.cuda.get_device_capability()
+    compiled = [int(a) for a in torch.ops.mixops._cuda_arch_list().split(",")]
+    assert got in compiled and got <= 100 * major + 10 * minor, (got, compiled)
