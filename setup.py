@@ -5,7 +5,8 @@ CMake (``CMakeLists.txt``) when PyTorch is a CUDA build and nvcc is found, or wh
 
     MIXOPS_FORCE_CUDA=1     build the extension, and fail loudly if it cannot be built
     MIXOPS_SKIP_CUDA=1      never build it (pure-Python install)
-    TORCH_CUDA_ARCH_LIST    target architectures, e.g. "9.0a" or "8.0;9.0a" (default in CMakeLists)
+    TORCH_CUDA_ARCH_LIST    target architectures, e.g. "9.0a" or "8.0;9.0a" (default: the visible
+                            GPU, else "8.0;9.0a;9.0+PTX")
     MAX_JOBS                parallel compile jobs (default: all cores)
     CUDA_HOME / CUDA_PATH   the CUDA toolkit, when nvcc is not on PATH
 
@@ -75,6 +76,19 @@ def _cuda_build_decision() -> tuple[bool, str]:
     return True, "forced" if force else f"torch {torch.__version__} with CUDA {torch.version.cuda}"
 
 
+def _arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST, else the visible GPU's architecture ('a' features on sm_90 and
+    later, for wgmma/TMA), else the architectures mixops is tuned for plus PTX."""
+    import torch
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}{'a' if major >= 9 else ''}"
+    return "8.0;9.0a;9.0+PTX"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -101,8 +115,7 @@ class CMakeBuild(build_ext):
         lib_root = _cuda_library_root()
         if lib_root:
             args.append(f"-DMIXOPS_CUDA_LIBRARY_ROOT={lib_root}")
-        if os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            args.append(f"-DTORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        args.append(f"-DTORCH_CUDA_ARCH_LIST={_arch_list()}")
         if shutil.which("ninja"):
             args.append("-GNinja")
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
@@ -126,7 +139,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "torchvision"],
-        "bench": ["matplotlib"],
+        # torchvision: deform_conv2d, the official ATM baseline; matplotlib: the PNG plot
+        "bench": ["torchvision", "matplotlib"],
     },
     entry_points={"console_scripts": ["mixops-bench = mixops.bench.cli:main"]},
     ext_modules=[CMakeExtension("mixops._C")] if BUILD_CUDA else [],

@@ -139,7 +139,7 @@ def _window_case(preset, h, w, ws, batch, c=320, heads=5):
         flops = 4.0 * batch * n_win * (ws * ws) ** 2 * c
 
         def official(qkv, bias):
-            return ref.window_attention.window_attention(qkv, heads, ws, None, "bias", bias)
+            return ref.window_attention.window_attention(qkv, heads, ws, (c // heads) ** -0.5, "bias", bias)
 
         def fast(qkv, bias):
             return window_attention(qkv, num_heads=heads, window_size=ws, qkv_bias=bias)
