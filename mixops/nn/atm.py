@@ -22,25 +22,9 @@ from torch.nn.modules.utils import _pair
 
 from .. import _validate as v
 from ..ops.atm import atm_fc
+from ._layers import DropPath, Mlp, reweighted_sum
 
 __all__ = ["ATMLayer", "ATMOp", "ActiveBlock", "Downsample", "DropPath", "Mlp", "PEG"]
-
-
-class Mlp(nn.Module):
-    """``fc1 -> act -> drop -> fc2 -> drop`` on the last dimension."""
-
-    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
-        super().__init__()
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.act(self.fc1(x)))
-        return self.drop(self.fc2(x))
 
 
 class ATMOp(nn.Module):
@@ -145,28 +129,11 @@ class ATMLayer(nn.Module):
         w = atm_fc(x, offset_w, self.atm_w.weight.flatten(1), self.atm_w.bias, axis="w", share=share)
         h = atm_fc(x, offset_h, self.atm_h.weight.flatten(1), self.atm_h.bias, axis="h", share=share)
         c = self.atm_c(x)
-        # fc2 output 3c + k weights branch k of channel c, k = (w, h, c): softmax over the last dim
-        a = self.fusion((w + h + c).mean(dim=(1, 2))).reshape(B, 1, 1, C, 3).softmax(dim=-1)
-        y = w * a[..., 0] + h * a[..., 1] + c * a[..., 2]
-        return self.proj_drop(self.proj(y))
+        # branch order (w, h, c): fusion output 3c + k weighs branch k of channel c
+        return self.proj_drop(self.proj(reweighted_sum(self.fusion, [w, h, c])))
 
     def extra_repr(self) -> str:
         return f"dim: {self.dim}"
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (timm's ``DropPath``; no parameters)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x / keep * mask
 
 
 class Downsample(nn.Module):

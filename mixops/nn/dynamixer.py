@@ -13,25 +13,9 @@ import torch.nn as nn
 
 from .._validate import check_tensor
 from ..ops.dynamixer import dynamixer_mix
+from ._layers import Mlp, reweighted_sum
 
 __all__ = ["DynaMixerBlock", "DynaMixerOp", "Mlp"]
-
-
-class Mlp(nn.Module):
-    """fc1 -> act -> drop -> fc2 -> drop on ``[..., in_features]`` (``models/utils.py`` Mlp)."""
-
-    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.):
-        super().__init__()
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.act(self.fc1(x)))
-        return self.drop(self.fc2(x))
 
 
 class DynaMixerOp(nn.Module):
@@ -111,8 +95,5 @@ class DynaMixerBlock(nn.Module):
         w = self.mix_w(x.reshape(B * H, W, C)).reshape(B, H, W, C)
         c = self.mlp_c(x)
 
-        a = (h + w + c).mean(dim=(1, 2))
-        # reweight output index 3c + k; k = 0, 1, 2 weighs h, w, c
-        a = self.reweight(a).reshape(B, C, 3).softmax(dim=-1)
-        y = h * a[:, None, None, :, 0] + w * a[:, None, None, :, 1] + c * a[:, None, None, :, 2]
-        return self.proj_drop(self.proj(y))
+        # branch order (h, w, c): reweight output 3c + k weighs branch k of channel c
+        return self.proj_drop(self.proj(reweighted_sum(self.reweight, [h, w, c])))

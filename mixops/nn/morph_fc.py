@@ -25,41 +25,11 @@ import torch.nn as nn
 
 from .. import _validate as v
 from ..ops.morph_fc import morph_fc
-from ..reference.morph_fc import drop_path as _drop_path
+from ._layers import DropPath, Mlp, reweighted_sum
 
 __all__ = ["DropPath", "Mlp", "MorphFC_S", "MorphFC_S2", "MorphFC_T", "PermutatorBlock"]
 
 FRAMES = (16, 32)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample; the identity in eval mode or with ``drop_prob == 0``."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _drop_path(x, self.drop_prob, self.training)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
-
-
-class Mlp(nn.Module):
-    """fc1 -> act -> dropout -> fc2 -> dropout on the last axis."""
-
-    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
-        super().__init__()
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def _check_input(module: nn.Module, x: torch.Tensor, dim: int, ranks) -> None:
@@ -67,23 +37,6 @@ def _check_input(module: nn.Module, x: torch.Tensor, dim: int, ranks) -> None:
     v.check_tensor("x", x, ndim=ranks)
     if x.shape[-1] != dim:
         raise ValueError(f"x must have {dim} channels (last axis) for this {name}, got shape {tuple(x.shape)}")
-
-
-def _reweighted_sum(reweight: Mlp, branches: list[torch.Tensor]) -> torch.Tensor:
-    """ViP reweighting of K branches ``[B, T, H, W, C]``: one softmax weight per clip,
-    channel and branch, read from the interleaved reweight output (index ``K*c + k``)."""
-    B, C = branches[0].shape[0], branches[0].shape[-1]
-    K = len(branches)
-    total = branches[0]
-    for b in branches[1:]:
-        total = total + b
-    acc = torch.promote_types(total.dtype, torch.float32)  # clip mean kept in fp32
-    a = total.mean(dim=(1, 2, 3), dtype=acc).to(total.dtype)
-    alpha = reweight(a).reshape(B, C, K).softmax(dim=2)[:, None, None, None, :, :]
-    y = branches[0] * alpha[..., 0]
-    for k in range(1, K):  # order h, w, c: ((h*a0 + w*a1) + c*a2)
-        y = y + branches[k] * alpha[..., k]
-    return y
 
 
 class MorphFC_S(nn.Module):
@@ -111,7 +64,7 @@ class MorphFC_S(nn.Module):
         h = morph_fc(x5, self.mlp_h.weight, self.mlp_h.bias, segment_dim=L, axis="h")
         w = morph_fc(x5, self.mlp_w.weight, self.mlp_w.bias, segment_dim=L, axis="w")
         c = self.mlp_c(x5)
-        y = self.proj_drop(self.proj(_reweighted_sum(self.reweight, [h, w, c])))
+        y = self.proj_drop(self.proj(reweighted_sum(self.reweight, [h, w, c])))
         return y.reshape(x.shape)
 
 
@@ -136,7 +89,7 @@ class MorphFC_S2(nn.Module):
         x5 = x if x.dim() == 5 else x.unsqueeze(1)
         h = morph_fc(x5, self.mlp_h.weight, self.mlp_h.bias, segment_dim=self.segment_dim, axis="hs")
         c = self.mlp_c(x5)
-        y = self.proj_drop(self.proj(_reweighted_sum(self.reweight, [h, c])))
+        y = self.proj_drop(self.proj(reweighted_sum(self.reweight, [h, c])))
         return y.reshape(x.shape)
 
 

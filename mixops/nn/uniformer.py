@@ -24,40 +24,9 @@ import torch.nn as nn
 
 from .._validate import check_tensor
 from ..ops.window_attention import window_attention
+from ._layers import DropPath, Mlp
 
 __all__ = ["DropPath", "Mlp", "Attention", "SABlock", "SABlock_Windows"]
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (timm semantics: survivors scaled by 1 / keep_prob)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
-
-
-class Mlp(nn.Module):
-    """Linear ``in -> hidden``, activation, dropout, Linear ``hidden -> out``, dropout."""
-
-    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.):
-        super().__init__()
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.act(self.fc1(x)))
-        return self.drop(self.fc2(x))
 
 
 class Attention(nn.Module):

@@ -32,6 +32,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ._common import branch_weights, mlp_forward
+
 __all__ = [
     "active_block_forward",
     "atm_fc",
@@ -264,15 +266,6 @@ def atm_op_forward(m, input: torch.Tensor, offset: torch.Tensor) -> torch.Tensor
     return out.permute(0, 3, 1, 2)
 
 
-def mlp_forward(m, x: torch.Tensor) -> torch.Tensor:
-    """Official ``Mlp.forward``: fc1 -> act -> drop -> fc2 -> drop."""
-    x = F.linear(x, m.fc1.weight, m.fc1.bias)
-    x = m.act(x)
-    x = F.dropout(x, m.drop.p, m.training)
-    x = F.linear(x, m.fc2.weight, m.fc2.bias)
-    return F.dropout(x, m.drop.p, m.training)
-
-
 def atm_layer_forward(m, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Official ``ATMLayer.forward``: ``x [B,H,W,C]``, ``offset [B,2C,H,W]`` -> ``[B,H,W,C]``.
 
@@ -287,7 +280,7 @@ def atm_layer_forward(m, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     c = F.linear(x, m.atm_c.weight, m.atm_c.bias)
 
     a = (w + h + c).permute(0, 3, 1, 2).flatten(2).mean(2)
-    a = mlp_forward(m.fusion, a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)
+    a = branch_weights(m.fusion, a, 3)
     a = a.unsqueeze(2).unsqueeze(2)
 
     x = w * a[0] + h * a[1] + c * a[2]

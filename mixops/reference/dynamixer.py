@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._common import branch_weights, mlp_forward
+
 __all__ = [
     "dynamixer_block_forward",
     "dynamixer_mix",
@@ -57,15 +59,6 @@ def dynamixer_mix(
     return mixed.permute(0, 3, 1, 2).reshape(B, L, C).contiguous()
 
 
-def mlp_forward(m, x: torch.Tensor) -> torch.Tensor:
-    """``models/utils.py`` Mlp: fc1 -> GELU (erf) -> dropout -> fc2 -> dropout."""
-    x = F.linear(x, m.fc1.weight, m.fc1.bias)
-    x = F.gelu(x)
-    x = F.dropout(x, m.drop.p, m.training)
-    x = F.linear(x, m.fc2.weight, m.fc2.bias)
-    return F.dropout(x, m.drop.p, m.training)
-
-
 def dynamixer_op_forward(m, x: torch.Tensor) -> torch.Tensor:
     """DynaMixerOp.forward of module ``m`` on x ``[B', N, C]``: the mixing, then ``out``."""
     y = dynamixer_mix(
@@ -92,7 +85,7 @@ def dynamixer_block_forward(m, x: torch.Tensor) -> torch.Tensor:
 
     a = (h + w + c).permute(0, 3, 1, 2).flatten(2).mean(2)
     # reweight output index 3c + k, branch k in order (h, w, c), softmax over k
-    a = mlp_forward(m.reweight, a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)
+    a = branch_weights(m.reweight, a, 3)
     a = a.unsqueeze(2).unsqueeze(2)
 
     y = h * a[0] + w * a[1] + c * a[2]

@@ -36,6 +36,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._common import branch_weights, drop_path, mlp_forward
+
 __all__ = [
     "drop_path",
     "mlp_forward",
@@ -115,27 +117,6 @@ def morph_fc(
     return out.reshape(x.shape).contiguous()
 
 
-def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth per sample (timm ``DropPath`` semantics, scaled by 1/keep)."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    if keep > 0.0:
-        mask.div_(keep)
-    return x * mask
-
-
-def mlp_forward(m, x: torch.Tensor) -> torch.Tensor:
-    """``Mlp``: fc1 -> act -> dropout -> fc2 -> dropout. x: ``[..., in]`` -> ``[..., out]``."""
-    p = m.drop.p
-    x = F.linear(x, m.fc1.weight, m.fc1.bias)
-    x = m.act(x)
-    x = F.dropout(x, p, m.training)
-    x = F.linear(x, m.fc2.weight, m.fc2.bias)
-    return F.dropout(x, p, m.training)
-
-
 def _clip_mean(y: torch.Tensor) -> torch.Tensor:
     # [B, T, H, W, C] -> [B, C]: the official permute + flatten + mean over T*H*W, accumulated
     # in at least fp32 and rounded back to y's dtype (what torch's mean does for half types).
@@ -158,7 +139,7 @@ def morph_fc_s_forward(m, x: torch.Tensor) -> torch.Tensor:
     c = F.linear(v, m.mlp_c.weight, m.mlp_c.bias)
     a = _clip_mean(h + w + c)
     # reweight output is interleaved (C, 3): channel c, branch k at index 3c + k
-    a = mlp_forward(m.reweight, a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)
+    a = branch_weights(m.reweight, a, 3)
     a = a.unsqueeze(2).unsqueeze(2).unsqueeze(2)
     y = h * a[0] + w * a[1] + c * a[2]
     y = F.linear(y, m.proj.weight, m.proj.bias)
@@ -175,7 +156,7 @@ def morph_fc_s2_forward(m, x: torch.Tensor) -> torch.Tensor:
     c = F.linear(v, m.mlp_c.weight, m.mlp_c.bias)
     a = _clip_mean(h + c)
     # two-way interleaved reweight: channel c, branch k at index 2c + k
-    a = mlp_forward(m.reweight, a).reshape(B, C, 2).permute(2, 0, 1).softmax(dim=0)
+    a = branch_weights(m.reweight, a, 2)
     a = a.unsqueeze(2).unsqueeze(2).unsqueeze(2)
     y = h * a[0] + c * a[1]
     y = F.linear(y, m.proj.weight, m.proj.bias)

@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._common import mlp_forward
+
 __all__ = [
     "window_attention",
     "window_partition",
@@ -153,11 +155,6 @@ def _layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def _mlp(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Official ``Mlp``: fc1, exact GELU, fc2."""
-    return F.linear(F.gelu(F.linear(x, m.fc1.weight, m.fc1.bias)), m.fc2.weight, m.fc2.bias)
-
-
 def attention_forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Official ``Attention.forward`` on ``x: [B', N, C]`` -> ``[B', N, C]`` (qkv, attention, proj)."""
     qkv = F.linear(x, m.qkv.weight, m.qkv.bias)
@@ -171,7 +168,7 @@ def sablock_forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     B, N, H, W = x.shape
     x = x.flatten(2).transpose(1, 2)
     x = x + attention_forward(m.attn, _layer_norm(m.norm1, x))
-    x = x + _mlp(m.mlp, _layer_norm(m.norm2, x))
+    x = x + mlp_forward(m.mlp, _layer_norm(m.norm2, x))
     return x.transpose(1, 2).reshape(B, N, H, W)
 
 
@@ -201,7 +198,7 @@ def sablock_windows_forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
         x = x[:, :H, :W, :].contiguous()
 
     x = shortcut + x
-    x = x + _mlp(m.mlp, _layer_norm(m.norm2, x))
+    x = x + mlp_forward(m.mlp, _layer_norm(m.norm2, x))
     return x.permute(0, 3, 1, 2).reshape(B, C, H, W)
 
 
@@ -214,7 +211,7 @@ def video_sablock_forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     B, C, T, H, W = x.shape
     x = x.flatten(2).transpose(1, 2)
     x = x + attention_forward(m.attn, _layer_norm(m.norm1, x))
-    x = x + _mlp(m.mlp, _layer_norm(m.norm2, x))
+    x = x + mlp_forward(m.mlp, _layer_norm(m.norm2, x))
     return x.transpose(1, 2).reshape(B, C, T, H, W)
 
 
