@@ -78,28 +78,40 @@ def _check_input(x: torch.Tensor, dim: int, ndim: int, layout: str) -> None:
         raise ValueError(f"x must be {layout} with C = {dim}, got shape {tuple(x.shape)}")
 
 
+def init_block(block, pos_embed, dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, drop_path,
+               act_layer, norm_layer) -> None:
+    """Register the children of UniFormer's SABlock family, in the official order:
+    pos_embed, norm1, attn, drop_path, norm2, mlp (the state_dict keys follow it)."""
+    block.pos_embed = pos_embed
+    block.norm1 = norm_layer(dim)
+    block.attn = Attention(
+        dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
+    block.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+    block.norm2 = norm_layer(dim)
+    block.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+
+def mix_tokens(block, x: torch.Tensor, window_size: Optional[int] = None) -> torch.Tensor:
+    """The two residual branches of a block on channels-last ``x`` (after the DPE)."""
+    x = x + block.drop_path(block.attn.forward_grid(block.norm1(x), window_size))
+    return x + block.drop_path(block.mlp(block.norm2(x)))
+
+
 class SABlock(nn.Module):
     """Global self-attention block, NCHW in and out: DPE, LN, attention, residual, LN, MLP, residual."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, qk_scale=None, drop=0., attn_drop=0.,
                  drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm):
         super().__init__()
-        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-            attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        init_block(self, nn.Conv2d(dim, dim, 3, padding=1, groups=dim), dim, num_heads, mlp_ratio, qkv_bias,
+                   qk_scale, drop, attn_drop, drop_path, act_layer, norm_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [B, C, H, W]`` -> ``[B, C, H, W]``; attention over all H*W tokens."""
         _check_input(x, self.pos_embed.in_channels, 4, "[B, C, H, W]")
         x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
-        x = x + self.drop_path(self.attn.forward_grid(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = mix_tokens(self, x)
         # the official ends with transpose(1, 2).reshape: a contiguous NCHW copy
         return x.permute(0, 3, 1, 2).contiguous()
 
@@ -114,14 +126,8 @@ class SABlock_Windows(nn.Module):
                  attn_drop=0., drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm):
         super().__init__()
         self.window_size = window_size
-        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-            attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        init_block(self, nn.Conv2d(dim, dim, 3, padding=1, groups=dim), dim, num_heads, mlp_ratio, qkv_bias,
+                   qk_scale, drop, attn_drop, drop_path, act_layer, norm_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [B, C, H, W]`` -> ``[B, C, H, W]``; any H, W (edge windows are bias-padded)."""
@@ -129,7 +135,6 @@ class SABlock_Windows(nn.Module):
         x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
         B, H, W, C = x.shape
-        x = x + self.drop_path(self.attn.forward_grid(self.norm1(x), self.window_size))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = mix_tokens(self, x, self.window_size)
         # the official returns permute(0, 3, 1, 2).reshape(B, C, H, W): a channels-last view
         return x.permute(0, 3, 1, 2).reshape(B, C, H, W)
