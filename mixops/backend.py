@@ -53,18 +53,35 @@ class Impl:
 _registry: dict[str, dict[str, Impl]] = {}
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Where each backend can run unless its registration says otherwise.
+_DEFAULT_SUPPORTS: dict[str, Callable[[torch.Tensor], bool]] = {
+    "torch": lambda t: True,
+    "triton": lambda t: t.is_cuda or (t.device.type == "cpu" and _interpreting()),
+    "cuda": lambda t: t.is_cuda,
+}
+
+
 def register(
     op: str,
     backend: str,
     *,
     forward: Callable,
     backward: Callable,
-    supports: Callable[[torch.Tensor], bool] = lambda t: True,
+    supports: Optional[Callable[[torch.Tensor], bool]] = None,
 ) -> None:
-    """Register ``backend``'s implementation of ``mixops.<op>``."""
+    """Register ``backend``'s implementation of ``mixops.<op>``.
+
+    ``supports(tensor)`` says whether it runs on that tensor's device; the default is the
+    backend's own rule (torch: anywhere; triton: CUDA, or CPU under TRITON_INTERPRET=1;
+    cuda: CUDA).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _registry.setdefault(op, {})[backend] = Impl(forward, backward, supports)
+    _registry.setdefault(op, {})[backend] = Impl(forward, backward, supports or _DEFAULT_SUPPORTS[backend])
 
 
 def available_backends(op: str) -> tuple[str, ...]:

@@ -37,8 +37,14 @@ def _tensor_slots(schema: torch._C.FunctionSchema) -> list[int]:
     return slots
 
 
-def _unalias(out: torch.Tensor, inputs: Sequence[object]) -> torch.Tensor:
-    """Custom ops may not return views of their inputs; a reference reshape can."""
+def _own_contiguous(out: torch.Tensor, inputs: Sequence[object]) -> torch.Tensor:
+    """Every op returns fresh, contiguous tensors, whatever the backend computed.
+
+    Custom ops may not return views of their inputs (a reference reshape can), and compiled
+    graphs check that real outputs have the strides of the fake ones, which are contiguous;
+    a VJP happily returns transposed or sliced gradients.
+    """
+    out = out.contiguous()
     for t in inputs:
         if isinstance(t, torch.Tensor) and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
             return out.clone()
@@ -91,13 +97,13 @@ def define_op(name: str, schema: str, *, reference: Callable, fake: Callable) ->
         *inputs, backend = args
         out = _backend.implementation(name, backend).forward(*inputs)
         if multi:
-            return tuple(_unalias(o, inputs) for o in out)
-        return _unalias(out, inputs)
+            return tuple(_own_contiguous(o, inputs) for o in out)
+        return _own_contiguous(out, inputs)
 
     def backward_impl(grads, *args):
         *inputs, backend = args
         got = _backend.implementation(name, backend).backward(list(grads), *inputs)
-        return [_unalias(g, [*grads, *inputs]) for g in got]
+        return [_own_contiguous(g, [*grads, *inputs]) for g in got]
 
     fwd = torch.library.custom_op(f"mixops::{name}", forward_impl, mutates_args=(), schema=full)
     bwd = torch.library.custom_op(
@@ -105,7 +111,9 @@ def define_op(name: str, schema: str, *, reference: Callable, fake: Callable) ->
     )
     fwd.register_fake(lambda *args: fake(*args[:-1]))
     bwd.register_fake(
-        lambda grads, *args: [torch.empty_like(args[i]) for i in slots if args[i] is not None]
+        lambda grads, *args: [
+            args[i].new_empty(args[i].shape) for i in slots if args[i] is not None
+        ]
     )
 
     def setup_context(ctx, inputs, output):
