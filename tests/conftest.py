@@ -17,6 +17,28 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_cuda: the test needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: a test that takes more than a few seconds on 2 CPU cores")
+    config.addinivalue_line(
+        "markers", "op(name): the mixops op a test exercises; its `backend` argument then runs "
+        "over every backend registered for that op"
+    )
+
+
+def pytest_generate_tests(metafunc):
+    """A test that takes ``backend`` runs once per backend registered for its ``op`` mark, so
+    a newly registered kernel is tested by every existing op test without editing it. The
+    cuda backend is marked needs_cuda; triton runs on CPU tensors under the interpreter."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    mark = metafunc.definition.get_closest_marker("op")
+    if mark is None:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: a `backend` test needs @pytest.mark.op(name)")
+    import mixops
+
+    params = [
+        pytest.param(b, id=b, marks=[pytest.mark.needs_cuda] if b == "cuda" else [])
+        for b in mixops.available_backends(mark.args[0])
+    ]
+    metafunc.parametrize("backend", params)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -38,6 +38,28 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
     )
 
 
+def runs_on(op: str, backend: str, device: str) -> bool:
+    """Whether ``backend``'s ``op`` runs on ``device`` tensors here (e.g. triton on CPU only
+    under TRITON_INTERPRET=1, cuda never on CPU): tests skip the combinations that cannot."""
+    from mixops.backend import implementation
+
+    return implementation(op, backend).supports(torch.empty(0, device=device))
+
+
+def skip_unless_runs(op: str, backend: str, device: str) -> None:
+    if not runs_on(op, backend, device):
+        pytest.skip(f"backend {backend!r} of mixops.{op} does not run on {device} tensors")
+
+
+def only_backends(monkeypatch, op: str, *names: str) -> None:
+    """Pretend ``op`` has only the backends ``names`` (for error-message tests that must not
+    break when kernels are registered)."""
+    from mixops import backend
+
+    kept = {n: backend.implementation(op, n) for n in names}
+    monkeypatch.setitem(backend._registry, op, kept)
+
+
 def cpu_and_cuda():
     """Parametrize values for a ``device`` argument: cpu always, cuda marked needs_cuda."""
     return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
