@@ -224,7 +224,7 @@ def test_without_torchvision_everything_uses_the_lerp(monkeypatch):
     with_tv = (R.atm_fc(x, off, w, b, "w", 2), R.atm_op_forward(m, x_nchw, off_nchw))
 
     monkeypatch.setattr(R, "_deform_conv2d", lambda: None)
-    assert not R.deform_conv2d_available(x)
+    assert not R.deform_conv2d_available()
     assert torch.equal(R.atm_fc(x, off, w, b, "w", 2), R.atm_fc_lerp(x, off, w, b, "w", 2))
     assert_close(R.atm_fc(x, off, w, b, "w", 2), with_tv[0])
     assert_close(R.atm_op_forward(m, x_nchw, off_nchw), with_tv[1])
@@ -234,15 +234,16 @@ def test_without_torchvision_everything_uses_the_lerp(monkeypatch):
         R.atm_op_forward(ATMOp(8, 6).double(), x_nchw, off_nchw)
 
 
-def test_half_precision_atm_fc_uses_the_lerp():
+def test_half_precision_atm_fc_runs_the_official_call_in_fp32():
+    """fp16/bf16: deform_conv2d in fp32, cast back (torchvision's autocast rule), not the lerp."""
     x = torch.randn(1, 3, 4, 8, dtype=torch.float64)
     off = torch.randn(1, 3, 4, 8, dtype=torch.float64)
     w = torch.randn(5, 8, dtype=torch.float64)
-    assert not R.deform_conv2d_available(x.half())
+    assert R.deform_conv2d_available()
     out = R.atm_fc(x.bfloat16(), off.bfloat16(), w.bfloat16(), None, "h", 1)
-    want = R.atm_fc_lerp(*(t.bfloat16().double() for t in (x, off, w)), None, "h", 1)
+    want = R.atm_fc_deform(*(t.bfloat16().float() for t in (x, off, w)), None, "h", 1).bfloat16()
     assert out.dtype == torch.bfloat16
-    assert_close(out, want)
+    assert torch.equal(out, want)
 
 
 # --- module-level pieces ---------------------------------------------------------------------

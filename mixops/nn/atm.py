@@ -196,9 +196,12 @@ class ActiveBlock(nn.Module):
                     "offset is required: this ActiveBlock has no offset_layer (new_offset=False)"
                 )
             o = self.offset_layer(x)  # compact [B,H,W,2C/S]: W half first, then H
-            g = o.shape[-1] // 2
-            y = self.atm.forward_compact(self.norm1(x), o[..., :g], o[..., g:], share=self.share_dim)
             offset = o.repeat_interleave(self.share_dim, dim=-1).permute(0, 3, 1, 2)
+            if x.shape[-1] % self.share_dim == 0:
+                g = o.shape[-1] // 2
+                y = self.atm.forward_compact(self.norm1(x), o[..., :g], o[..., g:], share=self.share_dim)
+            else:  # an offset group straddles the W/H halves: only the expanded form is exact
+                y = self.atm(self.norm1(x), offset)
         else:
             y = self.atm(self.norm1(x), offset)
         x = x + self.drop_path(y)

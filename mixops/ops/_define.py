@@ -22,7 +22,33 @@ import torch
 
 from .. import backend as _backend
 
-__all__ = ["define_op"]
+__all__ = ["autocast_args", "define_op"]
+
+
+_AUTOCASTABLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def autocast_args(policy: str, *args):
+    """Cast an op's tensor arguments the way ``torch.autocast`` casts the official op.
+
+    ``policy="lower"``: like ``F.linear``/``conv``/``matmul``, to the autocast dtype
+    (fp16/bf16). ``policy="fp32"``: like torchvision's ``deform_conv2d`` autocast rule, to fp32.
+    Outside autocast, and for float64 or non-tensor arguments, nothing changes. Public wrappers
+    call this first, so a dtype check afterwards sees what the op will compute in.
+    """
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return args
+    target = torch.get_autocast_dtype(first.device.type) if policy == "lower" else torch.float32
+    return tuple(
+        a.to(target) if isinstance(a, torch.Tensor) and a.dtype in _AUTOCASTABLE else a for a in args
+    )
+
+
+def _no_autocast(inputs: Sequence[object]):
+    """The backends compute in the dtype they are given: autocast already happened (above)."""
+    first = next(t for t in inputs if isinstance(t, torch.Tensor))
+    return torch.autocast(first.device.type, enabled=False)
 
 
 def _tensor_slots(schema: torch._C.FunctionSchema) -> list[int]:
@@ -95,14 +121,16 @@ def define_op(name: str, schema: str, *, reference: Callable, fake: Callable) ->
 
     def forward_impl(*args):
         *inputs, backend = args
-        out = _backend.implementation(name, backend).forward(*inputs)
+        with _no_autocast(inputs):
+            out = _backend.implementation(name, backend).forward(*inputs)
         if multi:
             return tuple(_own_contiguous(o, inputs) for o in out)
         return _own_contiguous(out, inputs)
 
     def backward_impl(grads, *args):
         *inputs, backend = args
-        got = _backend.implementation(name, backend).backward(list(grads), *inputs)
+        with _no_autocast(inputs):
+            got = _backend.implementation(name, backend).backward(list(grads), *inputs)
         return [_own_contiguous(g, [*grads, *inputs]) for g in got]
 
     fwd = torch.library.custom_op(f"mixops::{name}", forward_impl, mutates_args=(), schema=full)

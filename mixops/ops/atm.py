@@ -13,7 +13,7 @@ import torch
 
 from .. import _validate as v
 from ..reference import atm as _ref
-from ._define import define_op
+from ._define import autocast_args, define_op
 
 __all__ = ["atm_fc", "atm_sample"]
 
@@ -77,6 +77,7 @@ def atm_sample(
         ``[B,H,W,C]`` in ``x.dtype``. Samples at ``p <= -1`` or ``p >= n`` are 0; exact
         integers return ``x[p]``; the offset gradient is the right-hand slope at integers.
     """
+    x, offset = autocast_args("fp32", x, offset)
     _check_gather(x, offset, axis, share)
     return _atm_sample(x, offset, axis, share, backend=backend)
 
@@ -105,6 +106,7 @@ def atm_fc(
     Returns:
         ``[B,H,W,C_out]``.
     """
+    x, offset, weight, bias = autocast_args("fp32", x, offset, weight, bias)
     _check_gather(x, offset, axis, share)
     v.check_tensor("weight", weight, ndim=2)
     v.check_like("weight", weight, "x", x)

@@ -12,7 +12,7 @@ import torch
 
 from .. import _validate as v
 from ..reference import dynamixer as _ref
-from ._define import define_op
+from ._define import autocast_args, define_op
 
 __all__ = ["dynamixer_mix"]
 
@@ -84,6 +84,9 @@ def dynamixer_mix(
         TypeError / ValueError naming the argument: ranks, dtypes, devices, shapes that do not
         fit (N, num_head, reduced_dim), C not divisible by num_head.
     """
+    x, compress_weight, compress_bias, generate_weight, generate_bias = autocast_args(
+        "lower", x, compress_weight, compress_bias, generate_weight, generate_bias
+    )
     _validate(x, compress_weight, compress_bias, generate_weight, generate_bias, num_head, reduced_dim)
     return _op(
         x, compress_weight, compress_bias, generate_weight, generate_bias, num_head, reduced_dim,

@@ -11,7 +11,7 @@ import torch
 
 from .. import _validate as v
 from ..reference import morph_fc as _ref
-from ._define import define_op
+from ._define import autocast_args, define_op
 
 __all__ = ["morph_fc"]
 
@@ -77,6 +77,7 @@ def morph_fc(
         TypeError / ValueError naming the argument for a wrong type, rank, dtype, device,
         shape, divisibility, or axis.
     """
+    x, weight, bias = autocast_args("lower", x, weight, bias)
     v.check_choice("axis", axis, AXES)
     v.check_tensor("x", x, ndim=5 if axis == "t" else (4, 5))
     v.check_int("segment_dim", segment_dim)

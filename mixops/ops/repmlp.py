@@ -12,7 +12,7 @@ import torch
 
 from .. import _validate as v
 from ..reference import repmlp as _ref
-from ._define import define_op
+from ._define import autocast_args, define_op
 
 __all__ = ["locality_injection", "partition_fc"]
 
@@ -83,6 +83,7 @@ def partition_fc(
         carries the official channel/partition scramble (spec 3.2), reproduced on purpose.
         The module multiplies this by the global-perceptron gate.
     """
+    x, weight, bias = autocast_args("lower", x, weight, bias)
     v.check_tensor("x", x, ndim=4)
     h, w = _check_partition(partition)
     S = v.check_int("num_sharesets", num_sharesets)
@@ -124,6 +125,7 @@ def locality_injection(
         (zero outside the kernel) and ``bias[s*hw + q] = fc_bias[s*hw + q] + kernel_bias[s]``.
         Differentiable in all tensors.
     """
+    fc_weight, fc_bias, kernel, kernel_bias = autocast_args("lower", fc_weight, fc_bias, kernel, kernel_bias)
     v.check_tensor("kernel", kernel, ndim=4)
     h, w = _check_partition(partition)
     S, one, K, K2 = kernel.shape

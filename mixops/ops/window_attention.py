@@ -13,7 +13,7 @@ import torch
 
 from .. import _validate as v
 from ..reference import window_attention as _ref
-from ._define import define_op
+from ._define import autocast_args, define_op
 
 __all__ = ["window_attention"]
 
@@ -68,6 +68,7 @@ def window_attention(
         ``[B, H, W, C]`` (``[B, T, H, W, C]``), contiguous: heads concatenated in order, before
         ``proj``. Only real pixels are returned.
     """
+    qkv, qkv_bias = autocast_args("lower", qkv, qkv_bias)
     v.check_tensor("qkv", qkv, ndim=(4, 5))
     if qkv.numel() == 0:
         raise ValueError(f"qkv must not be empty, got shape {tuple(qkv.shape)}")

@@ -13,8 +13,9 @@ signature as the op schemas, no validation):
 - ``atm_fc(x, offset, weight, bias, axis, share)`` -> ``[B,H,W,C_out]``: the official ATMOp,
   i.e. ``torchvision.ops.deform_conv2d`` with a zero ``[B,2C,H,W]`` offset tensor whose even
   (dy, axis 'h') or odd (dx, axis 'w') slots hold the offset and a 1x1 kernel, when torchvision
-  is importable and the dtype is fp32/fp64 (``atm_fc_deform``); otherwise the 1-D lerp followed
-  by the same FC (``atm_fc_lerp``). torchvision is imported lazily: it is not a dependency.
+  is importable (``atm_fc_deform``; fp16/bf16 run in fp32 and are cast back, as under AMP);
+  otherwise the 1-D lerp followed by the same FC (``atm_fc_lerp``). torchvision is imported
+  lazily: it is not a dependency.
 - ``atm_sample(x, offset, axis, share)`` -> ``[B,H,W,C]``: the gather alone. It always uses the
   1-D lerp (``atm_sample_lerp``): there is no official gather-only call, the lerp is bit-exact to
   deform_conv2d with an identity 1x1 weight (spec 1, tested), and it avoids a C x C identity GEMM.
@@ -127,10 +128,19 @@ def _deform_conv2d() -> Optional[Callable]:
     return deform_conv2d
 
 
-def deform_conv2d_available(t: torch.Tensor) -> bool:
-    """Whether the official deform_conv2d path runs on tensors like ``t`` (torchvision is
-    importable and the dtype is fp32/fp64: torchvision has no Half kernels on CPU)."""
-    return t.dtype in (torch.float32, torch.float64) and _deform_conv2d() is not None
+def deform_conv2d_available() -> bool:
+    """Whether the official deform_conv2d path can run (torchvision is importable)."""
+    return _deform_conv2d() is not None
+
+
+def _official_atm_op(input, offset, weight, bias, dimension, stride, padding, dilation):
+    """The official ATMOp call. fp16/bf16 tensors run in fp32 and come back in their dtype,
+    as torchvision's autocast rule runs deform_conv2d (it has no bf16 kernels and no Half
+    kernels on CPU); this is what the official code computes under AMP."""
+    if input.dtype in (torch.float32, torch.float64):
+        return _OfficialATMOp.apply(input, offset, weight, bias, dimension, stride, padding, dilation)
+    up = [t.float() if t is not None else None for t in (input, offset, weight, bias)]
+    return _OfficialATMOp.apply(*up, dimension, stride, padding, dilation).to(input.dtype)
 
 
 def _official_offset_t(input: torch.Tensor, offset: torch.Tensor, dimension: str) -> torch.Tensor:
@@ -204,7 +214,7 @@ def atm_fc_deform(
     """
     # offset_layer output -> repeat_interleave(S) -> permute to [B,C,H,W], as in ActiveBlock
     off = offset.repeat_interleave(share, dim=-1).permute(0, 3, 1, 2)
-    out = _OfficialATMOp.apply(
+    out = _official_atm_op(
         x.permute(0, 3, 1, 2), off, weight[:, :, None, None], bias, axis, (1, 1), (0, 0), (1, 1)
     )
     return out.permute(0, 2, 3, 1).contiguous()
@@ -228,9 +238,9 @@ def atm_fc(
     axis: str,
     share: int,
 ) -> torch.Tensor:
-    """Gather + FC, ``[B,H,W,C] -> [B,H,W,C_out]``: the official deform_conv2d call where it
-    can run (torchvision present, fp32/fp64), else the 1-D lerp + FC."""
-    if deform_conv2d_available(x):
+    """Gather + FC, ``[B,H,W,C] -> [B,H,W,C_out]``: the official deform_conv2d call when
+    torchvision is installed (fp16/bf16 computed in fp32, as under AMP), else the 1-D lerp + FC."""
+    if deform_conv2d_available():
         return atm_fc_deform(x, offset, weight, bias, axis, share)
     return atm_fc_lerp(x, offset, weight, bias, axis, share)
 
@@ -247,17 +257,16 @@ def atm_op_forward(m, input: torch.Tensor, offset: torch.Tensor) -> torch.Tensor
     lerp, which restates only the configuration ATMLayer uses (stride 1, padding 0; a 1x1
     kernel never reads a dilated tap, so dilation changes nothing).
     """
-    if deform_conv2d_available(input):
-        return _OfficialATMOp.apply(
+    if deform_conv2d_available():
+        return _official_atm_op(
             input, offset, m.weight, m.bias, m.dimension, m.stride, m.padding, m.dilation
         )
     if m.dimension not in _AXIS_DIM:
         raise NotImplementedError(f"{m.dimension} dimension not implemented")
     if tuple(m.stride) != (1, 1) or tuple(m.padding) != (0, 0):
         raise ValueError(
-            "ATMOp with stride != 1 or padding != 0 needs torchvision.ops.deform_conv2d "
-            f"(fp32/fp64); got stride={tuple(m.stride)}, padding={tuple(m.padding)}, "
-            f"dtype {input.dtype}"
+            "ATMOp with stride != 1 or padding != 0 needs torchvision.ops.deform_conv2d; "
+            f"got stride={tuple(m.stride)}, padding={tuple(m.padding)}"
         )
     out = atm_fc_lerp(
         input.permute(0, 2, 3, 1), offset.permute(0, 2, 3, 1), m.weight[:, :, 0, 0], m.bias,
