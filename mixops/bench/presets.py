@@ -135,11 +135,11 @@ def _window_case(preset, h, w, ws, batch, c=320, heads=5):
     def build(device, dtype):
         qkv = _rand(batch, h, w, 3 * c, device=device, dtype=dtype)
         bias = _rand(3 * c, device=device, dtype=dtype)
-        n_win = -(-h // ws) * -(-w // ws)
-        flops = 4.0 * batch * n_win * (ws * ws) ** 2 * c
+        # real queries only (padded ones are work a kernel can skip), each over ws*ws keys
+        flops = 4.0 * batch * h * w * ws * ws * c
 
-        def official(qkv, bias):
-            return ref.window_attention.window_attention(qkv, heads, ws, (c // heads) ** -0.5, "bias", bias)
+        def official(qkv, bias):  # pad + partition + SDPA + reverse (DESIGN.md baseline)
+            return ref.window_attention.window_attention_sdpa(qkv, heads, ws, (c // heads) ** -0.5, "bias", bias)
 
         def fast(qkv, bias):
             return window_attention(qkv, num_heads=heads, window_size=ws, qkv_bias=bias)

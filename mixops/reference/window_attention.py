@@ -39,6 +39,7 @@ from ._common import mlp_forward
 
 __all__ = [
     "window_attention",
+    "window_attention_sdpa",
     "window_partition",
     "window_reverse",
     "attention_forward",
@@ -86,6 +87,18 @@ def _attention(
     return (attn @ v).transpose(1, 2).reshape(B, N, C)
 
 
+def _attention_sdpa(
+    qkv: torch.Tensor, num_heads: int, scale: float, key_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``_attention`` through ``F.scaled_dot_product_attention`` (PyTorch's fused kernels)."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = qkv.reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    mask = None if key_mask is None else ~key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(B, N, C)
+
+
 def _pad_bottom_right(x: torch.Tensor, pad_b: int, pad_r: int, fill: torch.Tensor) -> torch.Tensor:
     """Append ``pad_r`` columns and then ``pad_b`` rows whose every token is ``fill`` ([3C])."""
     B, H, W, C = x.shape
@@ -112,11 +125,29 @@ def window_attention(
     q, k, v are the slices of ``qkv_bias`` (zeros when None) and nothing is masked.
     ``padding="mask"``: the padded keys are excluded from the softmax instead.
     """
+    return _window_attention(qkv, num_heads, window_size, scale, padding, qkv_bias, _attention)
+
+
+def window_attention_sdpa(
+    qkv: torch.Tensor,
+    num_heads: int,
+    window_size: Optional[int],
+    scale: float,
+    padding: str,
+    qkv_bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``window_attention`` with each window's attention through
+    ``F.scaled_dot_product_attention``: pad + partition + SDPA + reverse, the strongest plain
+    PyTorch form of the official computation (the benchmarks' baseline, DESIGN.md)."""
+    return _window_attention(qkv, num_heads, window_size, scale, padding, qkv_bias, _attention_sdpa)
+
+
+def _window_attention(qkv, num_heads, window_size, scale, padding, qkv_bias, attend):
     if window_size is None:
         # global: row-major tokens (t*H*W + y*W + x), like the official flatten(2).transpose(1, 2)
         *lead, C3 = qkv.shape
         B, n = lead[0], math.prod(lead[1:])
-        out = _attention(qkv.reshape(B, n, C3), num_heads, scale)
+        out = attend(qkv.reshape(B, n, C3), num_heads, scale)
         return out.reshape(*lead, C3 // 3)
 
     B, H, W, C3 = qkv.shape
@@ -138,7 +169,7 @@ def window_attention(
         real = torch.ones(B, H, W, 1, dtype=torch.bool, device=x.device)
         real = _pad_bottom_right(real, pad_b, pad_r, real.new_zeros(1))
         key_mask = ~window_partition(real, ws).view(-1, ws * ws)
-    attn_windows = _attention(x_windows, num_heads, scale, key_mask)
+    attn_windows = attend(x_windows, num_heads, scale, key_mask)
 
     attn_windows = attn_windows.view(-1, ws, ws, C)
     out = window_reverse(attn_windows, ws, Hp, Wp)
