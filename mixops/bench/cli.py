@@ -102,7 +102,8 @@ def _runner(fn, built, mode, grad_out):
     else:
         def run():
             out = fn(*built.inputs)
-            return torch.autograd.grad(out, diff, grad_out)
+            # allow_unused: e.g. a window map without padding never reads the qkv bias
+            return torch.autograd.grad(out, diff, grad_out, allow_unused=True)
     return run
 
 
@@ -138,7 +139,8 @@ def run_case(case, device, dtype, args) -> list[dict]:
         moved = i + p + o if mode == "fwd" else 3 * i + 3 * p + 2 * o
         flops = built.flops if mode == "fwd" else 3 * built.flops
         official_ms = None
-        for name in args.backends:
+        # official first, so every other backend's speedup has its denominator
+        for name in sorted(args.backends, key=lambda b: b != "official"):
             row = {"preset": case.preset, "case": case.name, "batch": case.batch, "mode": mode,
                    "backend": name, "bytes": moved, "flops": flops}
             fn, why = _backend_fn(name, case, built, device)
@@ -208,7 +210,7 @@ def main(argv=None) -> int:
             print(report.format_text(new).split("\n", 2)[-1])
     print()
     print(report.format_text(rows))
-    stem = f"{meta['date'][:10]}-{'gpu' if gpu else 'cpu'}"
+    stem = meta["date"].replace(":", "")  # e.g. 2026-11-22T024501Z: runs never overwrite each other
     for path in report.write(Path(args.out), stem, meta, rows):
         print(f"wrote {path}")
     return 0

@@ -17,13 +17,15 @@ COLUMNS = [
     ("TFLOP/s", "TFLOPs", "{:.2f}"),
     ("% matmul", "pct_matmul", "{:.1f}"),
     ("peak MB", "peak_MB", "{:.0f}"),
+    ("err", "rel_err_vs_official", "{:.1e}"),
+    ("status", "status", "{}"),
 ]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
-        return row.get("status", "n/a") if key == "median_ms" else "-"
+        return "-"
     return fmt.format(value)
 
 

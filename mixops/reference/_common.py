@@ -15,6 +15,11 @@ def mlp_forward(m, x: torch.Tensor) -> torch.Tensor:
     return F.dropout(x, m.drop.p, m.training)
 
 
+def layer_norm(m, x: torch.Tensor) -> torch.Tensor:
+    """An ``nn.LayerNorm`` module's forward, from its parameters and eps."""
+    return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+
+
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Stochastic depth per sample (timm ``DropPath``: survivors scaled by 1/keep)."""
     if drop_prob == 0.0 or not training:

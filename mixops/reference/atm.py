@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._common import branch_weights, mlp_forward
+from ._common import layer_norm, branch_weights, mlp_forward
 
 __all__ = [
     "active_block_forward",
@@ -297,15 +297,11 @@ def atm_layer_forward(m, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     return F.dropout(x, m.proj_drop.p, m.training)
 
 
-def _layer_norm(m, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
-
-
 def make_offset(m_offset_layer, x: torch.Tensor, share: int) -> torch.Tensor:
     """Official offset generation: ``LayerNorm -> Linear(C, 2C/S) -> repeat_interleave(S)`` on
     the block input ``x [B,H,W,C]``, permuted to the non-contiguous ``[B,2C,H,W]`` view."""
     ln, fc = m_offset_layer[0], m_offset_layer[1]
-    o = F.linear(_layer_norm(ln, x), fc.weight, fc.bias)
+    o = F.linear(layer_norm(ln, x), fc.weight, fc.bias)
     return o.repeat_interleave(share, dim=-1).permute(0, 3, 1, 2)
 
 
@@ -335,8 +331,8 @@ def active_block_forward(m, x: torch.Tensor, offset: Optional[torch.Tensor] = No
     """
     if m.offset_layer is not None and offset is None:
         offset = make_offset(m.offset_layer, x, m.share_dim)
-    x = x + m.drop_path(atm_layer_forward(m.atm, _layer_norm(m.norm1, x), offset))
-    x = x + m.drop_path(mlp_forward(m.mlp, _layer_norm(m.norm2, x)))
+    x = x + m.drop_path(atm_layer_forward(m.atm, layer_norm(m.norm1, x), offset))
+    x = x + m.drop_path(mlp_forward(m.mlp, layer_norm(m.norm2, x)))
     if m.downsample is not None:
         x = downsample_forward(m.downsample, x)
     if m.offset_layer is not None:

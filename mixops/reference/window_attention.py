@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import mlp_forward
+from ._common import layer_norm, mlp_forward
 
 __all__ = [
     "window_attention",
@@ -182,10 +182,6 @@ def _window_attention(qkv, num_heads, window_size, scale, padding, qkv_bias, att
 # module-level forwards (the official modules, from a module's parameters)
 
 
-def _layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
 def attention_forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Official ``Attention.forward`` on ``x: [B', N, C]`` -> ``[B', N, C]`` (qkv, attention, proj)."""
     qkv = F.linear(x, m.qkv.weight, m.qkv.bias)
@@ -198,8 +194,8 @@ def sablock_forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = x + F.conv2d(x, m.pos_embed.weight, m.pos_embed.bias, padding=1, groups=x.shape[1])
     B, N, H, W = x.shape
     x = x.flatten(2).transpose(1, 2)
-    x = x + attention_forward(m.attn, _layer_norm(m.norm1, x))
-    x = x + mlp_forward(m.mlp, _layer_norm(m.norm2, x))
+    x = x + attention_forward(m.attn, layer_norm(m.norm1, x))
+    x = x + mlp_forward(m.mlp, layer_norm(m.norm2, x))
     return x.transpose(1, 2).reshape(B, N, H, W)
 
 
@@ -213,7 +209,7 @@ def sablock_windows_forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     x = x.permute(0, 2, 3, 1)
     B, H, W, C = x.shape
     shortcut = x
-    x = _layer_norm(m.norm1, x)
+    x = layer_norm(m.norm1, x)
 
     ws = m.window_size
     pad_r = (ws - W % ws) % ws
@@ -229,7 +225,7 @@ def sablock_windows_forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
         x = x[:, :H, :W, :].contiguous()
 
     x = shortcut + x
-    x = x + mlp_forward(m.mlp, _layer_norm(m.norm2, x))
+    x = x + mlp_forward(m.mlp, layer_norm(m.norm2, x))
     return x.permute(0, 3, 1, 2).reshape(B, C, H, W)
 
 
@@ -241,8 +237,8 @@ def video_sablock_forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = x + F.conv3d(x, m.pos_embed.weight, m.pos_embed.bias, padding=1, groups=x.shape[1])
     B, C, T, H, W = x.shape
     x = x.flatten(2).transpose(1, 2)
-    x = x + attention_forward(m.attn, _layer_norm(m.norm1, x))
-    x = x + mlp_forward(m.mlp, _layer_norm(m.norm2, x))
+    x = x + attention_forward(m.attn, layer_norm(m.norm1, x))
+    x = x + mlp_forward(m.mlp, layer_norm(m.norm2, x))
     return x.transpose(1, 2).reshape(B, C, T, H, W)
 
 
