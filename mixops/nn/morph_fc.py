@@ -125,6 +125,13 @@ class MorphFC_T(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x, self.proj.in_features, 5)
+        frames = self.mlp_t.in_features * self.segment_dim // x.shape[-1]
+        if x.shape[1] != frames:
+            # mlp_t mixes the whole clip: its width fixes the number of frames
+            raise ValueError(
+                f"x must have T = {frames} frames (x.shape[1]) for this MorphFC_T (frames={self.frames}), "
+                f"got shape {tuple(x.shape)}"
+            )
         t = morph_fc(x, self.mlp_t.weight, self.mlp_t.bias, segment_dim=self.segment_dim, axis="t")
         return self.proj_drop(self.proj(t))
 
