@@ -41,8 +41,10 @@ class Impl:
     """One backend's implementation of one op.
 
     ``forward(*inputs)`` takes the op's schema arguments (backend excluded) and returns its
-    output(s). ``backward(grads, *inputs)`` returns one gradient per tensor input that is not
-    None, in schema order. ``supports(tensor)`` says whether it can run on that tensor's device.
+    output(s). ``backward(grads, needs, *inputs)`` gets one flag per tensor input (schema
+    order; False for a None input or one that needs no gradient) and returns the gradients of
+    the flagged inputs only, in schema order. ``supports(tensor)`` says whether it can run on
+    that tensor's device.
     """
 
     forward: Callable

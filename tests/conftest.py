@@ -5,11 +5,15 @@ TRITON_INTERPRET must be set before anything imports the Triton kernels (``mixop
 first is safe; it does not import triton.
 """
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh Inductor cache per run: a cached graph keeps calling an op with the schema it had
+# when it was compiled, so a schema change would otherwise fail against a stale cache.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="mixops-inductor-"))
 
 import pytest  # noqa: E402
 

@@ -70,16 +70,17 @@ def test_a_registered_backend_is_dispatched_to_forward_and_backward(monkeypatch)
         calls.append("fwd")
         return torch_impl.forward(*args)
 
-    def bwd(grads, *args):
-        calls.append("bwd")
-        return torch_impl.backward(grads, *args)
+    def bwd(grads, needs, *args):
+        calls.append(("bwd", tuple(needs)))
+        return torch_impl.backward(grads, needs, *args)
 
     monkeypatch.setitem(backend._registry["morph_fc"], "triton", backend.Impl(fwd, bwd, lambda t: True))
     x = torch.randn(1, 2, 2, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 4, dtype=torch.float64)  # frozen: its gradient is not asked for
     out = mixops.morph_fc(x, w, segment_dim=2, axis="w", backend="triton")
     out.sum().backward()
-    assert calls == ["fwd", "bwd"]
+    assert calls == ["fwd", ("bwd", (True, False, False))]  # x, weight, bias (None)
+    assert w.grad is None and x.grad is not None
     ref = mixops.morph_fc(x, w, segment_dim=2, axis="w", backend="torch")
     torch.testing.assert_close(out, ref)
 

@@ -4,7 +4,7 @@
 namespace,
 
     mixops::<name>          (<schema inputs>, str backend) -> <schema outputs>
-    mixops::<name>_backward (Tensor[] grads, <schema inputs>, str backend) -> Tensor[]
+    mixops::<name>_backward (Tensor[] grads, bool[] needs, <schema inputs>, str backend) -> Tensor[]
 
 registers the fake (meta) kernels and the autograd formula that connects them, and registers
 the ``torch`` backend: the reference forward and, for the backward, the vector-Jacobian product
@@ -78,10 +78,11 @@ def _own_contiguous(out: torch.Tensor, inputs: Sequence[object]) -> torch.Tensor
 
 
 def _reference_backward(reference: Callable, slots: list[int]) -> Callable:
-    """The torch backend's backward: the VJP of the reference at the saved inputs."""
+    """The torch backend's backward: the VJP of the reference at the saved inputs, taken only
+    with respect to the inputs that need a gradient (the others enter as constants)."""
 
-    def backward(grads: list[torch.Tensor], *inputs):
-        present = [i for i in slots if inputs[i] is not None]
+    def backward(grads: list[torch.Tensor], needs: list[bool], *inputs):
+        present = [i for i, need in zip(slots, needs) if need]
 
         def f(*tensors):
             args = list(inputs)
@@ -110,7 +111,17 @@ def define_op(name: str, schema: str, *, reference: Callable, fake: Callable) ->
     slots = _tensor_slots(parsed)
     n_inputs = len(parsed.arguments) - 1  # without backend
     multi = len(parsed.returns) > 1
-    bwd_sig = "(Tensor[] grads, " + full[1:].split(" -> ")[0] + " -> Tensor[]"
+    bwd_sig = "(Tensor[] grads, bool[] needs, " + full[1:].split(" -> ")[0] + " -> Tensor[]"
+
+    def grad_outputs(needs, inputs, needed_grads) -> list[torch.Tensor]:
+        """One tensor per present tensor input: its gradient when needed, else an empty
+        placeholder (a list of Tensors cannot hold None)."""
+        got = iter(needed_grads)
+        return [
+            next(got) if need else inputs[i].new_empty(0)
+            for i, need in zip(slots, needs)
+            if inputs[i] is not None
+        ]
 
     _backend.register(
         name,
@@ -127,11 +138,11 @@ def define_op(name: str, schema: str, *, reference: Callable, fake: Callable) ->
             return tuple(_own_contiguous(o, inputs) for o in out)
         return _own_contiguous(out, inputs)
 
-    def backward_impl(grads, *args):
+    def backward_impl(grads, needs, *args):
         *inputs, backend = args
         with _no_autocast(inputs):
-            got = _backend.implementation(name, backend).backward(list(grads), *inputs)
-        return [_own_contiguous(g, [*grads, *inputs]) for g in got]
+            got = _backend.implementation(name, backend).backward(list(grads), list(needs), *inputs)
+        return grad_outputs(needs, inputs, [_own_contiguous(g, [*grads, *inputs]) for g in got])
 
     fwd = torch.library.custom_op(f"mixops::{name}", forward_impl, mutates_args=(), schema=full)
     bwd = torch.library.custom_op(
@@ -139,9 +150,9 @@ def define_op(name: str, schema: str, *, reference: Callable, fake: Callable) ->
     )
     fwd.register_fake(lambda *args: fake(*args[:-1]))
     bwd.register_fake(
-        lambda grads, *args: [
-            args[i].new_empty(args[i].shape) for i in slots if args[i] is not None
-        ]
+        lambda grads, needs, *args: grad_outputs(
+            needs, args, [args[i].new_empty(args[i].shape) for i, n in zip(slots, needs) if n]
+        )
     )
 
     def setup_context(ctx, inputs, output):
@@ -163,11 +174,13 @@ def define_op(name: str, schema: str, *, reference: Callable, fake: Callable) ->
             g if g is not None else torch.zeros(s, dtype=d, device=dev)
             for g, (s, d, dev) in zip(grads, ctx.out_meta)
         ]
-        got = iter(bwd(grads, *args))
+        needs = [args[i] is not None and ctx.needs_input_grad[i] for i in slots]
+        got = iter(bwd(grads, needs, *args))
         result: list[Optional[torch.Tensor]] = [None] * (n_inputs + 1)
-        for i in slots:
+        for i, need in zip(slots, needs):
             if args[i] is not None:
-                result[i] = next(got)
+                g = next(got)
+                result[i] = g if need else None
         return tuple(result)
 
     fwd.register_autograd(backward, setup_context=setup_context)
