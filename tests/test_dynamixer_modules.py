@@ -1,6 +1,12 @@
 """Drop-in DynaMixerOp / DynaMixerBlock: official state_dict keys, loading, forward and gradients
-against the reference module forwards, the spec section 8 linearity identities, error paths."""
+against the reference module forwards, the spec section 8 linearity identities, error paths.
+
+The forward/backward comparisons take a ``backend`` argument: they run the module under
+``mixops.use_backend`` once per backend registered for ``dynamixer_mix`` (tests/conftest.py),
+against the reference module forward of a float64 copy."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -10,7 +16,9 @@ import torch.nn.functional as F
 import mixops
 from mixops.nn import DynaMixerBlock, DynaMixerOp
 from mixops.reference import dynamixer as ref
-from mixops_testing import assert_close
+from mixops_testing import assert_close, only_backends, skip_unless_runs
+
+OP = "dynamixer_mix"  # the op the modules run through
 
 OP_KEYS = [
     "out.weight",
@@ -95,43 +103,60 @@ def test_block_loads_official_state_dict_strictly():
     assert_close(m(x), ref.dynamixer_block_forward(m, x).detach(), name="loaded block")
 
 
+def f64_copy(m, x):
+    """A float64 copy of module ``m`` and of input ``x`` (a leaf that requires grad), for the
+    reference side of a comparison."""
+    return copy.deepcopy(m).double(), x.detach().double().requires_grad_()
+
+
+@pytest.mark.op(OP)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_op_module_matches_reference(dtype):
+def test_op_module_matches_reference(dtype, backend):
+    skip_unless_runs(OP, backend, "cpu")
     m = DynaMixerOp(12, 5, 4, reduced_dim=3).to(dtype)
     x = torch.randn(6, 5, 12, dtype=dtype, requires_grad=True)
-    out = m(x)
-    want = ref.dynamixer_op_forward(m, x)
-    assert_close(out, want.detach(), name="DynaMixerOp")
-    g = torch.randn_like(out)
-    params = list(m.parameters())
-    got = torch.autograd.grad(out, [x, *params], g)
-    exp = torch.autograd.grad(want, [x, *params], g)
+    with mixops.use_backend(backend):
+        out = m(x)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, [x, *m.parameters()], g)
+    m64, x64 = f64_copy(m, x)
+    want = ref.dynamixer_op_forward(m64, x64)
+    assert_close(out, want, dtype=dtype, name="DynaMixerOp")
+    exp = torch.autograd.grad(want, [x64, *m64.parameters()], g.double())
     for name, a, b in zip(["x", *OP_KEYS], got, exp):
-        assert_close(a, b, name=f"grad {name}")
+        assert_close(a, b, dtype=dtype, name=f"grad {name}")
 
 
+@pytest.mark.op(OP)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("C, N, S, d, qkv_bias", [(16, 4, 4, 2, False), (24, 5, 3, 8, True)])
-def test_block_module_matches_reference(C, N, S, d, qkv_bias, dtype):
+def test_block_module_matches_reference(C, N, S, d, qkv_bias, dtype, backend):
+    skip_unless_runs(OP, backend, "cpu")
     m = DynaMixerBlock(C, resolution=N, num_head=S, reduced_dim=d, qkv_bias=qkv_bias).to(dtype)
     x = torch.randn(2, N, N, C, dtype=dtype, requires_grad=True)
-    out = m(x)
-    want = ref.dynamixer_block_forward(m, x)
-    assert_close(out, want.detach(), name="DynaMixerBlock")
-    g = torch.randn_like(out)
     names, params = zip(*m.named_parameters())
-    got = torch.autograd.grad(out, [x, *params], g)
-    exp = torch.autograd.grad(want, [x, *params], g)
+    with mixops.use_backend(backend):
+        out = m(x)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, [x, *params], g)
+    m64, x64 = f64_copy(m, x)
+    want = ref.dynamixer_block_forward(m64, x64)
+    assert_close(out, want, dtype=dtype, name="DynaMixerBlock")
+    exp = torch.autograd.grad(want, [x64, *m64.parameters()], g.double())
     for name, a, b in zip(["x", *names], got, exp):
-        assert_close(a, b, name=f"grad {name}")
+        assert_close(a, b, dtype=dtype, name=f"grad {name}")
 
 
-def test_block_channels_last_view_input():
+@pytest.mark.op(OP)
+def test_block_channels_last_view_input(backend):
     """x as a channels-last view of an NCHW tensor (the usual layout after a conv)."""
+    skip_unless_runs(OP, backend, "cpu")
     m = DynaMixerBlock(8, resolution=4, num_head=2).double()
     x = torch.randn(2, 8, 4, 4, dtype=torch.float64).permute(0, 2, 3, 1)
     assert not x.is_contiguous()
-    assert_close(m(x), ref.dynamixer_block_forward(m, x.contiguous()).detach())
+    with mixops.use_backend(backend):
+        out = m(x)
+    assert_close(out, ref.dynamixer_block_forward(m, x.contiguous()).detach())
 
 
 def test_block_eval_ignores_proj_drop():
@@ -140,7 +165,8 @@ def test_block_eval_ignores_proj_drop():
     assert_close(m(x), ref.dynamixer_block_forward(m, x))
 
 
-def test_modules_route_through_the_selected_backend():
+def test_modules_route_through_the_selected_backend(monkeypatch):
+    only_backends(monkeypatch, OP, "torch")  # the message names what is registered
     m = DynaMixerBlock(8, resolution=4, num_head=2)
     x = torch.randn(1, 4, 4, 8)
     with mixops.use_backend("triton"), pytest.raises(ValueError, match="available: torch"):

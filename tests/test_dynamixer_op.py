@@ -1,5 +1,8 @@
 """``mixops.dynamixer_mix`` against the float64 reference: dtypes, views, gradcheck, opcheck,
-backend plumbing and the documented error paths."""
+backend plumbing and the documented error paths.
+
+Every test that checks numbers takes a ``backend`` argument: it runs once per backend registered
+for ``dynamixer_mix`` (tests/conftest.py), always against the float64 reference."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +10,9 @@ import torch
 
 import mixops
 from mixops.reference import dynamixer as ref
-from mixops_testing import assert_close, cpu_and_cuda
+from mixops_testing import assert_close, cpu_and_cuda, only_backends, skip_unless_runs
 
+OP = "dynamixer_mix"
 # (B', N, C, S, d): stage-like shapes, d > C/S, one segment, N not a power of two
 SHAPES = [(3, 5, 6, 3, 2), (2, 7, 12, 4, 3), (1, 4, 8, 1, 1), (4, 16, 48, 16, 2), (2, 6, 10, 5, 8)]
 ARG_NAMES = ("x", "compress_weight", "compress_bias", "generate_weight", "generate_bias")
@@ -31,19 +35,23 @@ def f64_reference(inputs, s, d):
     return ref.dynamixer_mix(*(t.detach().cpu().double() for t in inputs), s, d)
 
 
+@pytest.mark.op(OP)
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_op_matches_reference(shape, dtype, device):
+def test_op_matches_reference(shape, dtype, device, backend):
+    skip_unless_runs(OP, backend, device)
     *_, s, d = shape
     inputs = make_inputs(*shape, dtype=dtype, device=device)
-    out = call(inputs, s, d)
+    out = call(inputs, s, d, backend=backend)
     assert out.dtype == dtype and out.device == inputs[0].device
     assert_close(out, f64_reference(inputs, s, d), dtype=dtype)
 
 
+@pytest.mark.op(OP)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_op_non_contiguous_views(dtype):
+def test_op_non_contiguous_views(dtype, backend):
+    skip_unless_runs(OP, backend, "cpu")
     bp, n, c, s, d = 3, 5, 12, 4, 2
     x, cw, cb, gw, gb = make_inputs(bp, n, c, s, d, dtype=dtype)
     # x as a transpose of [N, B', C] and as a channel slice of a wider tensor
@@ -53,43 +61,73 @@ def test_op_non_contiguous_views(dtype):
     cb_strided = torch.stack([cb, cb], dim=-1)[:, 0]
     assert not (x_t.is_contiguous() or x_wide.is_contiguous() or gw_t.is_contiguous() or cb_strided.is_contiguous())
     want = f64_reference((x, cw, cb, gw, gb), s, d)
-    assert_close(call((x_t, cw, cb, gw, gb), s, d), want, dtype=dtype, name="transposed x")
-    assert_close(call((x_wide, cw, cb_strided, gw_t, gb), s, d), want, dtype=dtype, name="sliced views")
+    assert_close(call((x_t, cw, cb, gw, gb), s, d, backend=backend), want, dtype=dtype, name="transposed x")
+    assert_close(call((x_wide, cw, cb_strided, gw_t, gb), s, d, backend=backend), want, dtype=dtype,
+                 name="sliced views")
 
 
-def test_op_empty_batch():
-    inputs = make_inputs(0, 4, 8, 2, 2)
-    out = call(inputs, 2, 2)
+@pytest.mark.op(OP)
+def test_op_empty_batch(backend):
+    skip_unless_runs(OP, backend, "cpu")
+    inputs = [t.requires_grad_() for t in make_inputs(0, 4, 8, 2, 2)]
+    out = call(inputs, 2, 2, backend=backend)
     assert out.shape == (0, 4, 8)
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    for name, g, t in zip(ARG_NAMES, grads, inputs):
+        assert g.shape == t.shape, f"grad {name}"
+        assert torch.count_nonzero(g) == 0, f"grad {name} of an empty batch is not zero"
 
 
+@pytest.mark.op(OP)
 @pytest.mark.parametrize("shape", [(2, 3, 4, 2, 2), (1, 4, 6, 3, 1)])
-def test_op_gradcheck(shape):
+def test_op_gradcheck(shape, backend):
+    skip_unless_runs(OP, backend, "cpu")
     *_, s, d = shape
     inputs = [t.requires_grad_() for t in make_inputs(*shape)]
-    assert torch.autograd.gradcheck(lambda *t: call(t, s, d), inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *t: call(t, s, d, backend=backend), inputs, fast_mode=True)
 
 
-def test_op_gradients_match_reference():
+@pytest.mark.op(OP)
+def test_op_gradients_match_reference(backend):
+    skip_unless_runs(OP, backend, "cpu")
     shape = (3, 5, 6, 3, 2)
     *_, s, d = shape
     inputs = [t.requires_grad_() for t in make_inputs(*shape)]
     grad_out = torch.randn(3, 5, 6, dtype=torch.float64)
-    got = torch.autograd.grad(call(inputs, s, d), inputs, grad_out)
+    got = torch.autograd.grad(call(inputs, s, d, backend=backend), inputs, grad_out)
     want = torch.autograd.grad(ref.dynamixer_mix(*inputs, s, d), inputs, grad_out)
     for name, g, w in zip(ARG_NAMES, got, want):
         assert_close(g, w, name=f"grad {name}")
 
 
+@pytest.mark.op(OP)
+def test_op_deterministic(backend):
+    """Two runs give bit-identical outputs and gradients (DESIGN: deterministic backward)."""
+    skip_unless_runs(OP, backend, "cpu")
+    shape = (4, 16, 48, 16, 2)
+    *_, s, d = shape
+    inputs = [t.float().requires_grad_() for t in make_inputs(*shape)]
+    grad_out = torch.randn(shape[:3])
+    runs = []
+    for _ in range(2):
+        out = call(inputs, s, d, backend=backend)
+        runs.append((out, *torch.autograd.grad(out, inputs, grad_out)))
+    for name, a, b in zip(("output", *ARG_NAMES), *runs):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+@pytest.mark.op(OP)
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_op_opcheck(requires_grad):
+def test_op_opcheck(requires_grad, backend):
+    skip_unless_runs(OP, backend, "cpu")
     shape = (2, 4, 6, 3, 2)
     *_, s, d = shape
     inputs = [t.requires_grad_(requires_grad) for t in make_inputs(*shape)]
-    torch.library.opcheck(mixops.dynamixer_mix.op, (*inputs, s, d, "torch"))
+    torch.library.opcheck(mixops.dynamixer_mix.op, (*inputs, s, d, backend))
 
 
-def test_op_backend_plumbing():
+def test_op_backend_plumbing(monkeypatch):
+    only_backends(monkeypatch, OP, "torch")  # the messages name what is registered
     inputs = make_inputs(2, 4, 6, 3, 2)
     with pytest.raises(ValueError, match="available: torch"):
         call(inputs, 3, 2, backend="triton")
