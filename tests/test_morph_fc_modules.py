@@ -9,7 +9,7 @@ import torch
 import mixops
 from mixops.nn.morph_fc import DropPath, Mlp, MorphFC_S, MorphFC_S2, MorphFC_T, PermutatorBlock
 from mixops.reference import morph_fc as ref
-from mixops_testing import assert_close
+from mixops_testing import assert_close, only_backends, skip_unless_runs
 
 f64 = torch.float64
 
@@ -113,12 +113,15 @@ def test_block_32_frame_stage3_temporal_width():
     assert tuple(m.state_dict()["t_fc.mlp_t.bias"].shape) == (448,)
 
 
-def _check_forward_and_grads(m, x, fwd, dtype=f64):
-    """Module (through mixops ops) vs the reference module forward on the same parameters."""
+def _check_forward_and_grads(m, x, fwd, backend, dtype=f64):
+    """Module (through mixops ops on ``backend``) vs the reference module forward on the same
+    parameters; the backward runs on the backend its forward was recorded with."""
+    skip_unless_runs("morph_fc", backend, x.device.type)
     m = m.to(dtype)
     x = x.to(dtype).requires_grad_()
     params = list(m.parameters())
-    out = m(x)
+    with mixops.use_backend(backend):
+        out = m(x)
     expect = fwd(m, x)
     assert out.shape == x.shape
     assert_close(out, expect, dtype)
@@ -134,18 +137,20 @@ def _check_forward_and_grads(m, x, fwd, dtype=f64):
 SPATIAL = [(4, 6, 8, 16), (6, 4, 8, 16)]
 
 
+@pytest.mark.op("morph_fc")
 @pytest.mark.parametrize("T", [None, 1, 3])
 @pytest.mark.parametrize("qkv_bias", [True, False])
 @pytest.mark.parametrize("geom", SPATIAL)
 @pytest.mark.parametrize(
     "cls,fwd", [(MorphFC_S, ref.morph_fc_s_forward), (MorphFC_S2, ref.morph_fc_s2_forward)]
 )
-def test_spatial_module_matches_reference(cls, fwd, geom, qkv_bias, T):
+def test_spatial_module_matches_reference(cls, fwd, geom, qkv_bias, T, backend):
     H, W, L, C = geom
     shape = (2, H, W, C) if T is None else (2, T, H, W, C)
-    _check_forward_and_grads(cls(C, segment_dim=L, qkv_bias=qkv_bias), torch.randn(shape), fwd)
+    _check_forward_and_grads(cls(C, segment_dim=L, qkv_bias=qkv_bias), torch.randn(shape), fwd, backend)
 
 
+@pytest.mark.op("morph_fc")
 @pytest.mark.parametrize(
     "cls,fwd,shape,L",
     [
@@ -155,42 +160,52 @@ def test_spatial_module_matches_reference(cls, fwd, geom, qkv_bias, T):
         (MorphFC_S2, ref.morph_fc_s2_forward, (1, 7, 7, 588), 49),  # image-T stage 4: one global chunk
     ],
 )
-def test_image_configs(cls, fwd, shape, L):
+def test_image_configs(cls, fwd, shape, L, backend):
+    skip_unless_runs("morph_fc", backend, "cpu")
     m = cls(shape[-1], segment_dim=L, qkv_bias=True).eval()
     x = torch.randn(shape)
-    with torch.no_grad():
+    with torch.no_grad(), mixops.use_backend(backend):
         out = m(x)
         assert out.shape == x.shape
         assert_close(out, fwd(m.double(), x.double()), torch.float32)
 
 
+@pytest.mark.op("morph_fc")
 @pytest.mark.parametrize(
     "dim,frames,T", [(16, 16, 8), (32, 32, 16), (392, 32, 16)]
 )
-def test_temporal_module_matches_reference(dim, frames, T):
+def test_temporal_module_matches_reference(dim, frames, T, backend):
     m = MorphFC_T(dim, qkv_bias=True, frames=frames)
-    _check_forward_and_grads(m, torch.randn(1, T, 1, 2, dim), ref.morph_fc_t_forward)
+    _check_forward_and_grads(m, torch.randn(1, T, 1, 2, dim), ref.morph_fc_t_forward, backend)
 
 
+@pytest.mark.op("morph_fc")
 @pytest.mark.parametrize("qkv_bias", [True, False])
 @pytest.mark.parametrize("mlp_fn", [MorphFC_S, MorphFC_S2])
-def test_block_matches_reference(mlp_fn, qkv_bias):
+def test_block_matches_reference(mlp_fn, qkv_bias, backend):
     m = PermutatorBlock(16, 8, mlp_ratio=3, qkv_bias=qkv_bias, mlp_fn=mlp_fn)
-    _check_forward_and_grads(m, torch.randn(2, 8, 4, 6, 16), ref.permutator_block_forward)
+    _check_forward_and_grads(m, torch.randn(2, 8, 4, 6, 16), ref.permutator_block_forward, backend)
 
 
-def test_block_32_frames_stage3_matches_reference():
+@pytest.mark.op("morph_fc")
+def test_block_32_frames_stage3_matches_reference(backend):
+    skip_unless_runs("morph_fc", backend, "cpu")
     m = PermutatorBlock(392, 28, mlp_ratio=3, qkv_bias=True, frames=32).eval()
     x = torch.randn(1, 16, 2, 14, 392)
     with torch.no_grad():
-        assert_close(m(x), ref.permutator_block_forward(m.double(), x.double()), torch.float32)
+        with mixops.use_backend(backend):
+            out = m(x)
+        assert_close(out, ref.permutator_block_forward(m.double(), x.double()), torch.float32)
 
 
-def test_block_float32_against_float64_reference():
+@pytest.mark.op("morph_fc")
+def test_block_float32_against_float64_reference(backend):
+    skip_unless_runs("morph_fc", backend, "cpu")
     m = PermutatorBlock(16, 8, mlp_ratio=3, qkv_bias=True).eval()
     x = torch.randn(2, 8, 4, 6, 16)
     with torch.no_grad():
-        out = m(x)
+        with mixops.use_backend(backend):
+            out = m(x)
         assert_close(out, ref.permutator_block_forward(m.double(), x.double()), torch.float32)
 
 
@@ -209,19 +224,25 @@ def test_drop_path():
     assert isinstance(PermutatorBlock(16, 8).drop_path, torch.nn.Identity)
 
 
-def test_block_drop_path_training_matches_reference():
+@pytest.mark.op("morph_fc")
+def test_block_drop_path_training_matches_reference(backend):
+    skip_unless_runs("morph_fc", backend, "cpu")
     m = PermutatorBlock(16, 8, mlp_ratio=3, qkv_bias=True, drop_path=0.5).double().train()
     assert isinstance(m.drop_path, DropPath)
     x = torch.randn(6, 8, 4, 6, 16, dtype=f64)
     torch.manual_seed(1)
-    out = m(x)
+    with mixops.use_backend(backend):
+        out = m(x)
     torch.manual_seed(1)
     assert_close(out, ref.permutator_block_forward(m, x))
     m.eval()
-    assert_close(m(x), ref.permutator_block_forward(m, x))
+    with mixops.use_backend(backend):
+        out = m(x)
+    assert_close(out, ref.permutator_block_forward(m, x))
 
 
-def test_modules_go_through_the_backend():
+def test_modules_go_through_the_backend(monkeypatch):
+    only_backends(monkeypatch, "morph_fc", "torch")
     x = torch.randn(1, 8, 4, 6, 16)
     for m in (MorphFC_S(16, 8), MorphFC_S2(16, 8), MorphFC_T(16), PermutatorBlock(16, 8)):
         with mixops.use_backend("triton"), pytest.raises(ValueError, match="available: torch"):

@@ -9,7 +9,7 @@ import torch
 
 import mixops
 from mixops.reference import morph_fc as ref
-from mixops_testing import assert_close, cpu_and_cuda
+from mixops_testing import assert_close, cpu_and_cuda, only_backends, skip_unless_runs
 
 f64 = torch.float64
 
@@ -38,54 +38,65 @@ def _make(case, dtype=f64, device="cpu", bias=True, requires_grad=False):
     return (*out, L)
 
 
+@pytest.mark.op("morph_fc")
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("axis", list(CASES))
-def test_op_matches_reference(axis, bias, dtype, device):
+def test_op_matches_reference(axis, bias, dtype, device, backend):
+    skip_unless_runs("morph_fc", backend, device)
     x, w, b, L = _make(CASES[axis], dtype, device, bias)
-    out = mixops.morph_fc(x, w, b, segment_dim=L, axis=axis)
+    out = mixops.morph_fc(x, w, b, segment_dim=L, axis=axis, backend=backend)
     up = [t if t is None else t.to(f64) for t in (x, w, b)]
     expect = ref.morph_fc(*up, L, axis)
     assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
     assert_close(out, expect, dtype)
 
 
+@pytest.mark.op("morph_fc")
 @pytest.mark.parametrize("axis", ["w", "h", "hs"])
-def test_op_image_input(axis):
+def test_op_image_input(axis, backend):
     """[B, H, W, C] is T = 1; the image-T stage-1 channels C=84, L=14 (D=6), chunks of 2 rows."""
+    skip_unless_runs("morph_fc", backend, "cpu")
     x = torch.randn(2, 4, 7, 84, dtype=f64)
     w = torch.randn(84, 84, dtype=f64)
     b = torch.randn(84, dtype=f64)
-    out = mixops.morph_fc(x, w, b, segment_dim=14, axis=axis)
+    out = mixops.morph_fc(x, w, b, segment_dim=14, axis=axis, backend=backend)
     assert_close(out, ref.morph_fc(x.unsqueeze(1), w, b, 14, axis)[:, 0])
 
 
+@pytest.mark.op("morph_fc")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("axis", list(CASES))
-def test_op_non_contiguous_channels_last_view(axis, dtype):
+def test_op_non_contiguous_channels_last_view(axis, dtype, backend):
     """x as the channels-last view of a [B, C, T, H, W] tensor, and as a channel slice."""
+    skip_unless_runs("morph_fc", backend, "cpu")
     (B, T, H, W, C), L, n = CASES[axis]
     _, w, b, _ = _make(CASES[axis], dtype)
     base = torch.randn(B, C, T, H, W, dtype=dtype)
     views = [base.permute(0, 2, 3, 4, 1), torch.randn(B, T, H, W, C + 3, dtype=dtype)[..., 2:2 + C]]
     for x in views:
         assert not x.is_contiguous()
-        out = mixops.morph_fc(x, w, b, segment_dim=L, axis=axis)
+        out = mixops.morph_fc(x, w, b, segment_dim=L, axis=axis, backend=backend)
         expect = ref.morph_fc(x.contiguous().to(f64), w.to(f64), b.to(f64), L, axis)
         assert out.is_contiguous()
         assert_close(out, expect, dtype)
 
 
+@pytest.mark.op("morph_fc")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("axis", list(CASES))
-def test_op_backward_matches_reference(axis, bias):
+def test_op_backward_matches_reference(axis, bias, backend):
+    skip_unless_runs("morph_fc", backend, "cpu")
     x, w, b, L = _make(CASES[axis], bias=bias)
     x = x.transpose(2, 3).contiguous().transpose(2, 3)  # strided input through the backward
     inputs = [t for t in (x, w, b) if t is not None]
     g = torch.randn(x.shape, dtype=f64)
     grads = []
-    for fn in (lambda *a: mixops.morph_fc(*a, segment_dim=L, axis=axis), lambda *a: ref.morph_fc(*a, L, axis)):
+    for fn in (
+        lambda *a: mixops.morph_fc(*a, segment_dim=L, axis=axis, backend=backend),
+        lambda *a: ref.morph_fc(*a, L, axis),
+    ):
         leaves = [t.detach().requires_grad_() for t in inputs]
         args = leaves if bias else [*leaves, None]
         grads.append(torch.autograd.grad((fn(*args) * g).sum(), leaves))
@@ -93,23 +104,48 @@ def test_op_backward_matches_reference(axis, bias):
         assert_close(got, want)
 
 
+@pytest.mark.op("morph_fc")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("axis", list(TINY))
-def test_gradcheck(axis, bias):
+def test_gradcheck(axis, bias, backend):
+    skip_unless_runs("morph_fc", backend, "cpu")
     x, w, b, L = _make(TINY[axis], bias=bias, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, w, b: mixops.morph_fc(x, w, b, segment_dim=L, axis=axis), (x, w, b), fast_mode=True
+        lambda x, w, b: mixops.morph_fc(x, w, b, segment_dim=L, axis=axis, backend=backend),
+        (x, w, b),
+        fast_mode=True,
     )
 
 
+@pytest.mark.op("morph_fc")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("axis", list(TINY))
-def test_opcheck(axis, bias):
+def test_opcheck(axis, bias, backend):
+    skip_unless_runs("morph_fc", backend, "cpu")
     x, w, b, L = _make(TINY[axis], bias=bias, requires_grad=True)
-    torch.library.opcheck(mixops.morph_fc.op, (x, w, b, L, axis, "torch"))
+    torch.library.opcheck(mixops.morph_fc.op, (x, w, b, L, axis, backend))
 
 
-def test_backend_plumbing():
+@pytest.mark.op("morph_fc")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("axis", list(CASES))
+def test_deterministic(axis, device, backend):
+    """Two runs give bit-identical outputs and gradients (DESIGN: backward kernels are
+    deterministic)."""
+    skip_unless_runs("morph_fc", backend, device)
+    x, w, b, L = _make(CASES[axis], torch.float32, device)
+    g = torch.randn(x.shape, device=device)
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        out = mixops.morph_fc(*leaves, segment_dim=L, axis=axis, backend=backend)
+        runs.append((out, *torch.autograd.grad((out * g).sum(), leaves)))
+    for first, second, name in zip(*runs, ("output", "grad x", "grad weight", "grad bias")):
+        assert torch.equal(first, second), f"{name} differs between two identical runs"
+
+
+def test_backend_plumbing(monkeypatch):
+    only_backends(monkeypatch, "morph_fc", "torch")
     x, w, b, L = _make(CASES["w"])
     with pytest.raises(ValueError, match="available: torch"):
         mixops.morph_fc(x, w, b, segment_dim=L, axis="w", backend="triton")
