@@ -262,7 +262,7 @@ def test_exports():
         (lambda: MorphFC_S2(16, 8)(torch.randn(1, 5, 5, 16)), ValueError, r"H\*W.*segment_dim"),
         (lambda: MorphFC_S(18, 4)(torch.randn(1, 4, 6, 18)), ValueError, r"x channels.*segment_dim"),
         (lambda: MorphFC_T(16)(torch.randn(1, 4, 6, 16)), ValueError, "x must have 5"),
-        (lambda: MorphFC_T(16)(torch.randn(1, 4, 1, 2, 16)), ValueError, r"weight must have shape \(8, 8\)"),
+        (lambda: MorphFC_T(16)(torch.randn(1, 4, 1, 2, 16)), ValueError, r"x must have T = 8 frames"),
         (lambda: MorphFC_T(16, frames=8), ValueError, "frames"),
         (lambda: PermutatorBlock(16, 8)(torch.randn(1, 4, 6, 16)), ValueError, "x must have 5"),
         (lambda: PermutatorBlock(16, 8)(torch.randn(1, 8, 4, 6, 12)), ValueError, "x must have 16 channels"),
