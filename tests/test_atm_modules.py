@@ -8,9 +8,10 @@ import torch
 import mixops
 from mixops.nn.atm import PEG, ATMLayer, ATMOp, ActiveBlock, Downsample, DropPath, Mlp
 from mixops.reference import atm as R
-from mixops_testing import assert_close
+from mixops_testing import assert_close, only_backends, skip_unless_runs
 
 C = 8
+OP = "atm_fc"  # the op every ATM module runs through (ATMOp, ATMLayer, ActiveBlock)
 
 
 def _atm_layer_keys(prefix: str, C: int) -> list[tuple[str, tuple]]:
@@ -88,14 +89,17 @@ def test_peg_and_atmop_keys():
     assert _state_shapes(ATMOp(C, 6, bias=False, dimension="h")) == [("weight", (6, C, 1, 1))]
 
 
-def test_load_official_state_dict_and_match_reference():
+@pytest.mark.op(OP)
+def test_load_official_state_dict_and_match_reference(backend):
+    skip_unless_runs(OP, backend, "cpu")
     blk = ActiveBlock(C, share_dim=2, downsample=Downsample(C, 16), new_offset=True).double().eval()
     state = _random_state(_block_keys(C, 4, 2, 16))
     blk.load_state_dict(state, strict=True)
     for k, v in blk.state_dict().items():
         assert torch.equal(v, state[k])
     x = torch.randn(2, 6, 5, C, dtype=torch.float64)
-    out, off = blk(x)
+    with mixops.use_backend(backend):
+        out, off = blk(x)
     ref_out, ref_off = R.active_block_forward(blk, x)
     assert out.shape == (2, 3, 3, 16)
     assert_close(out, ref_out)
@@ -109,8 +113,10 @@ def _randomize(m: torch.nn.Module, std=0.3):
     return m
 
 
+@pytest.mark.op(OP)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_atm_layer_matches_reference(dtype):
+def test_atm_layer_matches_reference(dtype, backend):
+    skip_unless_runs(OP, backend, "cpu")
     B, H, W = 2, 5, 6
     m = _randomize(ATMLayer(C)).to(dtype)
     x = torch.randn(B, H, W, C, dtype=dtype, requires_grad=True)
@@ -118,8 +124,9 @@ def test_atm_layer_matches_reference(dtype):
     offset = (torch.randn(B, H, W, 2 * C, dtype=dtype) * 2).permute(0, 3, 1, 2).requires_grad_()
     g = torch.randn(B, H, W, C, dtype=dtype)
     leaves = [x, offset, *m.parameters()]
-    out = m(x, offset)
-    got = torch.autograd.grad(out, leaves, g)
+    with mixops.use_backend(backend):
+        out = m(x, offset)
+        got = torch.autograd.grad(out, leaves, g)
 
     m64 = ATMLayer(C).double()
     m64.load_state_dict(m.state_dict())
@@ -132,9 +139,10 @@ def test_atm_layer_matches_reference(dtype):
         assert_close(a, e, name=f"grad {name}")
 
 
-def test_atm_layer_goes_through_the_mixops_ops():
+def test_atm_layer_goes_through_the_mixops_ops(monkeypatch):
     """The backend choice reaches the layer: an unavailable backend is an error, not a silent
     fallback."""
+    only_backends(monkeypatch, OP, "torch")  # whatever kernels are registered
     m = ATMLayer(C).double()
     x = torch.randn(1, 3, 4, C, dtype=torch.float64)
     offset = torch.randn(1, 2 * C, 3, 4, dtype=torch.float64)
@@ -142,38 +150,53 @@ def test_atm_layer_goes_through_the_mixops_ops():
         m(x, offset)
 
 
+@pytest.mark.op(OP)
 @pytest.mark.parametrize("share", [2, 4, 8])
-def test_forward_compact_equals_official_offset(share):
+def test_forward_compact_equals_official_offset(share, backend):
+    skip_unless_runs(OP, backend, "cpu")
     m = _randomize(ATMLayer(C)).double()
     x = torch.randn(2, 4, 5, C, dtype=torch.float64)
     o = torch.randn(2, 4, 5, 2 * C // share, dtype=torch.float64) * 2
     G = C // share
     offset = o.repeat_interleave(share, dim=-1).permute(0, 3, 1, 2)
-    assert_close(m.forward_compact(x, o[..., :G], o[..., G:], share=share), m(x, offset))
-    assert_close(m.forward_compact(x, o[..., :G], o[..., G:], share=share), R.atm_layer_forward(m, x, offset))
+    with mixops.use_backend(backend):
+        compact = m.forward_compact(x, o[..., :G], o[..., G:], share=share)
+        full = m(x, offset)
+    ref = R.atm_layer_forward(m, x, offset)
+    assert_close(compact, ref, name="forward_compact")
+    assert_close(full, ref, name="forward")
 
 
+@pytest.mark.op(OP)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dimension", ["h", "w"])
-def test_atm_op_matches_reference(dimension, bias):
+def test_atm_op_matches_reference(dimension, bias, backend):
+    skip_unless_runs(OP, backend, "cpu")
     m = ATMOp(C, 6, bias=bias, dimension=dimension).double()
     x = torch.randn(2, C, 5, 4, dtype=torch.float64, requires_grad=True)
     off = (torch.randn(2, C, 5, 4, dtype=torch.float64) * 3).requires_grad_()
     g = torch.randn(2, 6, 5, 4, dtype=torch.float64)
     leaves = [x, off, *m.parameters()]
-    out = m(x, off)
+    with mixops.use_backend(backend):
+        out = m(x, off)
+        got = torch.autograd.grad(out, leaves, g)
     ref = R.atm_op_forward(m, x, off)
     assert out.shape == (2, 6, 5, 4)
     assert_close(out, ref)
-    for a, e in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
-        assert_close(a, e)
+    names = ["input", "offset"] + [n for n, _ in m.named_parameters()]
+    for name, a, e in zip(names, got, torch.autograd.grad(ref, leaves, g)):
+        assert_close(a, e, name=f"grad {name}")
 
 
-def test_atm_op_dilation_is_inert():
+@pytest.mark.op(OP)
+def test_atm_op_dilation_is_inert(backend):
+    skip_unless_runs(OP, backend, "cpu")
     m = ATMOp(C, C, dilation=3, dimension="w").double()
     x = torch.randn(1, C, 3, 4, dtype=torch.float64)
     off = torch.randn(1, C, 3, 4, dtype=torch.float64)
-    assert_close(m(x, off), R.atm_op_forward(m, x, off))
+    with mixops.use_backend(backend):
+        out = m(x, off)
+    assert_close(out, R.atm_op_forward(m, x, off))
 
 
 def test_atm_op_init_matches_official_scheme():
@@ -185,39 +208,48 @@ def test_atm_op_init_matches_official_scheme():
     assert m.stride == (1, 1) and m.padding == (0, 0) and m.dilation == (1, 1)
 
 
+@pytest.mark.op(OP)
 @pytest.mark.parametrize("share", [2, 4])
-def test_generating_block_matches_reference(share):
+def test_generating_block_matches_reference(share, backend):
+    skip_unless_runs(OP, backend, "cpu")
     blk = _randomize(ActiveBlock(C, share_dim=share, new_offset=True), std=0.5).double()
     x = torch.randn(2, 4, 5, C, dtype=torch.float64, requires_grad=True)
-    out, off = blk(x)
+    with mixops.use_backend(backend):
+        out, off = blk(x)
     ref_out, ref_off = R.active_block_forward(blk, x)
     assert_close(out, ref_out)
     assert_close(off, ref_off)
     g, go = torch.randn_like(out), torch.randn_like(off)
     leaves = [x, *blk.parameters()]
-    got = torch.autograd.grad((out * g).sum() + (off * go).sum(), leaves)
+    with mixops.use_backend(backend):
+        got = torch.autograd.grad((out * g).sum() + (off * go).sum(), leaves)
     want = torch.autograd.grad((ref_out * g).sum() + (ref_off * go).sum(), leaves)
     names = ["x"] + [n for n, _ in blk.named_parameters()]
     for name, a, e in zip(names, got, want):
         assert_close(a, e, name=f"grad {name}")
 
 
-def test_block_reuses_given_offset():
+@pytest.mark.op(OP)
+def test_block_reuses_given_offset(backend):
+    skip_unless_runs(OP, backend, "cpu")
     gen = _randomize(ActiveBlock(C, share_dim=2, new_offset=True)).double()
     plain = _randomize(ActiveBlock(C, share_dim=2, downsample=Downsample(C, 12))).double()
     x = torch.randn(1, 4, 6, C, dtype=torch.float64)
     offset = torch.randn(1, 2 * C, 4, 6, dtype=torch.float64)
-    out = plain(x, offset)
+    with mixops.use_backend(backend):
+        out = plain(x, offset)
+        out_gen, off = gen(x, offset)  # a generating block given an offset uses it and hands it back
     assert out.shape == (1, 2, 3, 12)
     assert_close(out, R.active_block_forward(plain, x, offset))
-    out, off = gen(x, offset)  # a generating block given an offset uses it and hands it back
     assert off is offset
-    assert_close(out, R.active_block_forward(gen, x, offset)[0])
+    assert_close(out_gen, R.active_block_forward(gen, x, offset)[0])
 
 
-def test_stages_follow_the_offset_schedule():
+@pytest.mark.op(OP)
+def test_stages_follow_the_offset_schedule(backend):
     """Two tiny stages built as ActiveMLP builds them: PEG shared per stage before every
     generating block, stale offsets reused, downsample at the last block of stage 0."""
+    skip_unless_runs(OP, backend, "cpu")
     depths, dims, shares, intv = [3, 4], [8, 16], [2, 4], 2
     schedule = R.offset_schedule(depths, intv)
     assert schedule == [[0], [0, 2]]
@@ -236,20 +268,22 @@ def test_stages_follow_the_offset_schedule():
 
     x0 = torch.randn(2, 6, 6, dims[0], dtype=torch.float64)
     x = x0
-    for i in range(len(depths)):
-        for j, blk in enumerate(blocks[i]):
-            if j in schedule[i]:
-                x = pos_blocks[i](x)
-                x, offset = blk(x)
-            else:
-                x = blk(x, offset)
-    out = x.reshape(x.shape[0], -1, x.shape[-1])
+    with mixops.use_backend(backend):
+        for i in range(len(depths)):
+            for j, blk in enumerate(blocks[i]):
+                if j in schedule[i]:
+                    x = pos_blocks[i](x)
+                    x, offset = blk(x)
+                else:
+                    x = blk(x, offset)
+        out = x.reshape(x.shape[0], -1, x.shape[-1])
+        # stage 1's PEG runs twice (blocks 0 and 2): its gradient collects both uses on both sides
+        peg_w = pos_blocks[1].proj.weight
+        got = torch.autograd.grad(out.sum(), peg_w)[0]
     ref = R.forward_blocks(blocks, pos_blocks, intv, x0)
     assert out.shape == (2, 9, 16)
     assert_close(out, ref)
-    # stage 1's PEG runs twice (blocks 0 and 2): its gradient collects both uses on both sides
-    peg_w = pos_blocks[1].proj.weight
-    assert_close(torch.autograd.grad(out.sum(), peg_w)[0], torch.autograd.grad(ref.sum(), peg_w)[0])
+    assert_close(got, torch.autograd.grad(ref.sum(), peg_w)[0], name="grad PEG weight")
 
 
 def test_peg_and_downsample_match_reference():

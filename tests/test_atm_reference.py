@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mixops.nn.atm import ATMLayer, ActiveBlock
 from mixops.reference import atm as R
 from mixops_testing import assert_close
-from test_atm_cases import KINDS, make_offset, official_atm_op
+from test_atm_cases import KINDS, away_from_integers, make_offset, official_atm_op
 
 SHARES = (1, 2, 4, 8)
 
@@ -244,6 +244,19 @@ def test_half_precision_atm_fc_runs_the_official_call_in_fp32():
     want = R.atm_fc_deform(*(t.bfloat16().float() for t in (x, off, w)), None, "h", 1).bfloat16()
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("axis", ["h", "w"])
+def test_gradcheck_lerp_fc(axis):
+    """The lerp + FC form, which atm_fc uses for half precision and without torchvision."""
+    B, H, W, C, share = 1, 3, 4, 4, 2
+    x = torch.randn(B, H, W, C, dtype=torch.float64, requires_grad=True)
+    off = away_from_integers((B, H, W, C // share)).requires_grad_()
+    w = torch.randn(3, C, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, o, ww, bb: R.atm_fc_lerp(a, o, ww, bb, axis, share), (x, off, w, b), fast_mode=True
+    )
 
 
 # --- module-level pieces ---------------------------------------------------------------------
