@@ -1,4 +1,8 @@
-"""Drop-in modules ``mixops.nn.{Attention, SABlock, SABlock_Windows}`` and ``mixops.nn.video.SABlock``."""
+"""Drop-in modules ``mixops.nn.{Attention, SABlock, SABlock_Windows}`` and ``mixops.nn.video.SABlock``.
+
+The forward/backward checks against the reference modules take a ``backend`` argument: they run
+once per backend registered for ``window_attention``, the module inside ``mixops.use_backend``.
+"""
 from __future__ import annotations
 
 import inspect
@@ -12,7 +16,9 @@ import mixops
 from mixops.nn import Attention, SABlock, SABlock_Windows
 from mixops.nn import video
 from mixops.reference import window_attention as ref
-from mixops_testing import assert_close
+from mixops_testing import assert_close, only_backends, skip_unless_runs
+
+OP = "window_attention"  # the op the modules run through
 
 HEADS, D = 2, 8
 C = HEADS * D
@@ -116,67 +122,86 @@ WINDOW_SHAPES = [(8, 8, 4), (7, 9, 4), (5, 3, 4), (3, 2, 5)]
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
 @pytest.mark.parametrize("H, W, ws", WINDOW_SHAPES)
-def test_windows_block_matches_reference(H, W, ws, qkv_bias):
+@pytest.mark.op(OP)
+def test_windows_block_matches_reference(H, W, ws, qkv_bias, backend):
     m = _randomize(SABlock_Windows(C, HEADS, window_size=ws, qkv_bias=qkv_bias, norm_layer=LN6)).double()
-    _check_forward_backward(m, ref.sablock_windows_forward, torch.randn(2, C, H, W, dtype=torch.float64))
+    _check_forward_backward(m, ref.sablock_windows_forward, torch.randn(2, C, H, W, dtype=torch.float64), backend)
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
-def test_global_block_matches_reference(qkv_bias):
+@pytest.mark.op(OP)
+def test_global_block_matches_reference(qkv_bias, backend):
     m = _randomize(SABlock(C, HEADS, qkv_bias=qkv_bias, norm_layer=LN6)).double()
-    _check_forward_backward(m, ref.sablock_forward, torch.randn(2, C, 5, 7, dtype=torch.float64))
+    _check_forward_backward(m, ref.sablock_forward, torch.randn(2, C, 5, 7, dtype=torch.float64), backend)
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
-def test_video_block_matches_reference(qkv_bias):
+@pytest.mark.op(OP)
+def test_video_block_matches_reference(qkv_bias, backend):
     m = _randomize(video.SABlock(C, HEADS, qkv_bias=qkv_bias, norm_layer=LN6)).double()
-    _check_forward_backward(m, ref.video_sablock_forward, torch.randn(2, C, 3, 4, 5, dtype=torch.float64))
+    _check_forward_backward(m, ref.video_sablock_forward, torch.randn(2, C, 3, 4, 5, dtype=torch.float64), backend)
 
 
-def test_attention_matches_reference():
+@pytest.mark.op(OP)
+def test_attention_matches_reference(backend):
     m = _randomize(Attention(C, HEADS, qkv_bias=True, qk_scale=0.3)).double()
-    _check_forward_backward(m, ref.attention_forward, torch.randn(3, 11, C, dtype=torch.float64))
+    _check_forward_backward(m, ref.attention_forward, torch.randn(3, 11, C, dtype=torch.float64), backend)
 
 
-def _check_forward_backward(m, reference, x):
-    """Module output and all gradients (input and parameters) equal the reference's, float64."""
+def _check_forward_backward(m, reference, x, backend):
+    """Module output and all gradients (input and parameters), the module run with ``backend``,
+    equal the reference module forward's, float64."""
+    skip_unless_runs(OP, backend, x.device.type)
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
-    out = m(x1)
+    with mixops.use_backend(backend):
+        out = m(x1)
     want = reference(m, x2)
     assert_close(out, want)
     g = torch.randn_like(out)
     params = list(m.parameters())
-    got = torch.autograd.grad(out, [x1, *params], g)
+    with mixops.use_backend(backend):
+        got = torch.autograd.grad(out, [x1, *params], g)
     exp = torch.autograd.grad(want, [x2, *params], g)
     names = ["x"] + [n for n, _ in m.named_parameters()]
     for name, a, b in zip(names, got, exp):
         assert_close(a, b, name=f"grad {name}")
 
 
-def test_float32_module_against_float64_reference():
+@pytest.mark.op(OP)
+def test_float32_module_against_float64_reference(backend):
+    skip_unless_runs(OP, backend, "cpu")
     m = _randomize(SABlock_Windows(C, HEADS, window_size=4, qkv_bias=True, norm_layer=LN6))
     x = torch.randn(2, C, 7, 9)
     want = ref.sablock_windows_forward(m.double(), x.double())
-    assert_close(m.float()(x), want, dtype=torch.float32)
+    with mixops.use_backend(backend):
+        got = m.float()(x)
+    assert_close(got, want, dtype=torch.float32)
 
 
-def test_train_mode_with_official_rates_matches_reference():
+@pytest.mark.op(OP)
+def test_train_mode_with_official_rates_matches_reference(backend):
     """Training mode with the official drop rates (0) and drop-path (identity in eval)."""
+    skip_unless_runs(OP, backend, "cpu")
     m = _randomize(SABlock_Windows(C, HEADS, window_size=4, qkv_bias=True, norm_layer=LN6)).double()
     x = torch.randn(1, C, 6, 5, dtype=torch.float64)
-    assert_close(m.train()(x), ref.sablock_windows_forward(m, x))
+    with mixops.use_backend(backend):
+        got = m.train()(x)
+    assert_close(got, ref.sablock_windows_forward(m, x))
     m = _randomize(SABlock(C, HEADS, qkv_bias=True, drop_path=0.2, norm_layer=LN6)).double().eval()
-    assert_close(m(x), ref.sablock_forward(m, x))
+    with mixops.use_backend(backend):
+        got = m(x)
+    assert_close(got, ref.sablock_forward(m, x))
 
 
-def test_modules_use_the_op_backend():
+def test_modules_use_the_op_backend(monkeypatch):
     """The token mixing goes through mixops.window_attention: its backend selection applies."""
+    only_backends(monkeypatch, OP, "torch")  # so that "triton" is missing whatever is registered
     x = torch.randn(1, C, 4, 4)
     for m in (SABlock(C, HEADS), SABlock_Windows(C, HEADS, 2)):
-        with mixops.use_backend("triton"), pytest.raises(ValueError, match="available"):
+        with mixops.use_backend("triton"), pytest.raises(ValueError, match="available: torch"):
             m(x)
-    with mixops.use_backend("triton"), pytest.raises(ValueError, match="available"):
+    with mixops.use_backend("triton"), pytest.raises(ValueError, match="available: torch"):
         video.SABlock(C, HEADS)(torch.randn(1, C, 2, 2, 2))
 
 
