@@ -4,6 +4,7 @@ from .dynamixer import dynamixer_mix
 from .morph_fc import morph_fc
 from .repmlp import locality_injection, partition_fc
 from .window_attention import window_attention
+from . import triton_backend  # noqa: E402,F401  (after the ops it registers kernels for)
 
 __all__ = [
     "atm_fc",
