@@ -1,4 +1,9 @@
-"""mixops.nn.RepMLPBlock: official keys, == reference, train/deploy equivalence, GP gate, errors."""
+"""mixops.nn.RepMLPBlock: official keys, == reference, train/deploy equivalence, GP gate, errors.
+
+The tests whose numbers go through an op take a ``backend`` argument (one run per backend
+registered for the op of their ``op`` mark, tests/conftest.py) and run the block inside
+``mixops.use_backend(backend)``; the reference side stays ``mixops.reference`` in float64.
+"""
 from __future__ import annotations
 
 import copy
@@ -11,7 +16,7 @@ from torch import nn
 import mixops
 from mixops.nn.repmlp import GlobalPerceptron, RepMLPBlock
 from mixops.reference import repmlp as ref
-from mixops_testing import assert_close
+from mixops_testing import assert_close, only_backends, skip_unless_runs
 
 F64 = torch.float64
 
@@ -48,6 +53,15 @@ DEPLOY_KEYS = [
     ("fc3.weight", (32, 16, 1, 1)),
     ("fc3.bias", (32,)),
 ]
+
+
+def _skip_unless_block_runs(backend, *ops, device="cpu"):
+    """Skip unless every op the test runs through the block has ``backend`` on ``device``
+    (a kernel registered for one RepMLP op only must not break the other op's block tests)."""
+    for op in ops:
+        if backend not in mixops.available_backends(op):
+            pytest.skip(f"backend {backend!r} is not registered for mixops.{op}")
+        skip_unless_runs(op, backend, device)
 
 
 def _keys(m):
@@ -106,8 +120,10 @@ def test_local_inject_twice_raises():
         _block(deploy=True).local_inject()
 
 
+@pytest.mark.op("partition_fc")
 @pytest.mark.parametrize("deploy", [False, True])
-def test_load_random_official_state_dict(deploy):
+def test_load_random_official_state_dict(deploy, backend):
+    _skip_unless_block_runs(backend, "partition_fc")
     keys = DEPLOY_KEYS if deploy else TRAIN_KEYS
     state = {k: (torch.randint(0, 5, s) if k.endswith("tracked") else torch.rand(s) + 0.5) for k, s in keys}
     m = RepMLPBlock(8, 8, 4, 4, reparam_conv_k=(1, 3), num_sharesets=2, deploy=deploy)
@@ -116,7 +132,9 @@ def test_load_random_official_state_dict(deploy):
         assert torch.equal(t, state[k]), k
     m.eval().double()
     x = torch.randn(2, 8, 8, 4, dtype=F64)
-    assert_close(m(x), ref.repmlp_block_forward(m, x))
+    with mixops.use_backend(backend):
+        out = m(x)
+    assert_close(out, ref.repmlp_block_forward(m, x))
 
 
 def _assert_grad_close(g, r, dtype, name):
@@ -133,23 +151,25 @@ def _assert_grad_close(g, r, dtype, name):
 SHAPES = [(8, 2, 4, 4, 4, 4), (4, 1, 3, 3, 6, 6), (8, 2, 4, 5, 8, 10)]
 
 
+@pytest.mark.op("partition_fc")
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode", ["train", "eval", "deploy"])
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_module_matches_reference(shape, mode, dtype):
+def test_module_matches_reference(shape, mode, dtype, backend):
+    _skip_unless_block_runs(backend, "partition_fc")
     C, S, h, w, H, W = shape
     m = _block(C, h, w, S, deploy=mode == "deploy", dtype=dtype)
     m.train(mode == "train")
     m64 = copy.deepcopy(m).double()
     x64 = torch.randn(3, C, H, W, dtype=F64, requires_grad=True)
     x = x64.detach().to(dtype).requires_grad_()
-    out = m(x)
+    grad = torch.randn(3, C, H, W, dtype=F64)
+    params = [p for p in m.parameters()]
+    with mixops.use_backend(backend):
+        out = m(x)
+        got = torch.autograd.grad(out, [x, *params], grad.to(dtype))
     expected = ref.repmlp_block_forward(m64, x64)
     assert_close(out, expected, dtype)
-
-    grad = torch.randn_like(expected)
-    params = [p for p in m.parameters()]
-    got = torch.autograd.grad(out, [x, *params], grad.to(dtype))
     want = torch.autograd.grad(expected, [x64, *m64.parameters()], grad)
     for (name, _), g, r in zip([("x", None), *m.named_parameters()], got, want):
         if mode == "train" and name == "repconv1.conv.weight" and dtype != F64:
@@ -161,14 +181,17 @@ def test_module_matches_reference(shape, mode, dtype):
         _assert_grad_close(g, r, dtype, name=f"grad {name}")
 
 
+@pytest.mark.op("partition_fc")
 @pytest.mark.parametrize("shape", SHAPES)
-def test_train_mode_updates_running_stats_like_official(shape):
+def test_train_mode_updates_running_stats_like_official(shape, backend):
     """BN on the share-set view sees the values the official BatchNorm2d(S) on rows sees."""
+    _skip_unless_block_runs(backend, "partition_fc")
     C, S, h, w, H, W = shape
     m = _block(C, h, w, S).train()
     before = copy.deepcopy(m)
     x = torch.randn(3, C, H, W, dtype=F64)
-    m(x)
+    with mixops.use_backend(backend):
+        m(x)
     # the official layout: rows of S partition maps
     parts = x.reshape(-1, C, H // h, h, W // w, w).permute(0, 2, 4, 1, 3, 5)
     fc_out = F.conv2d(parts.reshape(-1, S * h * w, 1, 1), before.fc3.weight, groups=S)
@@ -179,13 +202,15 @@ def test_train_mode_updates_running_stats_like_official(shape):
         assert_close(m.state_dict()[name].double(), t.double(), F64, name=name)
 
 
+@pytest.mark.op("locality_injection")
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("k", [(1, 3), (3, 5, 1), None])
-def test_train_equals_deploy_after_local_inject(shape, k):
+def test_train_equals_deploy_after_local_inject(shape, k, backend):
+    _skip_unless_block_runs(backend, "locality_injection", "partition_fc")
     C, S, h, w, H, W = shape
     m = _block(C, h, w, S, k=k).eval()
     x = torch.randn(2, C, H, W, dtype=F64)
-    with torch.no_grad():
+    with torch.no_grad(), mixops.use_backend(backend):
         train_out = m(x)
         want_w, want_b = ref.equivalent_fc3(m)
         m.local_inject()
@@ -196,8 +221,10 @@ def test_train_equals_deploy_after_local_inject(shape, k):
     assert_close(ref.repmlp_block_forward(m, x), train_out)
 
 
-def test_deploy_block_independent_model():
+@pytest.mark.op("partition_fc")
+def test_deploy_block_independent_model(backend):
     """Deploy mode at native resolution: gv[n, c] * (W_{c%S} vec(x[n, c]) + b_{c%S})."""
+    _skip_unless_block_runs(backend, "partition_fc")
     C, S, h, w = 6, 3, 3, 4
     m = _block(C, h, w, S, deploy=True)
     x = torch.randn(2, C, h, w, dtype=F64)
@@ -212,17 +239,23 @@ def test_deploy_block_independent_model():
             s = c % S
             z = m.fc3.weight[s * hw:(s + 1) * hw, :, 0, 0] @ x[n, c].reshape(hw) + m.fc3.bias[s * hw:(s + 1) * hw]
             want[n, c] = gv[n, c] * z.reshape(h, w)
-    assert_close(m(x), want)
+    with mixops.use_backend(backend):
+        out = m(x)
+    assert_close(out, want)
     assert_close(ref.global_perceptron_forward(m.gp, x), gv[:, :, None, None])
 
 
-def test_gp_gate_indexed_by_output_channel_in_scrambled_case():
+@pytest.mark.op("partition_fc")
+def test_gp_gate_indexed_by_output_channel_in_scrambled_case(backend):
+    _skip_unless_block_runs(backend, "partition_fc")
     C, S, h, w, hp, wp = 4, 1, 2, 3, 2, 2
     m = _block(C, h, w, S, deploy=True)
     x = torch.randn(2, C, hp * h, wp * w, dtype=F64)
     with torch.no_grad():
         gv = m.gp(x)[:, :, 0, 0]
-        z = mixops.partition_fc(x, m.fc3.weight, m.fc3.bias, partition=(h, w), num_sharesets=S)
+        z = mixops.partition_fc(
+            x, m.fc3.weight, m.fc3.bias, partition=(h, w), num_sharesets=S, backend=backend
+        )
         hw, Q = h * w, C // S
         want = torch.full_like(x, float("nan"))
         by_input = torch.full_like(x, float("nan"))
@@ -239,7 +272,8 @@ def test_gp_gate_indexed_by_output_channel_in_scrambled_case():
                             sl = (n, c_o, slice(i2 * h, (i2 + 1) * h), slice(j2 * w, (j2 + 1) * w))
                             want[sl] = gv[n, c_o] * y
                             by_input[sl] = gv[n, c_in] * y
-        out = m(x)
+        with mixops.use_backend(backend):
+            out = m(x)
     assert_close(z * gv[:, :, None, None], want)
     assert_close(out, want)
     assert not torch.allclose(out, by_input), "gating by the input channel must differ here"
@@ -251,13 +285,22 @@ def test_global_perceptron_keys_and_shape():
     assert gp(torch.randn(3, 8, 5, 5)).shape == (3, 8, 1, 1)
 
 
-def test_forward_goes_through_the_backend():
+def test_forward_goes_through_the_backend(monkeypatch):
+    # pretend no kernel is registered, so that "triton" is a backend the ops lack
+    only_backends(monkeypatch, "partition_fc", "torch")
+    only_backends(monkeypatch, "locality_injection", "torch")
     m = _block().eval()
     x = torch.randn(1, 8, 4, 4, dtype=F64)
-    with mixops.use_backend("triton"), pytest.raises(ValueError, match="available: torch"):
+    pfc_missing = "'triton' is not available for mixops.partition_fc; available: torch$"
+    with mixops.use_backend("triton"), pytest.raises(ValueError, match=pfc_missing):
         m(x)
+    with mixops.use_backend("triton"), pytest.raises(
+        ValueError, match="'triton' is not available for mixops.locality_injection; available: torch$"
+    ):
+        m.local_inject()
+    assert not m.deploy, "a failed local_inject must leave the block in train mode"
     m.local_inject()
-    with mixops.use_backend("triton"), pytest.raises(ValueError, match="available: torch"):
+    with mixops.use_backend("triton"), pytest.raises(ValueError, match=pfc_missing):
         m(x)
 
 

@@ -1,4 +1,8 @@
-"""mixops.partition_fc / mixops.locality_injection: vs the reference, autograd, opcheck, errors."""
+"""mixops.partition_fc / mixops.locality_injection: vs the reference, autograd, opcheck, errors.
+
+Every test that runs an op takes a ``backend`` argument: it runs once per backend registered
+for the op of its ``op`` mark (tests/conftest.py), always against the float64 reference.
+"""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +11,7 @@ import torch
 import mixops
 from mixops.ops import repmlp as ops
 from mixops.reference import repmlp as ref
-from mixops_testing import assert_close, cpu_and_cuda
+from mixops_testing import assert_close, cpu_and_cuda, only_backends, skip_unless_runs
 
 F64 = torch.float64
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -30,51 +34,88 @@ def _inputs(N, C, S, h, w, H, W, dtype=F64, device="cpu", bias=True):
     return (x, weight, b), (cast(x), cast(weight), cast(b))
 
 
+@pytest.mark.op("partition_fc")
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_partition_fc_matches_reference(case, dtype, device):
+def test_partition_fc_matches_reference(case, dtype, device, backend):
+    """Forward and the gradients of x, weight and bias against the float64 reference."""
+    skip_unless_runs("partition_fc", backend, device)
     N, C, S, h, w, H, W = case
     (x64, w64, b64), (x, weight, b) = _inputs(*case, dtype=dtype, device=device)
-    out = mixops.partition_fc(x, weight, b, partition=(h, w), num_sharesets=S)
+    leaves64 = [t.requires_grad_() for t in (x64, w64, b64)]
+    leaves = [t.requires_grad_() for t in (x, weight, b)]
+    out = mixops.partition_fc(x, weight, b, partition=(h, w), num_sharesets=S, backend=backend)
     assert out.dtype == dtype and out.device.type == device
-    assert_close(out, ref.partition_fc(x64, w64, b64, (h, w), S), dtype)
+    expected = ref.partition_fc(x64, w64, b64, (h, w), S)
+    assert_close(out, expected, dtype)
+
+    # an output gradient exactly representable in dtype: the reference sees the same one
+    grad = torch.randn_like(expected).to(dtype).to(F64)
+    got = torch.autograd.grad(out, leaves, grad.to(dtype=dtype, device=device))
+    want = torch.autograd.grad(expected, leaves64, grad)
+    for name, g, r in zip(("x", "weight", "bias"), got, want):
+        assert g.dtype == dtype and g.device.type == device, name
+        assert_close(g, r, dtype, name=f"grad {name}")
 
 
+@pytest.mark.op("partition_fc")
 @pytest.mark.parametrize("case", CASES[:3])
-def test_partition_fc_awkward_layouts(case):
+def test_partition_fc_awkward_layouts(case, backend):
+    """Channels-last, sliced and transposed inputs, and a non-contiguous output gradient."""
+    skip_unless_runs("partition_fc", backend, "cpu")
     N, C, S, h, w, H, W = case
     (x, weight, b), _ = _inputs(*case)
+    leaves = [t.requires_grad_() for t in (x, weight, b)]
     expected = ref.partition_fc(x, weight, b, (h, w), S)
-    channels_last = x.to(memory_format=torch.channels_last)
+    # an output gradient that is a transposed view, and its reference gradients
+    grad = torch.randn(N, C, W, H, dtype=F64).transpose(2, 3)
+    assert not grad.is_contiguous()
+    want = torch.autograd.grad(expected, leaves, grad)
+    channels_last = x.detach().to(memory_format=torch.channels_last)
     sliced = torch.randn(N, C, H, W + 3, dtype=F64)[..., 1:1 + W]
-    sliced.copy_(x)
+    sliced.copy_(x.detach())
     # the 2-D weight form, as a non-contiguous (transposed) view
-    weight_2d = weight[:, :, 0, 0].t().contiguous().t()
+    weight_2d = weight.detach()[:, :, 0, 0].t().contiguous().t()
     assert not weight_2d.is_contiguous()
-    for xv, wv in ((channels_last, weight), (sliced, weight), (x, weight_2d)):
-        out = mixops.partition_fc(xv, wv, b, partition=[h, w], num_sharesets=S)
-        assert_close(out, expected)
+    layouts = (
+        ("channels_last x", channels_last, weight.detach().clone()),
+        ("sliced x", sliced, weight.detach().clone()),
+        ("transposed 2-D weight", x.detach().clone(), weight_2d),
+    )
+    for label, xv, wv in layouts:
+        bv = b.detach().clone()
+        for t in (xv, wv, bv):
+            t.requires_grad_()
+        out = mixops.partition_fc(xv, wv, bv, partition=[h, w], num_sharesets=S, backend=backend)
+        assert_close(out, expected, name=f"{label}: output")
+        got = torch.autograd.grad(out, [xv, wv, bv], grad)
+        for name, g, r in zip(("x", "weight", "bias"), got, want):
+            assert_close(g, r.reshape(g.shape), name=f"{label}: grad {name}")
 
 
+@pytest.mark.op("partition_fc")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("case", [(1, 4, 2, 2, 3, 4, 3), (1, 2, 1, 2, 2, 4, 4)])
-def test_partition_fc_gradcheck(case, bias):
+def test_partition_fc_gradcheck(case, bias, backend):
+    skip_unless_runs("partition_fc", backend, "cpu")
     N, C, S, h, w, H, W = case
     (x, weight, b), _ = _inputs(*case, bias=bias)
     args = [t.requires_grad_() for t in (x, weight, b) if t is not None]
 
     def f(*ts):
         bb = ts[2] if bias else None
-        return mixops.partition_fc(ts[0], ts[1], bb, partition=(h, w), num_sharesets=S)
+        return mixops.partition_fc(ts[0], ts[1], bb, partition=(h, w), num_sharesets=S, backend=backend)
 
     assert torch.autograd.gradcheck(f, args, fast_mode=True)
 
 
+@pytest.mark.op("partition_fc")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed_weight"])
 @pytest.mark.parametrize("H,W", [(2, 3), (4, 6)])
-def test_partition_fc_opcheck(bias, layout, H, W):
+def test_partition_fc_opcheck(bias, layout, H, W, backend):
+    skip_unless_runs("partition_fc", backend, "cpu")
     (x, weight, b), _ = _inputs(1, 4, 2, 2, 3, H, W, bias=bias)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
@@ -83,7 +124,7 @@ def test_partition_fc_opcheck(bias, layout, H, W):
     for t in (x, weight, b):
         if t is not None:
             t.requires_grad_()
-    torch.library.opcheck(ops._partition_fc.op, (x, weight, b, [2, 3], 2, "torch"))
+    torch.library.opcheck(ops._partition_fc.op, (x, weight, b, [2, 3], 2, backend))
 
 
 def _li_inputs(S=2, K=3, h=3, w=4, dtype=F64, fc_bias=True, kernel_bias=True):
@@ -96,21 +137,40 @@ def _li_inputs(S=2, K=3, h=3, w=4, dtype=F64, fc_bias=True, kernel_bias=True):
     )
 
 
+@pytest.mark.op("locality_injection")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("S,K,h,w", [(2, 3, 3, 4), (1, 5, 4, 4), (4, 1, 2, 3)])
-def test_locality_injection_matches_reference(dtype, S, K, h, w):
-    inputs64 = _li_inputs(S, K, h, w)
-    inputs = [t.to(dtype) for t in inputs64]
-    weight, bias = mixops.locality_injection(*inputs, partition=(h, w))
+@pytest.mark.parametrize("S,K,h,w", [(2, 3, 3, 4), (1, 5, 4, 4), (4, 1, 2, 3), (2, 5, 3, 2)])
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_locality_injection_matches_reference(dtype, S, K, h, w, device, backend):
+    """Forward and the gradients of all four tensors against the float64 reference; the last
+    shape has a kernel wider than the partition (taps that fall outside every map)."""
+    skip_unless_runs("locality_injection", backend, device)
+    inputs64 = [t.requires_grad_() for t in _li_inputs(S, K, h, w)]
+    inputs = [t.detach().to(dtype=dtype, device=device).requires_grad_() for t in inputs64]
+    weight, bias = mixops.locality_injection(*inputs, partition=(h, w), backend=backend)
     ref_w, ref_b = ref.locality_injection(*inputs64, (h, w))
-    assert weight.dtype == dtype and weight.shape == inputs[0].shape
+    assert weight.dtype == dtype and weight.shape == inputs[0].shape and weight.device.type == device
+    assert bias.dtype == dtype and bias.device.type == device
     assert_close(weight, ref_w, dtype, name="weight")
     assert_close(bias, ref_b, dtype, name="bias")
 
+    # output gradients exactly representable in dtype: the reference sees the same ones
+    gw, gb = (torch.randn_like(t).to(dtype).to(F64) for t in (ref_w, ref_b))
+    cast = [g.to(dtype=dtype, device=device) for g in (gw, gb)]
+    got = torch.autograd.grad((weight, bias), inputs, cast)
+    want = torch.autograd.grad((ref_w, ref_b), inputs64, (gw, gb))
+    for name, g, r in zip(("fc_weight", "fc_bias", "kernel", "kernel_bias"), got, want):
+        assert g.dtype == dtype and g.device.type == device, name
+        assert_close(g, r, dtype, name=f"grad {name}")
 
-def test_locality_injection_2d_fc_weight_and_missing_biases():
+
+@pytest.mark.op("locality_injection")
+def test_locality_injection_2d_fc_weight_and_missing_biases(backend):
+    skip_unless_runs("locality_injection", backend, "cpu")
     fc_weight, _, kernel, _ = _li_inputs()
-    weight, bias = mixops.locality_injection(fc_weight[:, :, 0, 0], None, kernel, None, partition=(3, 4))
+    weight, bias = mixops.locality_injection(
+        fc_weight[:, :, 0, 0], None, kernel, None, partition=(3, 4), backend=backend
+    )
     ref_w, ref_b = ref.locality_injection(fc_weight, None, kernel, None, (3, 4))
     assert weight.shape == (24, 12)
     assert_close(weight, ref_w[:, :, 0, 0])
@@ -118,8 +178,10 @@ def test_locality_injection_2d_fc_weight_and_missing_biases():
     assert_close(ref_b, torch.zeros(24, dtype=F64))
 
 
+@pytest.mark.op("locality_injection")
 @pytest.mark.parametrize("fc_bias,kernel_bias", [(True, True), (False, True), (True, False), (False, False)])
-def test_locality_injection_gradcheck(fc_bias, kernel_bias):
+def test_locality_injection_gradcheck(fc_bias, kernel_bias, backend):
+    skip_unless_runs("locality_injection", backend, "cpu")
     inputs = _li_inputs(2, 3, 2, 3, fc_bias=fc_bias, kernel_bias=kernel_bias)
     present = [i for i, t in enumerate(inputs) if t is not None]
     args = [inputs[i].requires_grad_() for i in present]
@@ -128,32 +190,85 @@ def test_locality_injection_gradcheck(fc_bias, kernel_bias):
         full = list(inputs)
         for i, t in zip(present, ts):
             full[i] = t
-        return mixops.locality_injection(*full, partition=(2, 3))
+        return mixops.locality_injection(*full, partition=(2, 3), backend=backend)
 
     assert torch.autograd.gradcheck(f, args, fast_mode=True)
 
 
+@pytest.mark.op("locality_injection")
 @pytest.mark.parametrize("biases", [True, False])
-def test_locality_injection_opcheck(biases):
+def test_locality_injection_opcheck(biases, backend):
+    skip_unless_runs("locality_injection", backend, "cpu")
     inputs = _li_inputs(2, 3, 2, 3, fc_bias=biases, kernel_bias=biases)
     for t in inputs:
         if t is not None:
             t.requires_grad_()
-    torch.library.opcheck(ops._locality_injection.op, (*inputs, [2, 3], "torch"))
+    torch.library.opcheck(ops._locality_injection.op, (*inputs, [2, 3], backend))
 
 
-def test_backend_plumbing():
+@pytest.mark.op("partition_fc")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_partition_fc_is_deterministic(device, backend):
+    """Two runs give bit-identical outputs and gradients (no order-dependent accumulation)."""
+    skip_unless_runs("partition_fc", backend, device)
+    # many rows per share-set: the weight / bias gradients are long reductions
+    (_, _, _), (x, weight, b) = _inputs(4, 16, 2, 3, 5, 12, 10, dtype=torch.float32, device=device)
+    leaves = [t.requires_grad_() for t in (x, weight, b)]
+    grad = torch.randn(x.shape, dtype=torch.float32).to(device)
+    runs = []
+    for _ in range(2):
+        out = mixops.partition_fc(x, weight, b, partition=(3, 5), num_sharesets=2, backend=backend)
+        runs.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for name, a, c in zip(("output", "grad x", "grad weight", "grad bias"), *runs):
+        assert torch.equal(a, c), f"{name} differs between two runs"
+
+
+@pytest.mark.op("locality_injection")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_locality_injection_is_deterministic(device, backend):
+    """Two runs give bit-identical outputs and gradients (the kernel gradient sums over taps)."""
+    skip_unless_runs("locality_injection", backend, device)
+    inputs = [t.to(dtype=torch.float32, device=device).requires_grad_() for t in _li_inputs(4, 5, 7, 6)]
+    grads = [torch.randn(t.shape, dtype=torch.float32).to(device) for t in (inputs[0], inputs[1])]
+    runs = []
+    for _ in range(2):
+        outs = mixops.locality_injection(*inputs, partition=(7, 6), backend=backend)
+        runs.append((*outs, *torch.autograd.grad(outs, inputs, grads)))
+    names = ("weight", "bias", "grad fc_weight", "grad fc_bias", "grad kernel", "grad kernel_bias")
+    for name, a, c in zip(names, *runs):
+        assert torch.equal(a, c), f"{name} differs between two runs"
+
+
+def test_backend_plumbing(monkeypatch):
     (x, weight, b), _ = _inputs(*CASES[0])
-    with pytest.raises(ValueError, match="available: torch"):
-        mixops.partition_fc(x, weight, b, partition=(4, 4), num_sharesets=2, backend="triton")
-    with pytest.raises(ValueError, match="available: torch"):
-        mixops.locality_injection(*_li_inputs(), partition=(3, 4), backend="triton")
-    with pytest.raises(ValueError, match="backend"):
-        mixops.partition_fc(x, weight, b, partition=(4, 4), num_sharesets=2, backend="nope")
+    calls = {
+        "partition_fc": lambda name: mixops.partition_fc(
+            x, weight, b, partition=(4, 4), num_sharesets=2, backend=name
+        ),
+        "locality_injection": lambda name: mixops.locality_injection(
+            *_li_inputs(), partition=(3, 4), backend=name
+        ),
+    }
+    # with the real registry: a backend the op lacks is an error that lists the ones it has
+    for op, call in calls.items():
+        have = mixops.available_backends(op)
+        assert "torch" in have
+        for missing in (b for b in mixops.backend.BACKENDS if b not in have):
+            listed = f"not available for mixops.{op}; available: {', '.join(have)}$"
+            with pytest.raises(ValueError, match=listed):
+                call(missing)
+    # pretend no kernel is registered, so that "triton" is a backend the ops lack
+    for op, call in calls.items():
+        only_backends(monkeypatch, op, "torch")
+        assert mixops.available_backends(op) == ("torch",)
+        only_torch = f"backend 'triton' is not available for mixops.{op}; available: torch$"
+        with pytest.raises(ValueError, match=only_torch):
+            call("triton")
+        with pytest.raises(ValueError, match="backend must be one of"):
+            call("nope")
     with mixops.use_backend("torch"):
         out = mixops.partition_fc(x, weight, b, partition=(4, 4), num_sharesets=2)
     assert_close(out, ref.partition_fc(x, weight, b, (4, 4), 2))
-    assert mixops.available_backends("partition_fc") == ("torch",)
 
 
 def _pfc_call(x=None, weight=None, bias="default", partition=(4, 4), S=2):
