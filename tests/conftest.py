@@ -17,6 +17,11 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="mixops
 
 import pytest  # noqa: E402
 
+# fp32 means fp32 in the tests: PyTorch lets cuDNN convolutions use TF32 by default, which
+# would put the fp32 torch backend ~1e-3 away from the float64 reference on a GPU.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_cuda: the test needs a CUDA GPU (skipped without one)")
