@@ -7,3 +7,10 @@ try:
     import triton  # noqa: F401
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
+
+from ..backend import register
+
+if triton is not None:
+    from mixops.kernels import atm as _atm
+
+    register("atm_sample", "triton", forward=_atm.forward, backward=_atm.backward)

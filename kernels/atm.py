@@ -1,0 +1,342 @@
+"""Triton backend of ``mixops.atm_sample``: ActiveMLP's per-channel 1-D zero-padded lerp gather.
+
+What it computes (spec ``shared/specs/atm.md`` sections 3-4), on channels-last ``x [B,H,W,C]``
+with compact offsets ``off [B,H,W,G]``, ``G = C / S`` (channel c uses offset ``c // S``):
+
+    axis "w": out[b,i,j,c] = lerp0(x[b,i,:,c], j + off[b,i,j,c//S])     (same row)
+    axis "h": out[b,i,j,c] = lerp0(x[b,:,j,c], i + off[b,i,j,c//S])     (same column)
+    lerp0(v, p) = (1-f)·V(k) + f·V(k+1),  k = floor(p), f = p - k,  V(t) = v[t] inside, else 0
+
+Both axes are one kernel: a *line* is a row (axis "w") or a column (axis "h") of one image; the
+kernels see ``[B, L lines, n positions, C]`` through strides. Positions and weights are fp32
+(fp64 for fp64 inputs) whatever the storage dtype; p <= -1 and p >= n give exact zeros and an
+exact integer p returns x[p] exactly.
+
+Backward (deterministic, no atomics; spec 12.6 option 1, "owner computes"): one program owns one
+line and a block of channel groups. It walks the line's positions in a fixed order and
+
+- writes gOff[q, grp] = sum over the S channels of the group of g·(V(k+1) - V(k)) (the
+  right-hand slope at integers, x[0] at p = -1, 0 for p < -1 and p >= n), summed in registers;
+- accumulates gX for the whole line in registers: position q adds g·(1-f) to target k and g·f
+  to target k+1 (in-range targets only), found by comparing k with every target index.
+  Every contribution stays inside its own line, so no other program writes the same gX
+  element, and gX is stored once.
+
+Cost, N = B·H·W·C elements, element size e bytes:
+- forward: ~8 FLOP per element (position, floor, lerp); minimal HBM traffic (2 + 1/S)·N·e
+  (read x once, read the compact offsets, write out; the two lerp corners of a line are re-read
+  from L1/L2, not HBM). Memory-bound.
+- backward: ~6 FLOP per element for the lerp weights and slope, plus ~5·n_pad integer/select
+  ops per element for the owner-computes accumulation (n_pad = line length rounded up to a
+  power of 2); minimal HBM traffic (3 + 2/S)·N·e (read g, x, offsets; write gX, gOff).
+
+Grids:
+- forward:  (cdiv(B·L·n, BLOCK_M), cdiv(C, BLOCK_C)) -- tiles of pixels x channels, lanes over
+  channels so NHWC loads and stores coalesce.
+- backward: (B·L, cdiv(G, BLOCK_G)) -- one program per (line, block of channel groups).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["backward", "forward", "launch_backward", "launch_forward"]
+
+_AXIS_DIMS = {"w": (1, 2), "h": (2, 1)}  # (line dim, position dim) of [B,H,W,C] per axis
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _atm_sample_fwd_kernel(
+    x_ptr, off_ptr, out_ptr,
+    M, L, N, C,
+    sx_b, sx_l, sx_p, sx_c,
+    so_b, so_l, so_p, so_g,
+    sy_b, sy_l, sy_p, sy_c,
+    SHARE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """out[b,l,q,c] = lerp0(x[b,l,:,c], q + off[b,l,q,c // SHARE]).
+
+    x_ptr   [B, L, N, C] (any float dtype), strides sx_b (batch), sx_l (line), sx_p (position
+            along the line), sx_c (channel).
+    off_ptr [B, L, N, C // SHARE] (x's dtype), strides so_b, so_l, so_p, so_g (offset group).
+    out_ptr [B, L, N, C] (x's dtype), strides sy_b, sy_l, sy_p, sy_c.
+    M = B·L·N pixels; L lines per image; N positions per line; C channels.
+    COMPUTE: tl.float32, or tl.float64 for fp64 inputs (positions, weights, lerp).
+    """
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = m < M
+    c_ok = c < C
+    mask = m_ok[:, None] & c_ok[None, :]
+    q = m % N
+    line = m // N
+    b = (line // L).to(tl.int64)
+    l = (line % L).to(tl.int64)
+    c64 = c.to(tl.int64)[None, :]
+
+    o_ptrs = off_ptr + (b * so_b + l * so_l + q.to(tl.int64) * so_p)[:, None] + (c64 // SHARE) * so_g
+    o = tl.load(o_ptrs, mask=mask, other=0.0).to(COMPUTE)
+    pos = q.to(COMPUTE)[:, None] + o
+    # Outside [-2, n] both corners are out of range whatever the clamp does, and the clamp keeps
+    # the integer conversion defined for huge offsets.
+    pos = tl.minimum(tl.maximum(pos, -2.0), N * 1.0)
+    kf = tl.floor(pos)
+    f = pos - kf
+    k = kf.to(tl.int32)
+
+    x_line = x_ptr + (b * sx_b + l * sx_l)[:, None] + c64 * sx_c
+    in0 = mask & (k >= 0) & (k < N)
+    in1 = mask & (k + 1 >= 0) & (k + 1 < N)
+    v0 = tl.load(x_line + k.to(tl.int64) * sx_p, mask=in0, other=0.0).to(COMPUTE)
+    v1 = tl.load(x_line + (k + 1).to(tl.int64) * sx_p, mask=in1, other=0.0).to(COMPUTE)
+    out = (1.0 - f) * v0 + f * v1
+
+    y_ptrs = out_ptr + (b * sy_b + l * sy_l + q.to(tl.int64) * sy_p)[:, None] + c64 * sy_c
+    tl.store(y_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _atm_sample_bwd_kernel(
+    g_ptr, x_ptr, off_ptr, gx_ptr, goff_ptr,
+    L, N, C, G,
+    sg_b, sg_l, sg_p, sg_c,
+    sx_b, sx_l, sx_p, sx_c,
+    so_b, so_l, so_p, so_g,
+    sgx_b, sgx_l, sgx_p, sgx_c,
+    sgo_b, sgo_l, sgo_p, sgo_g,
+    SHARE: tl.constexpr,
+    SHARE_P: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    NEED_GX: tl.constexpr,
+    NEED_GOFF: tl.constexpr,
+    N_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """gX and gOff of one line (row or column) for BLOCK_G offset groups, without atomics.
+
+    g_ptr    [B, L, N, C] incoming gradient (any strides, zero strides included): sg_b, sg_l,
+             sg_p, sg_c (batch, line, position, channel).
+    x_ptr    [B, L, N, C] input: sx_b, sx_l, sx_p, sx_c.
+    off_ptr  [B, L, N, G] compact offsets, G = C / SHARE: so_b, so_l, so_p, so_g.
+    gx_ptr   [B, L, N, C] gradient of x (written when NEED_GX): sgx_b, sgx_l, sgx_p, sgx_c.
+    goff_ptr [B, L, N, G] gradient of the offsets (written when NEED_GOFF): sgo_b, sgo_l,
+             sgo_p, sgo_g.
+    Program (line = b·L + l, channel-group block). Channel lanes are BLOCK_G groups of SHARE_P
+    (SHARE rounded up to a power of 2) lanes, lane s of group grp being channel grp·SHARE + s,
+    so a group's channels sit in one row of a [BLOCK_G, SHARE_P] view and its offset gradient
+    is a register sum over that row, in a fixed order.
+    N_PAD: N rounded up to a power of 2 (the gX accumulator's rows); BLOCK_Q: positions per
+    step of the walk along the line.
+    """
+    BLOCK_C: tl.constexpr = BLOCK_G * SHARE_P
+    pid_line = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = (pid_line // L).to(tl.int64)
+    l = (pid_line % L).to(tl.int64)
+
+    lane = tl.arange(0, BLOCK_C)
+    s = lane % SHARE_P
+    grp = pid_c * BLOCK_G + lane // SHARE_P
+    c = grp * SHARE + s
+    c_ok = (s < SHARE) & (grp < G)
+    c64 = c.to(tl.int64)[None, :]
+    grp_out = pid_c * BLOCK_G + tl.arange(0, BLOCK_G)
+
+    g_line = g_ptr + b * sg_b + l * sg_l
+    x_line = x_ptr + b * sx_b + l * sx_l
+    o_line = off_ptr + b * so_b + l * so_l
+    t = tl.arange(0, N_PAD)
+    acc = tl.zeros([N_PAD, BLOCK_C], dtype=COMPUTE)
+
+    for q0 in range(0, N, BLOCK_Q):
+        q = q0 + tl.arange(0, BLOCK_Q)
+        q_ok = q < N
+        mask = q_ok[:, None] & c_ok[None, :]
+        q64 = q.to(tl.int64)[:, None]
+        gv = tl.load(g_line + q64 * sg_p + c64 * sg_c, mask=mask, other=0.0).to(COMPUTE)
+        o = tl.load(o_line + q64 * so_p + grp.to(tl.int64)[None, :] * so_g, mask=mask, other=0.0)
+        pos = q.to(COMPUTE)[:, None] + o.to(COMPUTE)
+        pos = tl.minimum(tl.maximum(pos, -2.0), N * 1.0)  # as in the forward
+        kf = tl.floor(pos)
+        f = pos - kf
+        k = kf.to(tl.int32)
+        if NEED_GOFF:
+            in0 = mask & (k >= 0) & (k < N)
+            in1 = mask & (k + 1 >= 0) & (k + 1 < N)
+            v0 = tl.load(x_line + k.to(tl.int64) * sx_p + c64 * sx_c, mask=in0, other=0.0).to(COMPUTE)
+            v1 = tl.load(x_line + (k + 1).to(tl.int64) * sx_p + c64 * sx_c, mask=in1, other=0.0).to(COMPUTE)
+            slope = tl.where(mask, gv * (v1 - v0), 0.0)
+            gsum = tl.sum(tl.reshape(slope, [BLOCK_Q, BLOCK_G, SHARE_P]), axis=2)
+            go_ptrs = goff_ptr + b * sgo_b + l * sgo_l + q64 * sgo_p + grp_out.to(tl.int64)[None, :] * sgo_g
+            tl.store(go_ptrs, gsum.to(goff_ptr.dtype.element_ty), mask=q_ok[:, None] & (grp_out < G)[None, :])
+        if NEED_GX:
+            # target t receives g·(1-f) when t == k and g·f when t == k+1; out-of-range corners
+            # match no target in [0, N). Masked positions carry g = 0.
+            d = t[:, None, None] - k[None, :, :]
+            w = tl.where(d == 0, 1.0 - f[None, :, :], tl.where(d == 1, f[None, :, :], 0.0))
+            acc += tl.sum(w * gv[None, :, :], axis=1)
+
+    if NEED_GX:
+        gx_ptrs = gx_ptr + b * sgx_b + l * sgx_l + t.to(tl.int64)[:, None] * sgx_p + c64 * sgx_c
+        tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=(t < N)[:, None] & c_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-size heuristics
+# ---------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def forward_blocks(pixels: int, channels: int) -> dict:
+    """BLOCK_M x BLOCK_C tile of the forward. On a GPU: up to 128 channel lanes (a bf16 pixel
+    row of C = 64 is one 128-byte transaction) and ~2K elements per program. Under the
+    interpreter (~1 ms per program, whatever its size): tiles of up to 16K elements, so the
+    test shapes take one or a few programs."""
+    block_c = min(triton.next_power_of_2(channels), 128)
+    budget = 16384 if _interpreting() else 2048
+    block_m = max(1, min(triton.next_power_of_2(pixels), budget // block_c))
+    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": 4}
+
+
+def backward_blocks(n: int, channels: int, share: int) -> dict:
+    """Blocks of the owner-computes backward for lines of ``n`` positions.
+
+    The gX accumulator holds N_PAD x BLOCK_C values in registers, and each step of the walk
+    builds an N_PAD x BLOCK_Q x BLOCK_C one-hot product. On a GPU both stay at <= 2048 values
+    (16 per thread at 4 warps; ptxas for sm_90 reports 48-72 registers and no spills for lines
+    of 7 to 256), with up to 32 channel lanes and never fewer than one share group. Under the
+    interpreter a program costs ~10 ms whatever its size: whole lines in one step and up to 64
+    channels, so the test shapes need one program per line.
+    """
+    n_pad = triton.next_power_of_2(n)
+    share_p = triton.next_power_of_2(share)
+    if _interpreting():
+        block_c = max(share_p, min(triton.next_power_of_2(channels), 64))
+        budget = 1 << 16
+    else:
+        block_c = max(share_p, min(triton.next_power_of_2(channels), 32, _pow2_floor(max(1, 2048 // n_pad))))
+        budget = 2048
+    block_g = min(block_c // share_p, triton.next_power_of_2(channels // share))
+    block_q = _pow2_floor(max(1, min(n_pad, budget // (n_pad * block_g * share_p))))
+    return {"SHARE_P": share_p, "N_PAD": n_pad, "BLOCK_Q": block_q, "BLOCK_G": block_g, "num_warps": 4}
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (v.bit_length() - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(t: torch.Tensor):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _line_strides(t: torch.Tensor, axis: str) -> tuple[int, int, int, int]:
+    """(batch, line, position, channel) strides of a [B,H,W,C] tensor for ``axis``."""
+    line_dim, pos_dim = _AXIS_DIMS[axis]
+    return t.stride(0), t.stride(line_dim), t.stride(pos_dim), t.stride(3)
+
+
+def _line_shape(x: torch.Tensor, axis: str) -> tuple[int, int, int, int]:
+    """(B, L, n, C): batch, lines per image, positions per line, channels."""
+    line_dim, pos_dim = _AXIS_DIMS[axis]
+    return x.shape[0], x.shape[line_dim], x.shape[pos_dim], x.shape[3]
+
+
+def launch_forward(x: torch.Tensor, offset: torch.Tensor, out: torch.Tensor, axis: str, share: int) -> None:
+    """Write ``atm_sample(x, offset)`` into ``out`` (``[B,H,W,C]``, any strides)."""
+    B, L, n, C = _line_shape(x, axis)
+    M = B * L * n
+    if M == 0 or C == 0:
+        return
+    cfg = forward_blocks(M, C)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_C"]))
+    _atm_sample_fwd_kernel[grid](
+        x, offset, out,
+        M, L, n, C,
+        *_line_strides(x, axis),
+        *_line_strides(offset, axis),
+        *_line_strides(out, axis),
+        SHARE=share,
+        COMPUTE=_compute_dtype(x),
+        **cfg,
+    )
+
+
+def launch_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    grad_x: torch.Tensor | None,
+    grad_offset: torch.Tensor | None,
+    axis: str,
+    share: int,
+) -> None:
+    """Write the gradients of ``atm_sample`` w.r.t. x into ``grad_x`` and w.r.t. the compact
+    offsets into ``grad_offset`` (either may be None: not computed). Any strides."""
+    if grad_x is None and grad_offset is None:
+        return
+    B, L, n, C = _line_shape(x, axis)
+    G = C // share
+    if B * L * n == 0 or C == 0:
+        return
+    cfg = backward_blocks(n, C, share)
+    # an unused output pointer is never touched (its branch is compiled out): pass any tensor
+    gx = grad_x if grad_x is not None else x
+    go = grad_offset if grad_offset is not None else offset
+    grid = (B * L, triton.cdiv(G, cfg["BLOCK_G"]))
+    _atm_sample_bwd_kernel[grid](
+        grad, x, offset, gx, go,
+        L, n, C, G,
+        *_line_strides(grad, axis),
+        *_line_strides(x, axis),
+        *_line_strides(offset, axis),
+        *_line_strides(gx, axis),
+        *_line_strides(go, axis),
+        SHARE=share,
+        COMPUTE=_compute_dtype(x),
+        NEED_GX=grad_x is not None,
+        NEED_GOFF=grad_offset is not None,
+        **cfg,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry entry points (mixops.backend)
+# ---------------------------------------------------------------------------------------------
+
+
+def forward(x: torch.Tensor, offset: torch.Tensor, axis: str, share: int) -> torch.Tensor:
+    """``mixops.atm_sample`` forward: ``x [B,H,W,C]``, ``offset [B,H,W,C/share]`` -> ``[B,H,W,C]``."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    launch_forward(x, offset, out, axis, share)
+    return out
+
+
+def backward(grads: list, needs: list, x: torch.Tensor, offset: torch.Tensor, axis: str, share: int) -> list:
+    """``mixops.atm_sample`` backward: the gradients of the flagged inputs among (x, offset)."""
+    need_x, need_off = needs
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+    go = torch.empty(offset.shape, dtype=offset.dtype, device=offset.device) if need_off else None
+    launch_backward(grads[0], x, offset, gx, go, axis, share)
+    return [g for g in (gx, go) if g is not None]
