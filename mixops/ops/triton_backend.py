@@ -7,3 +7,9 @@ try:
     import triton  # noqa: F401
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
+
+if triton is not None:
+    from .. import backend as _backend
+    from ..kernels import morph_fc as _morph_fc
+
+    _backend.register("morph_fc", "triton", forward=_morph_fc.forward, backward=_morph_fc.backward)
