@@ -11,6 +11,8 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
 from ..backend import register
 
 if triton is not None:
-    from mixops.kernels import atm as _atm
+    from ..kernels import atm as _atm
+    from ..kernels import morph_fc as _morph_fc
 
     register("atm_sample", "triton", forward=_atm.forward, backward=_atm.backward)
+    register("morph_fc", "triton", forward=_morph_fc.forward, backward=_morph_fc.backward)
