@@ -12,7 +12,8 @@ A backend is chosen per call, in this order of precedence:
 1. the op's ``backend=`` argument;
 2. the innermost ``with mixops.use_backend(...)`` block;
 3. the ``MIXOPS_BACKEND`` environment variable;
-4. ``"auto"``: cuda > triton > torch on CUDA tensors, torch on CPU tensors.
+4. ``"auto"``: cuda > triton > torch on CUDA tensors, torch on CPU tensors, skipping kernels
+   registered with ``auto=False`` (not yet verified on a GPU).
 
 An explicit choice that an op does not have, or that cannot run on the given tensors, is an
 error naming what is available: a silent fallback would hide a slow path from a benchmark.
@@ -50,6 +51,7 @@ class Impl:
     forward: Callable
     backward: Callable
     supports: Callable[[torch.Tensor], bool]
+    auto: bool = True
 
 
 _registry: dict[str, dict[str, Impl]] = {}
@@ -74,16 +76,19 @@ def register(
     forward: Callable,
     backward: Callable,
     supports: Optional[Callable[[torch.Tensor], bool]] = None,
+    auto: bool = True,
 ) -> None:
     """Register ``backend``'s implementation of ``mixops.<op>``.
 
     ``supports(tensor)`` says whether it runs on that tensor's device; the default is the
     backend's own rule (torch: anywhere; triton: CUDA, or CPU under TRITON_INTERPRET=1;
-    cuda: CUDA).
+    cuda: CUDA). ``auto=False`` keeps it out of the ``"auto"`` choice (it runs only when asked
+    for by name): for kernels that have not yet been verified on a GPU.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _registry.setdefault(op, {})[backend] = Impl(forward, backward, supports or _DEFAULT_SUPPORTS[backend])
+    impl = Impl(forward, backward, supports or _DEFAULT_SUPPORTS[backend], auto)
+    _registry.setdefault(op, {})[backend] = impl
 
 
 def available_backends(op: str) -> tuple[str, ...]:
@@ -129,7 +134,7 @@ def resolve(op: str, backend: Optional[str], like: torch.Tensor) -> str:
         order = _AUTO_ORDER["cuda" if like.is_cuda else "cpu"]
         for cand in order:
             impl = _registry.get(op, {}).get(cand)
-            if impl is not None and impl.supports(like):
+            if impl is not None and impl.auto and impl.supports(like):
                 return cand
         raise ValueError(
             f"no backend of mixops.{op} runs on {like.device.type} tensors; "

@@ -95,3 +95,16 @@ def test_backend_that_cannot_run_on_the_device_is_refused(monkeypatch):
         mixops.morph_fc(torch.randn(1, 2, 2, 4), torch.randn(4, 4), segment_dim=2, axis="w", backend="cuda")
     # auto on a CPU tensor still picks the reference
     assert backend.resolve("morph_fc", "auto", torch.zeros(1)) == "torch"
+
+
+def test_auto_skips_backends_registered_outside_auto(monkeypatch):
+    """A kernel not yet verified on a GPU runs only when asked for by name."""
+    monkeypatch.delenv("MIXOPS_BACKEND", raising=False)
+    impl = backend.implementation("morph_fc", "torch")
+    everywhere = lambda t: True  # noqa: E731
+    monkeypatch.setitem(
+        backend._registry["morph_fc"], "cuda", backend.Impl(impl.forward, impl.backward, everywhere, auto=False)
+    )
+    x = torch.zeros(1)
+    assert backend.resolve("morph_fc", "auto", x) == "torch"
+    assert backend.resolve("morph_fc", "cuda", x) == "cuda"
