@@ -38,12 +38,25 @@ Grids:
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["backward", "forward", "launch_backward", "launch_forward"]
+# one dot-precision rule for every mixops GEMM kernel: TF32 only where torch allows it for its
+# own fp32 matmuls, half operands in their dtype on the GPU and upcast under the interpreter
+from .morph_fc import _dot_dtypes
+
+__all__ = [
+    "backward",
+    "fc_backward",
+    "fc_forward",
+    "forward",
+    "launch_backward",
+    "launch_fc_forward",
+    "launch_forward",
+]
 
 _AXIS_DIMS = {"w": (1, 2), "h": (2, 1)}  # (line dim, position dim) of [B,H,W,C] per axis
 
@@ -51,6 +64,30 @@ _AXIS_DIMS = {"w": (1, 2), "h": (2, 1)}  # (line dim, position dim) of [B,H,W,C]
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sample_position(pos, N):
+    """(k, f) of sample positions ``pos`` on a line of N: k = floor(pos) as int32, f = pos - k.
+
+    Outside [-2, n] both corners are out of range whatever the clamp does, and the clamp keeps
+    the integer conversion defined for huge offsets.
+    """
+    pos = tl.minimum(tl.maximum(pos, -2.0), N * 1.0)
+    kf = tl.floor(pos)
+    return kf.to(tl.int32), pos - kf
+
+
+@triton.jit
+def _corner_values(x_line, k, N, sx_p, mask, COMPUTE: tl.constexpr):
+    """(V(k), V(k+1)) in COMPUTE: x_line[k·sx_p] and x_line[(k+1)·sx_p] where the corner is in
+    [0, N) and ``mask`` holds, else 0 (zero padding). ``x_line`` points at position 0 of the
+    line (a pointer tensor broadcastable to k)."""
+    in0 = mask & (k >= 0) & (k < N)
+    in1 = mask & (k + 1 >= 0) & (k + 1 < N)
+    v0 = tl.load(x_line + k.to(tl.int64) * sx_p, mask=in0, other=0.0).to(COMPUTE)
+    v1 = tl.load(x_line + (k + 1).to(tl.int64) * sx_p, mask=in1, other=0.0).to(COMPUTE)
+    return v0, v1
 
 
 @triton.jit
@@ -89,19 +126,9 @@ def _atm_sample_fwd_kernel(
 
     o_ptrs = off_ptr + (b * so_b + l * so_l + q.to(tl.int64) * so_p)[:, None] + (c64 // SHARE) * so_g
     o = tl.load(o_ptrs, mask=mask, other=0.0).to(COMPUTE)
-    pos = q.to(COMPUTE)[:, None] + o
-    # Outside [-2, n] both corners are out of range whatever the clamp does, and the clamp keeps
-    # the integer conversion defined for huge offsets.
-    pos = tl.minimum(tl.maximum(pos, -2.0), N * 1.0)
-    kf = tl.floor(pos)
-    f = pos - kf
-    k = kf.to(tl.int32)
-
+    k, f = _sample_position(q.to(COMPUTE)[:, None] + o, N)
     x_line = x_ptr + (b * sx_b + l * sx_l)[:, None] + c64 * sx_c
-    in0 = mask & (k >= 0) & (k < N)
-    in1 = mask & (k + 1 >= 0) & (k + 1 < N)
-    v0 = tl.load(x_line + k.to(tl.int64) * sx_p, mask=in0, other=0.0).to(COMPUTE)
-    v1 = tl.load(x_line + (k + 1).to(tl.int64) * sx_p, mask=in1, other=0.0).to(COMPUTE)
+    v0, v1 = _corner_values(x_line, k, N, sx_p, mask, COMPUTE)
     out = (1.0 - f) * v0 + f * v1
 
     y_ptrs = out_ptr + (b * sy_b + l * sy_l + q.to(tl.int64) * sy_p)[:, None] + c64 * sy_c
@@ -169,16 +196,9 @@ def _atm_sample_bwd_kernel(
         q64 = q.to(tl.int64)[:, None]
         gv = tl.load(g_line + q64 * sg_p + c64 * sg_c, mask=mask, other=0.0).to(COMPUTE)
         o = tl.load(o_line + q64 * so_p + grp.to(tl.int64)[None, :] * so_g, mask=mask, other=0.0)
-        pos = q.to(COMPUTE)[:, None] + o.to(COMPUTE)
-        pos = tl.minimum(tl.maximum(pos, -2.0), N * 1.0)  # as in the forward
-        kf = tl.floor(pos)
-        f = pos - kf
-        k = kf.to(tl.int32)
+        k, f = _sample_position(q.to(COMPUTE)[:, None] + o.to(COMPUTE), N)
         if NEED_GOFF:
-            in0 = mask & (k >= 0) & (k < N)
-            in1 = mask & (k + 1 >= 0) & (k + 1 < N)
-            v0 = tl.load(x_line + k.to(tl.int64) * sx_p + c64 * sx_c, mask=in0, other=0.0).to(COMPUTE)
-            v1 = tl.load(x_line + (k + 1).to(tl.int64) * sx_p + c64 * sx_c, mask=in1, other=0.0).to(COMPUTE)
+            v0, v1 = _corner_values(x_line + c64 * sx_c, k, N, sx_p, mask, COMPUTE)
             slope = tl.where(mask, gv * (v1 - v0), 0.0)
             gsum = tl.sum(tl.reshape(slope, [BLOCK_Q, BLOCK_G, SHARE_P]), axis=2)
             go_ptrs = goff_ptr + b * sgo_b + l * sgo_l + q64 * sgo_p + grp_out.to(tl.int64)[None, :] * sgo_g
@@ -193,6 +213,80 @@ def _atm_sample_bwd_kernel(
     if NEED_GX:
         gx_ptrs = gx_ptr + b * sgx_b + l * sgx_l + t.to(tl.int64)[:, None] * sgx_p + c64 * sgx_c
         tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=(t < N)[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _atm_fc_fwd_kernel(
+    x_ptr, off_ptr, w_ptr, bias_ptr, out_ptr,
+    M, L, N, C, C_OUT,
+    sx_b, sx_l, sx_p, sx_c,
+    so_b, so_l, so_p, so_g,
+    sw_n, sw_k, s_bias,
+    sy_b, sy_l, sy_p, sy_c,
+    SHARE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[b,l,q,n] = sum_c S[b,l,q,c]·W[n,c] (+ bias[n]), S = atm_sample(x, off) formed in
+    registers in the A-load stage of the GEMM (never stored).
+
+    x_ptr    [B, L, N, C] input: sx_b, sx_l, sx_p, sx_c (batch, line, position, channel).
+    off_ptr  [B, L, N, C // SHARE] compact offsets: so_b, so_l, so_p, so_g (offset group).
+    w_ptr    [C_OUT, C] FC weight: W[n, c] at n·sw_n + c·sw_k.
+    bias_ptr [C_OUT] bias, stride s_bias (never read unless HAS_BIAS).
+    out_ptr  [B, L, N, C_OUT] output: sy_b, sy_l, sy_p, sy_c.
+    M = B·L·N GEMM rows (pixels), C the reduction, C_OUT the GEMM columns.
+    COMPUTE: positions, lerp weights and the accumulator (fp32; fp64 for fp64 inputs).
+    DOT_DTYPE: what the sampled tile and W enter tl.dot as (storage dtype for fp16/bf16 on the
+    GPU, fp32 under the interpreter, whose bf16 dot is wrong); PRECISION: "ieee" or "tf32".
+    Program pid covers row block pid // cdiv(C_OUT, BLOCK_N) and column block pid % cdiv(...):
+    the column blocks of one row block are adjacent, so their x gathers hit L2.
+    """
+    tl.static_assert(BLOCK_K >= 16)
+    tl.static_assert(BLOCK_M >= 16)
+    tl.static_assert(BLOCK_N >= 16)
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(C_OUT, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < M
+    n_ok = n < C_OUT
+    q = m % N
+    line = m // N
+    b = (line // L).to(tl.int64)
+    l = (line % L).to(tl.int64)
+    q64 = q.to(tl.int64)
+    x_line = x_ptr + (b * sx_b + l * sx_l)[:, None]
+    o_pix = off_ptr + (b * so_b + l * so_l + q64 * so_p)[:, None]
+    qc = q.to(COMPUTE)[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    for k0 in range(0, C, BLOCK_K):
+        c = k0 + tl.arange(0, BLOCK_K)
+        c_ok = c < C
+        c64 = c.to(tl.int64)[None, :]
+        mask = m_ok[:, None] & c_ok[None, :]
+        # A tile: the sampled features of BLOCK_M pixels x BLOCK_K channels (the S channels
+        # of a group re-read one offset, from L1)
+        o = tl.load(o_pix + (c64 // SHARE) * so_g, mask=mask, other=0.0).to(COMPUTE)
+        k, f = _sample_position(qc + o, N)
+        v0, v1 = _corner_values(x_line + c64 * sx_c, k, N, sx_p, mask, COMPUTE)
+        a = (1.0 - f) * v0 + f * v1
+        w_ptrs = w_ptr + n.to(tl.int64)[None, :] * sw_n + c.to(tl.int64)[:, None] * sw_k
+        w = tl.load(w_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=COMPUTE)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + n * s_bias, mask=n_ok, other=0.0)
+        acc += bias.to(COMPUTE)[None, :]
+    y_ptrs = out_ptr + (b * sy_b + l * sy_l + q64 * sy_p)[:, None] + n.to(tl.int64)[None, :] * sy_c
+    tl.store(y_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +330,27 @@ def backward_blocks(n: int, channels: int, share: int) -> dict:
     block_g = min(block_c // share_p, triton.next_power_of_2(channels // share))
     block_q = _pow2_floor(max(1, min(n_pad, budget // (n_pad * block_g * share_p))))
     return {"SHARE_P": share_p, "N_PAD": n_pad, "BLOCK_Q": block_q, "BLOCK_G": block_g, "num_warps": 4}
+
+
+def fc_blocks(pixels: int, channels: int, c_out: int, dtype: torch.dtype) -> dict:
+    """Tiles of the fused gather-GEMM: BLOCK_M pixels x BLOCK_N output channels, BLOCK_K input
+    channels per step. On a GPU: fp16/bf16 use tensor-core tiles of 128 pixels and up to 128
+    output channels (ActiveMLP's C_out = 64..768 in one to six column blocks); fp32 and fp64
+    smaller tiles, as the lerp of the A tile holds several fp32 values per element in
+    registers. Under the interpreter (~1 ms per program and per loop step): the whole reduction
+    in one step and up to 256 columns, ~64K elements per tile."""
+    if _interpreting():
+        block_n = max(16, min(triton.next_power_of_2(c_out), 256))
+        block_k = max(16, min(triton.next_power_of_2(channels), 256))
+        block_m = max(16, min(triton.next_power_of_2(pixels), 65536 // max(block_n, block_k)))
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float64:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    if c_out <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
 
 
 def _pow2_floor(v: int) -> int:
@@ -321,6 +436,41 @@ def launch_backward(
     )
 
 
+def launch_fc_forward(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out: torch.Tensor,
+    axis: str,
+    share: int,
+) -> None:
+    """Write ``atm_sample(x, offset) @ weight.T (+ bias)`` into ``out`` (``[B,H,W,C_out]``, any
+    strides; must not overlap itself). ``weight [C_out, C]`` and ``bias [C_out]``: any strides."""
+    B, L, n, C = _line_shape(x, axis)
+    M = B * L * n
+    c_out = weight.shape[0]
+    if M == 0 or c_out == 0:
+        return
+    cfg = fc_blocks(M, C, c_out, x.dtype)
+    dot_dtype, _, precision = _dot_dtypes(x.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
+    _atm_fc_fwd_kernel[grid](
+        x, offset, weight, bias if bias is not None else weight, out,
+        M, L, n, C, c_out,
+        *_line_strides(x, axis),
+        *_line_strides(offset, axis),
+        weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
+        *_line_strides(out, axis),
+        SHARE=share,
+        HAS_BIAS=bias is not None,
+        COMPUTE=_compute_dtype(x),
+        DOT_DTYPE=dot_dtype,
+        PRECISION=precision,
+        **cfg,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry entry points (mixops.backend)
 # ---------------------------------------------------------------------------------------------
@@ -340,3 +490,36 @@ def backward(grads: list, needs: list, x: torch.Tensor, offset: torch.Tensor, ax
     go = torch.empty(offset.shape, dtype=offset.dtype, device=offset.device) if need_off else None
     launch_backward(grads[0], x, offset, gx, go, axis, share)
     return [g for g in (gx, go) if g is not None]
+
+
+def fc_forward(x, offset, weight, bias, axis: str, share: int) -> torch.Tensor:
+    """``mixops.atm_fc`` forward: ``[B,H,W,C] -> [B,H,W,C_out]``, the gather fused into the FC."""
+    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+    launch_fc_forward(x, offset, weight, bias, out, axis, share)
+    return out
+
+
+def fc_backward(grads: list, needs: list, x, offset, weight, bias, axis: str, share: int) -> list:
+    """``mixops.atm_fc`` backward: the gradients of the flagged inputs among (x, offset,
+    weight, bias), deterministic (no atomics anywhere):
+
+    - dS = g @ W (one GEMM), then the atm_sample backward kernel turns dS into gX and gOffset;
+    - dW = g^T @ S, with S recomputed by the atm_sample forward kernel (a transient);
+    - db = g summed over the pixels.
+    """
+    need_x, need_off, need_w, need_b = needs
+    g = grads[0]
+    result = []
+    if need_x or need_off:
+        ds = torch.matmul(g, weight)
+        result += backward([ds], [need_x, need_off], x, offset, axis, share)
+    if need_w:
+        s = forward(x, offset, axis, share)
+        result.append((g.reshape(-1, g.shape[-1]).t() @ s.reshape(-1, s.shape[-1])).to(weight.dtype))
+    if need_b:
+        result.append(g.sum(dim=(0, 1, 2), dtype=_accumulate_dtype(g)).to(bias.dtype))
+    return result
+
+
+def _accumulate_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32

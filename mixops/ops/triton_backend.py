@@ -17,4 +17,5 @@ if triton is not None:
     # auto=False: these kernels have passed the interpreter and compile for sm_90, but have not
     # run on a GPU yet; until they have, they run only when asked for by name.
     register("atm_sample", "triton", forward=_atm.forward, backward=_atm.backward, auto=False)
+    register("atm_fc", "triton", forward=_atm.fc_forward, backward=_atm.fc_backward, auto=False)
     register("morph_fc", "triton", forward=_morph_fc.forward, backward=_morph_fc.backward, auto=False)
