@@ -334,10 +334,12 @@ def backward_blocks(n: int, channels: int, share: int) -> dict:
 
 def fc_blocks(pixels: int, channels: int, c_out: int, dtype: torch.dtype) -> dict:
     """Tiles of the fused gather-GEMM: BLOCK_M pixels x BLOCK_N output channels, BLOCK_K input
-    channels per step. On a GPU: fp16/bf16 use tensor-core tiles of 128 pixels and up to 128
-    output channels (ActiveMLP's C_out = 64..768 in one to six column blocks); fp32 and fp64
-    smaller tiles, as the lerp of the A tile holds several fp32 values per element in
-    registers. Under the interpreter (~1 ms per program and per loop step): the whole reduction
+    channels per step. On a GPU the A tile's lerp holds two corner addresses, two loads and the
+    fp32 weights per element in registers, so a tile holds at most 128 x 64 elements of the
+    8 warps' budget (ptxas for sm_90 reports spills with 4 warps, or with 8 warps at 128 x 128
+    in fp16/bf16): fp16/bf16 take 128 x 64 for C_out <= 64 and 64 x 128 above (ActiveMLP's
+    C_out = 64..768 in one to six column blocks), fp32 64 x 64, fp64 64 x 32. Under the
+    interpreter (~1 ms per program and per loop step): the whole reduction
     in one step and up to 256 columns, ~64K elements per tile."""
     if _interpreting():
         block_n = max(16, min(triton.next_power_of_2(c_out), 256))
@@ -347,10 +349,10 @@ def fc_blocks(pixels: int, channels: int, c_out: int, dtype: torch.dtype) -> dic
     if dtype == torch.float64:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
     if c_out <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
 
 
 def _pow2_floor(v: int) -> int:

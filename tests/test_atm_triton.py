@@ -249,6 +249,98 @@ def test_backward_is_bit_identical_with_colliding_samples():
         assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+# --- atm_fc: the gather fused into the FC GEMM ----------------------------------------------
+
+# C_out values that are no multiple of any block: below one 16-column block, across two, and
+# above one 256-column interpreter block
+FC_OUTS = (7, 19, 300)
+
+
+def _fc_params(c_out, c, dtype, device="cpu"):
+    """weight as a transposed view (strides (1, C_out)) and bias as a strided slice."""
+    w = torch.randn(c, c_out, dtype=torch.float64).to(dtype).t()
+    b = torch.randn(2 * c_out, dtype=torch.float64).to(dtype)[::2]
+    return w.to(device), b.to(device)
+
+
+def _fc_reference(x, off, w, b, g, axis, share):
+    """Float64 output and gradients (x, offset, weight, bias) of the lerp + FC reference."""
+    leaves = [t.detach().double().cpu().contiguous().requires_grad_() for t in (x, off, w, b)]
+    out = R.atm_fc_lerp(*leaves, axis, share)
+    grads = torch.autograd.grad(out, leaves, g.double().cpu())
+    return out.detach(), grads
+
+
+@on_cpu
+@pytest.mark.parametrize("c_out", FC_OUTS)
+@pytest.mark.parametrize("share, dtype", [(1, torch.float64), (2, torch.float32), (4, torch.float16), (8, torch.float32)])
+@pytest.mark.parametrize("axis", AXES)
+def test_fc_forward_writes_exactly_its_output(axis, share, dtype, c_out):
+    B, H, W, C = AWKWARD
+    x, off = _inputs(AWKWARD, share, axis, "normal5", dtype)
+    w, b = _fc_params(c_out, C, dtype)
+    for bias in (b, None):
+        buf, out, inside = _canary((B, H, W, c_out), dtype)
+        K.launch_fc_forward(x, off, w, bias, out, axis, share)
+        _untouched(buf, inside, "out")
+        ref = R.atm_fc_lerp(x.double(), off.double(), w.double(), None if bias is None else b.double(), axis, share)
+        assert_close(out, ref, dtype, name="out")
+
+
+@on_cpu
+@pytest.mark.parametrize("axis", AXES)
+def test_fc_small_tiles_loop_over_channels(monkeypatch, axis):
+    """16 x 16 x 16 tiles: several row, column and reduction blocks, all with ragged edges
+    (165 pixels, C = 24, C_out = 19), and the reduction loop carries the accumulator."""
+    monkeypatch.setattr(
+        K, "fc_blocks", lambda *a: {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+    )
+    B, H, W, C = AWKWARD
+    for share in (1, 2, 4, 8):
+        x, off = _inputs(AWKWARD, share, axis, "edges")
+        w, b = _fc_params(19, C, torch.float64)
+        buf, out, inside = _canary((B, H, W, 19), torch.float64)
+        K.launch_fc_forward(x, off, w, b, out, axis, share)
+        _untouched(buf, inside, "out")
+        assert_close(out, R.atm_fc_lerp(x, off, w, b, axis, share), name=f"out share {share}")
+
+
+@on_cpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("axis", AXES)
+def test_fc_matches_torchvision(axis, kind):
+    """The fused kernel against deform_conv2d as the official ATMOp drives it, at the kinks."""
+    pytest.importorskip("torchvision")
+    share, c_out = 4, 19
+    x, off = _inputs(AWKWARD, share, axis, kind)
+    w, b = _fc_params(c_out, AWKWARD[-1], torch.float64)
+    assert_close(K.fc_forward(x, off, w, b, axis, share), R.atm_fc_deform(x, off, w, b, axis, share))
+
+
+@on_cpu
+@pytest.mark.parametrize("share, dtype", [(1, torch.float64), (2, torch.float32), (4, torch.float64), (8, torch.float32)])
+@pytest.mark.parametrize("axis", AXES)
+def test_fc_backward(axis, share, dtype):
+    """All four gradients against the float64 reference from an expanded incoming gradient;
+    every ``needs`` subset gives the same bits as all four; two runs are bit-identical."""
+    B, H, W, C = AWKWARD
+    c_out = 19
+    x, off = _inputs(AWKWARD, share, axis, "normal1", dtype)
+    w, b = _fc_params(c_out, C, dtype)
+    g = torch.randn(B, 1, W, c_out, dtype=torch.float64).to(dtype).expand(B, H, W, c_out)
+    every = K.fc_backward([g], [True] * 4, x, off, w, b, axis, share)
+    _, want = _fc_reference(x, off, w, b, g, axis, share)
+    for got, ref, name in zip(every, want, ("x", "offset", "weight", "bias")):
+        assert got.dtype == dtype
+        assert_close(got, ref, dtype, name=f"grad {name}")
+    for i in range(4):
+        needs = [j == i for j in range(4)]
+        (only,) = K.fc_backward([g], needs, x, off, w, b, axis, share)
+        assert torch.equal(only, every[i])
+    again = K.fc_backward([g], [True] * 4, x, off, w, b, axis, share)
+    assert all(torch.equal(a1, a2) for a1, a2 in zip(every, again))
+
+
 # --- block-size heuristics ---------------------------------------------------------------------
 
 
@@ -273,6 +365,13 @@ def test_block_heuristics(monkeypatch, interpreting):
             for C in (1, 3, 16, 64, 512):
                 cfg = K.forward_blocks(M, C)
                 assert _is_pow2(cfg["BLOCK_M"]) and _is_pow2(cfg["BLOCK_C"]) and cfg["BLOCK_C"] <= 128
+                for c_out in (1, 7, 64, 300, 768):
+                    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+                        cfg = K.fc_blocks(M, C, c_out, dtype)
+                        tiles = [cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
+                        # tl.dot needs every tile dimension >= 16
+                        assert all(_is_pow2(t) and t >= 16 for t in tiles)
+                        assert cfg["BLOCK_M"] * max(cfg["BLOCK_N"], cfg["BLOCK_K"]) <= 65536
 
 
 def test_interpreter_grids_stay_small(monkeypatch):
@@ -288,6 +387,11 @@ def test_interpreter_grids_stay_small(monkeypatch):
                 fwd = math.ceil(B * H * W / f["BLOCK_M"]) * math.ceil(C / f["BLOCK_C"])
                 bwd = B * L * math.ceil(C // share / b["BLOCK_G"])
                 assert fwd <= 200 and bwd <= 200, (B, H, W, C, share, fwd, bwd)
+                for c_out in (*FC_OUTS, 8):
+                    fc = K.fc_blocks(B * H * W, C, c_out, torch.float32)
+                    steps = math.ceil(B * H * W / fc["BLOCK_M"]) * math.ceil(c_out / fc["BLOCK_N"])
+                    steps *= math.ceil(C / fc["BLOCK_K"])
+                    assert steps <= 20, (B, H, W, C, c_out, steps)
 
 
 # --- the kernels compile for sm_90 with the GPU block sizes ------------------------------------
@@ -298,7 +402,7 @@ def test_interpreter_grids_stay_small(monkeypatch):
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64"}
 # channel / group strides, which triton specializes to 1 for contiguous tensors on the GPU
-_UNIT_STRIDES = ("sx_c", "so_g", "sy_c", "sg_c", "sgx_c", "sgo_g")
+_UNIT_STRIDES = ("sx_c", "so_g", "sy_c", "sg_c", "sgx_c", "sgo_g", "sw_k")
 # ActiveMLP-T/S/B stages (n = H = W, C, share)
 _STAGES = [(56, 64, 2), (28, 128, 4), (14, 320, 4), (7, 512, 8)]
 # id -> (kernel, dtype, stage, (need gX, need gOff), unit channel strides): every dtype at
@@ -311,6 +415,13 @@ _BUILDS = {
     "bwd-fp32-gx-only": ("bwd", "fp32", _STAGES[0], (True, False), True),
     "bwd-fp32-goff-only": ("bwd", "fp32", _STAGES[0], (False, True), True),
     "bwd-fp32-strided": ("bwd", "fp32", _STAGES[0], (True, True), False),
+    # fused gather-GEMM (needs = (bias, tf32)): every dtype at stage 1 (C_out = 64 tiles), the
+    # C_out > 64 tiles at stage 3 in the half types, no bias, TF32, a strided build
+    **{f"fc-{d}": ("fc", d, _STAGES[0], (True, False), True) for d in _PTR},
+    **{f"fc-{d}-n320": ("fc", d, _STAGES[2], (True, False), True) for d in ("fp16", "bf16")},
+    "fc-fp32-nobias": ("fc", "fp32", _STAGES[0], (False, False), True),
+    "fc-fp32-tf32": ("fc", "fp32", _STAGES[2], (True, True), True),
+    "fc-bf16-strided": ("fc", "bf16", _STAGES[3], (True, False), False),
 }
 
 
@@ -336,13 +447,24 @@ def _build(kernel, dtype, stage, needs, unit_strides):
 
     n, C, share = stage
     compute = tl.float64 if dtype == "fp64" else tl.float32
+    options = {}
     if kernel == "fwd":
         fn, cfg = K._atm_sample_fwd_kernel, K.forward_blocks(128 * n * n, C)
         consts = dict(SHARE=share, COMPUTE=compute)
+    elif kernel == "fc":
+        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[dtype]
+        fn, cfg = K._atm_fc_fwd_kernel, K.fc_blocks(128 * n * n, C, C, torch_dtype)
+        has_bias, tf32 = needs
+        dot_dtype, _, precision = K._dot_dtypes(torch_dtype)
+        consts = dict(
+            SHARE=share, HAS_BIAS=has_bias, COMPUTE=compute, DOT_DTYPE=dot_dtype,
+            PRECISION="tf32" if tf32 else precision,
+        )
+        options["num_stages"] = cfg.pop("num_stages")
     else:
         fn, cfg = K._atm_sample_bwd_kernel, K.backward_blocks(n, C, share)
         consts = dict(SHARE=share, COMPUTE=compute, NEED_GX=needs[0], NEED_GOFF=needs[1])
-    num_warps = cfg.pop("num_warps")
+    options["num_warps"] = cfg.pop("num_warps")
     consts.update(cfg)
     if unit_strides:
         consts.update({name: 1 for name in _UNIT_STRIDES if name in fn.arg_names})
@@ -353,7 +475,7 @@ def _build(kernel, dtype, stage, needs, unit_strides):
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=consts),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps},
+        options=options,
     )
     return {"cubin": "cubin" in compiled.asm, "spills": _ptxas_spills(compiled.asm["ptx"]), "cfg": cfg}
 
@@ -431,6 +553,42 @@ def test_cuda_canary_and_awkward_sizes(axis, dtype):
     assert_close(out, ref, dtype, name="out")
     assert_close(gx, want_x, dtype, name="grad x")
     assert_close(go, want_o, dtype, name="grad offset")
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", _GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("stage", _STAGES, ids=str)
+@pytest.mark.parametrize("axis", AXES)
+def test_cuda_fc_matches_reference(axis, stage, dtype):
+    """The fused gather-GEMM and its backward at the ActiveMLP stage shapes (C_out = C)."""
+    n, C, share = stage
+    shape = (4, n, n, C)
+    x, off = _inputs(shape, share, axis, "normal5", dtype, "cuda")
+    w, b = _fc_params(C, C, dtype, "cuda")
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).cuda()
+    leaves = [t.detach().requires_grad_() for t in (x, off, w, b)]
+    out = mixops.atm_fc(*leaves, axis=axis, share=share, backend="triton")
+    grads = torch.autograd.grad(out, leaves, g)
+    ref, want = _fc_reference(x, off, w, b, g, axis, share)
+    assert_close(out, ref, dtype, name="out")
+    for got, exp, name in zip(grads, want, ("x", "offset", "weight", "bias")):
+        assert_close(got, exp, dtype, name=f"grad {name}")
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", _GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("axis", AXES)
+def test_cuda_fc_canary_and_awkward_sizes(axis, dtype):
+    B, H, W, C = AWKWARD
+    for share in (1, 2, 4, 8):
+        for c_out in FC_OUTS:
+            x, off = _inputs(AWKWARD, share, axis, "normal5", dtype, "cuda")
+            w, b = _fc_params(c_out, C, dtype, "cuda")
+            buf, out, inside = _canary((B, H, W, c_out), dtype, "cuda")
+            K.launch_fc_forward(x, off, w, b, out, axis, share)
+            _untouched(buf, inside, "out")
+            ref = R.atm_fc_lerp(*(t.double().cpu() for t in (x, off, w, b)), axis, share)
+            assert_close(out, ref, dtype, name=f"out share {share} c_out {c_out}")
 
 
 @pytest.mark.needs_cuda
