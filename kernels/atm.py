@@ -1,4 +1,5 @@
-"""Triton backend of ``mixops.atm_sample``: ActiveMLP's per-channel 1-D zero-padded lerp gather.
+"""Triton backend of ``mixops.atm_sample`` (ActiveMLP's per-channel 1-D zero-padded lerp gather)
+and ``mixops.atm_fc`` (that gather fused into the following FC GEMM, the official ATMOp).
 
 What it computes (spec ``shared/specs/atm.md`` sections 3-4), on channels-last ``x [B,H,W,C]``
 with compact offsets ``off [B,H,W,G]``, ``G = C / S`` (channel c uses offset ``c // S``):
@@ -30,10 +31,25 @@ Cost, N = B·H·W·C elements, element size e bytes:
   ops per element for the owner-computes accumulation (n_pad = line length rounded up to a
   power of 2); minimal HBM traffic (3 + 2/S)·N·e (read g, x, offsets; write gX, gOff).
 
+atm_fc (spec 6, 12.5): out[m, n] = sum_c S[m, c]·W[n, c] + bias[n] over the M = B·H·W pixels,
+S = the gather above. The gather is the GEMM's A-load stage: each A tile (pixels x input
+channels) is lerped in registers from x and the offsets (the helpers _sample_position and
+_corner_values are shared with the atm_sample kernels), so S never reaches HBM. Backward is
+deterministic and reuses the atm_sample kernels: dS = g @ W (torch matmul), then the
+owner-computes backward turns dS into gX and gOff; dW = g^T @ S with S recomputed by the
+atm_sample forward (a transient); db = g summed over the pixels (torch.sum).
+- forward: 2·M·C·C_out FLOP (+ ~8 per gathered element and column block); minimal HBM traffic
+  (M·C·(1 + 1/S) + C·C_out + M·C_out)·e (read x, offsets, W once; write out) against
+  (M·C·(3 + 1/S) + ...)·e for gather then GEMM.
+- backward: 4·M·C·C_out FLOP (dS, dW) plus the gather backward; dS and S are transients of
+  M·C elements each.
+
 Grids:
 - forward:  (cdiv(B·L·n, BLOCK_M), cdiv(C, BLOCK_C)) -- tiles of pixels x channels, lanes over
   channels so NHWC loads and stores coalesce.
 - backward: (B·L, cdiv(G, BLOCK_G)) -- one program per (line, block of channel groups).
+- atm_fc forward: (cdiv(M, BLOCK_M) · cdiv(C_out, BLOCK_N),) -- the column blocks of one row
+  block are adjacent, so each x gather is re-read from L2 rather than HBM.
 """
 from __future__ import annotations
 

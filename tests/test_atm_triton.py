@@ -1,8 +1,10 @@
-"""The Triton ATM gather (``kernels/atm.py``, ``mixops.kernels.atm``) beyond the generic op tests:
+"""The Triton ATM gather and the fused gather-GEMM ``atm_fc`` (``kernels/atm.py``,
+``mixops.kernels.atm``) beyond the generic op tests:
 outputs written exactly where they belong (NaN-filled canary buffers around strided views),
 awkward sizes, every offset distribution, non-power-of-2 ``share``, huge offsets, positions in
 fp32 for half storage, gradients against torchvision at the kinks, the ``needs`` subsets,
-bit-identical backward, the block-size heuristics, an sm_90 compile of every kernel, and
+bit-identical backward, the fused FC's awkward C / C_out and multi-block tiles, the block-size
+heuristics, an sm_90 compile of every kernel, and
 ``needs_cuda`` GPU tests (dtypes, model shapes, determinism, > 2**31 elements).
 
 On CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
