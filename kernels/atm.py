@@ -129,7 +129,7 @@ def _atm_sample_fwd_kernel(
     """
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # > 2^31 pixels stay exact
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = m < M
     c_ok = c < C
@@ -222,9 +222,12 @@ def _atm_sample_bwd_kernel(
         if NEED_GX:
             # target t receives g·(1-f) when t == k and g·f when t == k+1; out-of-range corners
             # match no target in [0, N). Masked positions carry g = 0.
+            # The select happens after the multiply, so an inf in g reaches only its two
+            # targets (0·inf would put NaN on every other target of the line).
             d = t[:, None, None] - k[None, :, :]
-            w = tl.where(d == 0, 1.0 - f[None, :, :], tl.where(d == 1, f[None, :, :], 0.0))
-            acc += tl.sum(w * gv[None, :, :], axis=1)
+            g3 = gv[None, :, :]
+            contrib = tl.where(d == 0, (1.0 - f[None, :, :]) * g3, tl.where(d == 1, f[None, :, :] * g3, 0.0))
+            acc += tl.sum(contrib, axis=1)
 
     if NEED_GX:
         gx_ptrs = gx_ptr + b * sgx_b + l * sgx_l + t.to(tl.int64)[:, None] * sgx_p + c64 * sgx_c

@@ -630,3 +630,21 @@ def test_cuda_more_than_2_31_elements():
         assert_close(gx[rows][..., cs], want_x, torch.float16, name=f"grad x {axis}")
         assert_close(go[rows][..., gs], want_o, torch.float16, name=f"grad offset {axis}")
         del out, gx, go
+
+
+@pytest.mark.parametrize("axis", ["w", "h"])
+def test_inf_gradient_reaches_only_its_own_targets(axis):
+    """An inf in the incoming gradient spoils only the two gX targets it is scattered to (as
+    in the reference and torchvision), not every element of its line."""
+    x = torch.randn(1, 5, 6, 4, dtype=torch.float64, requires_grad=True)
+    off = (torch.rand(1, 5, 6, 4, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
+    g = torch.randn(1, 5, 6, 4, dtype=torch.float64)
+    g[0, 2, 3, 1] = float("inf")
+    grads = {}
+    for name in ("torch", "triton"):
+        out = mixops.atm_sample(x, off, axis=axis, backend=name)
+        (grads[name],) = torch.autograd.grad(out, x, g)
+    ok = torch.isfinite(grads["torch"])
+    assert torch.equal(torch.isfinite(grads["triton"]), ok)
+    assert (~ok).sum() <= 2
+    torch.testing.assert_close(grads["triton"][ok], grads["torch"][ok])
