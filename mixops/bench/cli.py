@@ -7,6 +7,9 @@ on the stage shapes of the model configs, forward and forward+backward.
 
 On a machine without a GPU it runs on CPU tensors (wall-clock timing, B = 1, fp32) and says
 so: the numbers then compare the reference with its torch.compile, not GPU kernels.
+
+Cases with a peer (the MorphFC branch presets) also time a plain torch op of the same sizes,
+the matmul of the same M, N, K, in the same run, and report each backend's speed as "% peer".
 """
 from __future__ import annotations
 
@@ -92,19 +95,30 @@ def _nbytes(ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def _runner(fn, built, mode, grad_out):
-    """A zero-argument call of one measurement: inference forward, or forward + backward."""
-    diff = [*built.inputs, *built.params]
+def _runner(fn, inputs, diff, mode, grad_out):
+    """A zero-argument call of one measurement: inference forward, or forward + backward
+    (the gradients of ``diff``)."""
     if mode == "fwd":
         def run():
             with torch.no_grad():
-                return fn(*built.inputs)
+                return fn(*inputs)
     else:
         def run():
-            out = fn(*built.inputs)
+            out = fn(*inputs)
             # allow_unused: e.g. a window map without padding never reads the qkv bias
-            return torch.autograd.grad(out, diff, grad_out, allow_unused=True)
+            return torch.autograd.grad(out, diff, grad_out.reshape(out.shape), allow_unused=True)
     return run
+
+
+def _peer_row(peer, row, mode, grad_out, device, args) -> tuple[dict, float | None]:
+    """Time the case's plain-torch peer (same sizes): its row and its median (None if it failed)."""
+    row = {**row, "backend": f"peer:{peer.name}"}
+    try:
+        ms = median_ms(_runner(peer.fn, peer.inputs, peer.inputs, mode, grad_out), device,
+                       warmup=args.warmup, rep=args.rep)
+    except Exception as e:  # reported in its row, like a failing backend
+        return {**row, "status": f"error: {type(e).__name__}: {e}"[:200]}, None
+    return {**row, "status": "ok", "median_ms": ms}, ms
 
 
 def _backend_fn(name, case, built, device):
@@ -138,17 +152,20 @@ def run_case(case, device, dtype, args) -> list[dict]:
         i, p, o = io_bytes
         moved = i + p + o if mode == "fwd" else 3 * i + 3 * p + 2 * o
         flops = built.flops if mode == "fwd" else 3 * built.flops
-        official_ms = None
+        base = {"preset": case.preset, "case": case.name, "batch": case.batch, "mode": mode}
+        official_ms = peer_ms = None
+        if built.peer is not None:
+            peer_row, peer_ms = _peer_row(built.peer, base, mode, grad_out, device, args)
+            rows.append(peer_row)
         # official first, so every other backend's speedup has its denominator
         for name in sorted(args.backends, key=lambda b: b != "official"):
-            row = {"preset": case.preset, "case": case.name, "batch": case.batch, "mode": mode,
-                   "backend": name, "bytes": moved, "flops": flops}
+            row = {**base, "backend": name, "bytes": moved, "flops": flops}
             fn, why = _backend_fn(name, case, built, device)
             if fn is None:
                 rows.append({**row, "status": why})
                 continue
             try:
-                run = _runner(fn, built, mode, grad_out)
+                run = _runner(fn, built.inputs, [*built.inputs, *built.params], mode, grad_out)
                 with torch.no_grad():
                     out = fn(*built.inputs)
                 err = float((out.float() - reference_out.float()).norm() / reference_out.float().norm().clamp_min(1e-30))
@@ -162,9 +179,12 @@ def run_case(case, device, dtype, args) -> list[dict]:
             rows.append({
                 **row, "status": "ok", "median_ms": ms, "rel_err_vs_official": err,
                 "speedup": official_ms / ms if official_ms else None,
-                "GBps": moved / (ms * 1e-3) / 1e9, "TFLOPs": flops / (ms * 1e-3) / 1e12,
+                "GBps": moved / (ms * 1e-3) / 1e9,
                 "pct_copy": 100 * moved / (ms * 1e-3) / 1e9 / args.ceil["copy_GBps"],
-                "pct_matmul": 100 * flops / (ms * 1e-3) / 1e12 / args.ceil["matmul_TFLOPs"],
+                # a pure data-movement case (flops 0) has no FLOP rate
+                "TFLOPs": flops / (ms * 1e-3) / 1e12 if flops else None,
+                "pct_matmul": 100 * flops / (ms * 1e-3) / 1e12 / args.ceil["matmul_TFLOPs"] if flops else None,
+                "pct_peer": 100 * peer_ms / ms if peer_ms else None,
                 "peak_MB": peak,
             })
     return rows

@@ -12,13 +12,23 @@ largest divisor <= 32), and B = 1 on CPUs, where the large batches would take mi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from .. import nn as mnn
 from .. import reference as ref
-from ..ops import window_attention
+from ..ops import atm_sample, morph_fc, window_attention
+
+
+@dataclass
+class Peer:
+    """A plain torch op of the same size as the case (e.g. the matmul of the same M, N, K):
+    the bar a target like "within 80% of a plain matmul" is measured against, in the same run."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    inputs: list[torch.Tensor]
 
 
 @dataclass
@@ -28,6 +38,7 @@ class Built:
     inputs: list[torch.Tensor]
     params: list[torch.Tensor]
     flops: float
+    peer: Optional[Peer] = None
 
 
 @dataclass
@@ -87,6 +98,24 @@ def _morph_video_case(stage, hw, c, seg, batch, frames=8):
     return Case("morphmlp-s-video16", f"s{stage} 8x{hw}x{hw} C{c}", batch, ("morph_fc",), build)
 
 
+def _morph_branch_case(preset, stage, hw, c, seg, batch):
+    """One chunked token-FC branch alone (H: the column-major gather; stage 4: strided "hs"),
+    against a plain matmul of the same [M, C] x [C, C] (the DESIGN.md branch-GEMM target)."""
+    axis = "hs" if stage == 4 else "h"
+
+    def build(device, dtype):
+        x = _rand(batch, hw, hw, c, device=device, dtype=dtype)
+        w = _rand(c, c, device=device, dtype=dtype, scale=c**-0.5)
+        b = _rand(c, device=device, dtype=dtype)
+        rows = _rand(batch * hw * hw, c, device=device, dtype=dtype)
+        return Built(lambda x, w, b: ref.morph_fc.morph_fc(x, w, b, seg, axis),
+                     lambda x, w, b: morph_fc(x, w, b, segment_dim=seg, axis=axis),
+                     [x, w, b], [], 2.0 * batch * hw * hw * c * c,
+                     Peer("matmul", lambda a, w, b: torch.addmm(b, a, w.t()), [rows, w, b]))
+
+    return Case(preset, f"s{stage} {axis} {hw}x{hw} C{c} L{seg}", batch, ("morph_fc",), build)
+
+
 # --- ActiveMLP: ATMLayer (spec atm.md 11.1) ------------------------------------------------
 
 _ATM = {"activemlp-t": [(56, 64, 2), (28, 128, 4), (14, 320, 4), (7, 512, 8)]}
@@ -111,6 +140,20 @@ def _atm_case(preset, stage, hw, c, share, batch):
                      [x, compact], list(m.parameters()), 4 * 2.0 * batch * hw * hw * c * c)
 
     return Case(preset, f"s{stage} {hw}x{hw} C{c} S{share}", batch, ("atm_fc", "atm_sample"), build)
+
+
+def _atm_gather_case(preset, stage, hw, c, share, batch):
+    """The bare gather (atm_sample, W axis) on the compact offsets: its GB/s against the copy
+    ceiling is the DESIGN.md gather target. The official code has no bare gather; the baseline is
+    the reference lerp."""
+
+    def build(device, dtype):
+        x = _rand(batch, hw, hw, c, device=device, dtype=dtype)
+        off = _rand(batch, hw, hw, c // share, device=device, dtype=dtype, scale=2.0)
+        return Built(lambda x, o: ref.atm.atm_sample(x, o, "w", share),
+                     lambda x, o: atm_sample(x, o, axis="w", share=share), [x, off], [], 0.0)
+
+    return Case(preset, f"s{stage} {hw}x{hw} C{c} S{share}", batch, ("atm_sample",), build)
 
 
 # --- DynaMixer: DynaMixerBlock (spec dynamixer.md 7.1) -------------------------------------
@@ -181,11 +224,17 @@ def presets(device: torch.device, batches: list[int] | None = None) -> dict[str,
     out: dict[str, list[Case]] = {}
     for name, stages in _MORPH.items():
         out[name] = [_morph_case(name, i + 1, *s, b) for b in bs(128, 1) for i, s in enumerate(stages)]
+        out[f"{name}-branch"] = [
+            _morph_branch_case(f"{name}-branch", i + 1, *s, b) for b in bs(128, 1) for i, s in enumerate(stages)
+        ]
     out["morphmlp-s-video16"] = [
         _morph_video_case(i + 1, *s, b) for b in bs(8) for i, s in enumerate(_MORPH["morphmlp-s"])
     ]
     for name, stages in _ATM.items():
         out[name] = [_atm_case(name, i + 1, *s, b) for b in bs(128, 127, 1) for i, s in enumerate(stages)]
+        out[f"{name}-gather"] = [
+            _atm_gather_case(f"{name}-gather", i + 1, *s, b) for b in bs(128, 127, 1) for i, s in enumerate(stages)
+        ]
     for name, stages in _DYNA.items():
         out[name] = [_dyna_case(name, i + 1, *s, b) for b in bs(128, 1) for i, s in enumerate(stages)]
     for name, shapes in _WINDOWS.items():
@@ -196,4 +245,7 @@ def presets(device: torch.device, batches: list[int] | None = None) -> dict[str,
 
 
 # The presets of the DESIGN.md target table: what `mixops-bench` runs with no arguments.
-DEFAULT = ["morphmlp-s", "activemlp-t", "dynamixer-s", "uniformer-s-win", "repmlp-t224", "repmlp-b224"]
+DEFAULT = [
+    "morphmlp-s", "morphmlp-s-branch", "activemlp-t", "activemlp-t-gather", "dynamixer-s",
+    "uniformer-s-win", "repmlp-t224", "repmlp-b224",
+]

@@ -16,6 +16,7 @@ COLUMNS = [
     ("% copy", "pct_copy", "{:.1f}"),
     ("TFLOP/s", "TFLOPs", "{:.2f}"),
     ("% matmul", "pct_matmul", "{:.1f}"),
+    ("% peer", "pct_peer", "{:.1f}"),
     ("peak MB", "peak_MB", "{:.0f}"),
     ("err", "rel_err_vs_official", "{:.1e}"),
     ("status", "status", "{}"),
