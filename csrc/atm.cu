@@ -329,6 +329,15 @@ struct WmmaTile {
   }
 };
 
+// The operand tiles As, Bs and, once the reduction is done, the accumulator tile Cs share one
+// buffer: 34 KB at most (fp64), so every variant fits the 48 KB of static shared memory.
+template <typename Tile>
+struct TileSmem {
+  static constexpr size_t kOperands = (kTileM + kTileN) * Tile::kLd * sizeof(typename Tile::smem_t);
+  static constexpr size_t kAcc = kTileM * kLdC * sizeof(typename Tile::acc_t);
+  static constexpr size_t kBytes = kOperands > kAcc ? kOperands : kAcc;
+};
+
 // Stands in for an Ampere-only tile in the device passes of older architectures: the host never
 // launches it there (math_for checks the device), so reaching it is a bug and traps.
 template <typename smem_type>
@@ -429,9 +438,10 @@ __global__ void __launch_bounds__(kThreads)
   using smem_t = typename Tile::smem_t;
   using acc_t = typename Tile::acc_t;
   constexpr int kLd = Tile::kLd;
-  __shared__ __align__(32) smem_t As[kTileM * kLd];
-  __shared__ __align__(32) smem_t Bs[kTileN * kLd];
-  __shared__ __align__(32) acc_t Cs[kTileM * kLdC];
+  __shared__ __align__(32) unsigned char smem[TileSmem<Tile>::kBytes];
+  smem_t* As = reinterpret_cast<smem_t*>(smem);
+  smem_t* Bs = As + kTileM * kLd;
+  acc_t* Cs = reinterpret_cast<acc_t*>(smem);  // after the last step only
   __shared__ PixelRow rows[kTileM];
 
   const int64_t tiles_n = (C_out + kTileN - 1) / kTileN;
@@ -524,9 +534,10 @@ __global__ void __launch_bounds__(kThreads)
   using smem_t = typename Tile::smem_t;
   using acc_t = typename Tile::acc_t;
   constexpr int kLd = Tile::kLd;
-  __shared__ __align__(32) smem_t As[kTileM * kLd];
-  __shared__ __align__(32) smem_t Bs[kTileN * kLd];
-  __shared__ __align__(32) acc_t Cs[kTileM * kLdC];
+  __shared__ __align__(32) unsigned char smem[TileSmem<Tile>::kBytes];
+  smem_t* As = reinterpret_cast<smem_t*>(smem);
+  smem_t* Bs = As + kTileM * kLd;
+  acc_t* Cs = reinterpret_cast<acc_t*>(smem);  // after the last step only
   __shared__ PixelRow pixels[kTileK];
 
   const int64_t tiles_c = (C + kTileN - 1) / kTileN;
@@ -588,7 +599,7 @@ at::Tensor fc_weight_grad_t(const at::Tensor& g, const at::Tensor& x, const at::
   atm_fc_dw_kernel<scalar_t, kMath>
       <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)), kThreads, 0,
          at::cuda::getCurrentCUDAStream()>>>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                             offset.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), M,
+                                             offset.const_data_ptr<scalar_t>(), partial.template mutable_data_ptr<acc_t>(), M,
                                              sh.L, sh.n, sh.C, c_out, sh.share, chunk, sh.strides(g), sh.strides(x),
                                              sh.strides(offset));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
