@@ -278,6 +278,15 @@ struct SimtTile {
   }
 };
 
+// TF32 fragments are loaded from fp32 and rounded in place (the conversion exists on sm_80+ only;
+// older device passes never instantiate a TF32 tile).
+template <typename Frag>
+__device__ __forceinline__ void round_to_tf32(Frag& frag) {
+#ifdef __CUDA_AMPERE_MMA__
+  for (int e = 0; e < frag.num_elements; ++e) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
+#endif
+}
+
 // WMMA: warp w owns the 32x32 quadrant (w / 2, w % 2) as 2x2 fragments of 16x16x kK.
 // frag_t: the fragment element type (__half, __nv_bfloat16, wmma::precision::tf32); smem_t: how
 // shared memory stores the operands (c10::Half / c10::BFloat16, layout-identical to the CUDA
@@ -308,8 +317,8 @@ struct WmmaTile {
         wmma::load_matrix_sync(a[i], A + (wm * 32 + i * 16) * kLd + k, kLd);
         wmma::load_matrix_sync(b[i], B + (wn * 32 + i * 16) * kLd + k, kLd);
         if constexpr (std::is_same_v<load_t, float>) {
-          for (int e = 0; e < a[i].num_elements; ++e) a[i].x[e] = wmma::__float_to_tf32(a[i].x[e]);
-          for (int e = 0; e < b[i].num_elements; ++e) b[i].x[e] = wmma::__float_to_tf32(b[i].x[e]);
+          round_to_tf32(a[i]);
+          round_to_tf32(b[i]);
         }
       }
 #pragma unroll
