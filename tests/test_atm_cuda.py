@@ -16,12 +16,12 @@ import itertools
 
 import pytest
 import torch
+from mixops_testing import assert_close
+from test_atm_cases import KINDS, away_from_integers, make_offset, official_atm_op
 
 import mixops
 from mixops.backend import implementation
 from mixops.reference import atm as R
-from mixops_testing import assert_close
-from test_atm_cases import KINDS, away_from_integers, make_offset, official_atm_op
 
 pytestmark = pytest.mark.skipif(
     not mixops.cuda_extension_available(), reason=f"extension not built: {mixops.cuda_extension_status()}"
@@ -213,9 +213,9 @@ def test_fc_needs_subsets():
 
 
 @pytest.mark.parametrize("axis", AXES)
-def test_gradcheck_through_the_public_op(axis):
-    """The ops' backward composes with autograd (the cuda backend runs only on CUDA tensors, so
-    this drives the CPU emulation through the backend contract directly)."""
+def test_gradcheck_of_the_emulated_backward(axis):
+    """The backward op is the derivative of the forward op (gradcheck, fp64, CPU emulation,
+    wrapped in an autograd.Function since the cuda backend itself takes only CUDA tensors)."""
 
     class Sample(torch.autograd.Function):
         @staticmethod
@@ -273,7 +273,7 @@ def _good():
 )
 def test_gather_checks(change, match):
     x, off, w, b = _good()
-    args = dict(x=x, offset=off, axis="w", share=2)
+    args = {"x": x, "offset": off, "axis": "w", "share": 2}
     change(args)
     call = (args["x"], args["offset"])
     tail = (args["axis"], args["share"])
@@ -311,11 +311,20 @@ def test_fc_and_grad_checks():
 needs_cuda = pytest.mark.needs_cuda
 
 
+def _poison(*tensors):
+    """Hand the CUDA caching allocator NaN-filled blocks of these tensors' sizes: the op's fresh
+    outputs of the same sizes reuse them, so an element a kernel leaves unwritten shows as NaN."""
+    blocks = [torch.full((t.numel(),), float("nan"), dtype=t.dtype, device="cuda") for t in tensors]
+    del blocks
+
+
 def _gpu_check_sample(shape, share, axis, kind, dtype, g_expanded=False):
     x, off = _inputs(shape, share, axis, kind, dtype, "cuda")
     g = _expanded_grad(shape, dtype, "cuda") if g_expanded else torch.randn(shape, dtype=torch.float64).to("cuda", dtype)
     xl, ol = x.detach().requires_grad_(), off.detach().requires_grad_()
+    _poison(x)
     out = mixops.atm_sample(xl, ol, axis=axis, share=share, backend="cuda")
+    _poison(x, off)
     gx, go = torch.autograd.grad(out, (xl, ol), g)
     ref, rgx, rgo = _reference_sample(x, off, g, axis, share)
     for name, a, e in (("out", out, ref), ("grad x", gx, rgx), ("grad offset", go, rgo)):
@@ -328,7 +337,9 @@ def _gpu_check_fc(shape, c_out, share, axis, kind, dtype):
     w, b = _fc_params(shape[-1], c_out, dtype, "cuda")
     g = torch.randn(*shape[:-1], c_out, dtype=torch.float64).to("cuda", dtype)
     leaves = [t.detach().requires_grad_() for t in (x, off, w, b)]
-    out = mixops.atm_fc(*leaves[:2], leaves[2], leaves[3], axis=axis, share=share, backend="cuda")
+    _poison(g)
+    out = mixops.atm_fc(*leaves, axis=axis, share=share, backend="cuda")
+    _poison(x, off, w, b)
     got = torch.autograd.grad(out, leaves, g)
     want = _reference_fc(x, off, w, b, g, axis, share)
     for name, a, e in zip(("out", "x", "offset", "weight", "bias"), (out, *got), want):
