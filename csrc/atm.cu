@@ -6,7 +6,8 @@
 //
 // On channels-last x [B,H,W,C] with compact offsets [B,H,W,G], G = C / share (channel c uses
 // offset c / share), a *line* is a row (axis "w") or a column (axis "h"): every kernel sees
-// [B, L lines, n positions, C] through strides.
+// [B, L lines, n positions, C] through strides. Storage fp32, fp16, bf16 (positions, weights
+// and sums in fp32) or fp64 (all in fp64, for float64 comparisons; its GEMMs take the FMA path).
 //
 // Cost, N = B·H·W·C elements of e bytes, M = B·H·W pixels:
 // - atm_sample forward: ~8 FLOP per element; minimal HBM traffic (2 + 1/share)·N·e (read x and
@@ -18,9 +19,6 @@
 //   one (line, offset group) and walks the line in order, accumulating gX in a private fp32
 //   shared-memory slab (lanes over groups: conflict-free banks) and summing the group's offset
 //   gradient in registers. Grid (cdiv(B·L, lines per block), cdiv(G, group lanes)).
-// Storage fp32, fp16, bf16 (positions, weights and sums in fp32) or fp64 (all in fp64, for
-// float64 comparisons; its GEMMs take the FMA path).
-//
 // - atm_fc forward: 2·M·C·C_out FLOP; minimal traffic (M·C·(1 + 1/share) + C·C_out +
 //   M·C_out)·e: the gather is the A-operand load of a 64x64x32 tiled GEMM (WMMA fp16/bf16 with
 //   fp32 accumulation, TF32 WMMA for fp32 when torch allows TF32 for its matmuls, else fp32
