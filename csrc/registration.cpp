@@ -12,9 +12,30 @@ TORCH_LIBRARY(mixops, m) {
   m.def("_cuda_version() -> int", &mixops::cuda_version);
   m.def("_cuda_arch_list() -> str", &mixops::cuda_arch_list);
   m.def("_device_arch(Tensor like) -> Tensor");
+  // ATM (atm.cu, atm_cpu.cpp): schemas mirror mixops.atm_sample / mixops.atm_fc and the backend
+  // contract's backward (the grads of the flagged tensor inputs, in schema order)
+  m.def("_atm_sample_cuda(Tensor x, Tensor offset, str axis, int share) -> Tensor");
+  m.def("_atm_sample_cuda_backward(Tensor[] grads, bool[] needs, Tensor x, Tensor offset, str axis, int share) -> Tensor[]");
+  m.def("_atm_fc_cuda(Tensor x, Tensor offset, Tensor weight, Tensor? bias, str axis, int share) -> Tensor");
+  m.def("_atm_fc_cuda_backward(Tensor[] grads, bool[] needs, Tensor x, Tensor offset, Tensor weight, Tensor? bias, str axis, int share) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mixops, CUDA, m) { m.impl("_device_arch", &mixops::device_arch); }
+
+TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
+  m.impl("_atm_sample_cuda", &mixops::atm_sample_cuda);
+  m.impl("_atm_sample_cuda_backward", &mixops::atm_sample_backward_cuda);
+  m.impl("_atm_fc_cuda", &mixops::atm_fc_cuda);
+  m.impl("_atm_fc_cuda_backward", &mixops::atm_fc_backward_cuda);
+}
+
+// The CPU emulation of the ATM kernels' math, so the CPU tests check the GPU index rules.
+TORCH_LIBRARY_IMPL(mixops, CPU, m) {
+  m.impl("_atm_sample_cuda", &mixops::atm_sample_cpu);
+  m.impl("_atm_sample_cuda_backward", &mixops::atm_sample_backward_cpu);
+  m.impl("_atm_fc_cuda", &mixops::atm_fc_cpu);
+  m.impl("_atm_fc_cuda_backward", &mixops::atm_fc_backward_cpu);
+}
 
 // `import mixops._C` loads the library and thereby runs the registrations above; the module
 // itself exposes nothing (the ops live in torch.ops.mixops).
