@@ -107,6 +107,18 @@ def _corner_values(x_line, k, N, sx_p, mask, COMPUTE: tl.constexpr):
 
 
 @triton.jit
+def _lerp_gather(x_line, o_ptrs, q, N, sx_p, mask, COMPUTE: tl.constexpr):
+    """lerp0 of the line at ``q + offset``, in COMPUTE: the offsets are loaded from ``o_ptrs``
+    (a pointer tensor shaped like the tile), ``q`` (broadcastable to it) is the sample's own
+    position on the line, ``x_line`` points at position 0 of each element's line. Masked
+    elements are 0. The A-load stage of every ATM GEMM and the gather of atm_sample."""
+    o = tl.load(o_ptrs, mask=mask, other=0.0).to(COMPUTE)
+    k, f = _sample_position(q.to(COMPUTE) + o, N)
+    v0, v1 = _corner_values(x_line, k, N, sx_p, mask, COMPUTE)
+    return (1.0 - f) * v0 + f * v1
+
+
+@triton.jit
 def _atm_sample_fwd_kernel(
     x_ptr, off_ptr, out_ptr,
     M, L, N, C,
@@ -141,11 +153,8 @@ def _atm_sample_fwd_kernel(
     c64 = c.to(tl.int64)[None, :]
 
     o_ptrs = off_ptr + (b * so_b + l * so_l + q.to(tl.int64) * so_p)[:, None] + (c64 // SHARE) * so_g
-    o = tl.load(o_ptrs, mask=mask, other=0.0).to(COMPUTE)
-    k, f = _sample_position(q.to(COMPUTE)[:, None] + o, N)
     x_line = x_ptr + (b * sx_b + l * sx_l)[:, None] + c64 * sx_c
-    v0, v1 = _corner_values(x_line, k, N, sx_p, mask, COMPUTE)
-    out = (1.0 - f) * v0 + f * v1
+    out = _lerp_gather(x_line, o_ptrs, q[:, None], N, sx_p, mask, COMPUTE)
 
     y_ptrs = out_ptr + (b * sy_b + l * sy_l + q.to(tl.int64) * sy_p)[:, None] + c64 * sy_c
     tl.store(y_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -284,7 +293,6 @@ def _atm_fc_fwd_kernel(
     q64 = q.to(tl.int64)
     x_line = x_ptr + (b * sx_b + l * sx_l)[:, None]
     o_pix = off_ptr + (b * so_b + l * so_l + q64 * so_p)[:, None]
-    qc = q.to(COMPUTE)[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
     for k0 in range(0, C, BLOCK_K):
@@ -294,10 +302,7 @@ def _atm_fc_fwd_kernel(
         mask = m_ok[:, None] & c_ok[None, :]
         # A tile: the sampled features of BLOCK_M pixels x BLOCK_K channels (the S channels
         # of a group re-read one offset, from L1)
-        o = tl.load(o_pix + (c64 // SHARE) * so_g, mask=mask, other=0.0).to(COMPUTE)
-        k, f = _sample_position(qc + o, N)
-        v0, v1 = _corner_values(x_line + c64 * sx_c, k, N, sx_p, mask, COMPUTE)
-        a = (1.0 - f) * v0 + f * v1
+        a = _lerp_gather(x_line + c64 * sx_c, o_pix + (c64 // SHARE) * so_g, q[:, None], N, sx_p, mask, COMPUTE)
         w_ptrs = w_ptr + n.to(tl.int64)[None, :] * sw_n + c.to(tl.int64)[:, None] * sw_k
         w = tl.load(w_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=COMPUTE)
