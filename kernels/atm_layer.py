@@ -263,17 +263,19 @@ def means_blocks(batch: int, pixels: int, channels: int) -> dict:
 def mix_blocks(pixels: int, channels: int, c_out: int, dtype: torch.dtype) -> dict:
     """Tiles of the mix GEMM: BLOCK_M pixels x BLOCK_N output channels, BLOCK_K input channels
     per step of each of the three branches. Three accumulators and two lerped A tiles live at
-    once, so tiles are smaller than atm_fc's: 64 x 64 x 32 at 8 warps for fp32/fp16/bf16,
-    64 x 32 x 16 at 4 warps for fp64 (ptxas for sm_90 reports no spills; checked by
-    tests/test_atm_layer.py). BLOCK_N divides C_out when it can (C = 320: 64). Under the
-    interpreter: the whole reduction in one step and up to 256 columns."""
+    once, so tiles are smaller than atm_fc's (ptxas for sm_90, 8 warps: fp16/bf16 64 x 64 x 32
+    with two stages; fp32/fp64 operands take twice the registers, 64 x 32 x 16 and one stage;
+    every larger choice spilled, 32 x 64 x 16 with TF32; checked by tests/test_atm_layer.py).
+    BLOCK_N divides C_out when it can (C = 320: 64, or 32 for fp32). Under the interpreter:
+    the whole reduction in one step and up to 256 columns."""
     if _interpreting():
         block_n = max(16, min(triton.next_power_of_2(c_out), 256))
         block_k = max(16, min(triton.next_power_of_2(channels), 256))
         block_m = max(16, min(triton.next_power_of_2(pixels), 65536 // max(block_n, block_k)))
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 1}
-    if dtype == torch.float64:
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+    if dtype in (torch.float32, torch.float64):
+        block_n = max(16, _channel_tile(c_out, 32))
+        return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": 16, "num_warps": 8, "num_stages": 1}
     block_n = max(16, _channel_tile(c_out, 64))
     return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
 
