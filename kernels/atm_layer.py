@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .atm import _accumulate_dtype, _compute_dtype, _interpreting, _lerp_gather, launch_backward
+from .atm import _accumulate_dtype, _compute_dtype, _interpreting, _lerp_gather, channel_tile, launch_backward
 from .atm import forward as _sample_forward
 from .morph_fc import _dot_dtypes
 
@@ -233,15 +233,6 @@ def _atm_mix_kernel(
 _GPU_PROGRAMS = 1024  # enough programs to keep an H100's 132 SMs streaming (~8 per SM)
 
 
-def _channel_tile(channels: int, cap: int) -> int:
-    """The largest power-of-2 channel tile <= cap that divides ``channels`` when one >= 16
-    does (C = 320 -> 64, not a half-empty 512), else the next power of 2 up to cap."""
-    for t in (cap, cap // 2, cap // 4):
-        if t >= 16 and channels % t == 0:
-            return t
-    return min(triton.next_power_of_2(channels), cap)
-
-
 def means_blocks(batch: int, pixels: int, channels: int) -> dict:
     """Tiles and pixel split of the means kernel for ``pixels = H·W`` per image.
 
@@ -253,7 +244,7 @@ def means_blocks(batch: int, pixels: int, channels: int) -> dict:
         block_c = min(triton.next_power_of_2(channels), 64)
         block_m = max(1, min(triton.next_power_of_2(pixels), 16384 // block_c))
         return {"BLOCK_M": block_m, "BLOCK_C": block_c, "SPLIT": 1, "num_warps": 4}
-    block_c = _channel_tile(channels, 64)
+    block_c = channel_tile(channels, 64)
     block_m = max(1, min(triton.next_power_of_2(pixels), 1024 // block_c))
     c_blocks = triton.cdiv(channels, block_c)
     split = max(1, min(triton.cdiv(pixels, block_m), _GPU_PROGRAMS // max(1, batch * c_blocks)))
@@ -274,9 +265,9 @@ def mix_blocks(pixels: int, channels: int, c_out: int, dtype: torch.dtype) -> di
         block_m = max(16, min(triton.next_power_of_2(pixels), 65536 // max(block_n, block_k)))
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 1}
     if dtype in (torch.float32, torch.float64):
-        block_n = max(16, _channel_tile(c_out, 32))
+        block_n = max(16, channel_tile(c_out, 32))
         return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": 16, "num_warps": 8, "num_stages": 1}
-    block_n = max(16, _channel_tile(c_out, 64))
+    block_n = max(16, channel_tile(c_out, 64))
     return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
 
 
