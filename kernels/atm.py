@@ -18,8 +18,10 @@ line and a block of channel groups. It walks the line's positions in a fixed ord
 
 - writes gOff[q, grp] = sum over the S channels of the group of g·(V(k+1) - V(k)) (the
   right-hand slope at integers, x[0] at p = -1, 0 for p < -1 and p >= n), summed in registers;
-- accumulates gX for the whole line in registers: position q adds g·(1-f) to target k and g·f
-  to target k+1 (in-range targets only), found by comparing k with every target index.
+- then pulls gX block by block of targets (spec 12.6 option 2 with a run-time bound): a sample
+  at q adds g·(1-f) to target k and g·f to target k+1 (in-range targets only), and
+  |k - q| <= R = ceil(max |offset|) over the program's samples (found in the first walk), so
+  each target visits only the 2R + 2 positions that can reach it, in a fixed order.
   Every contribution stays inside its own line, so no other program writes the same gX
   element, and gX is stored once.
 
@@ -27,9 +29,10 @@ Cost, N = B·H·W·C elements, element size e bytes:
 - forward: ~8 FLOP per element (position, floor, lerp); minimal HBM traffic (2 + 1/S)·N·e
   (read x once, read the compact offsets, write out; the two lerp corners of a line are re-read
   from L1/L2, not HBM). Memory-bound.
-- backward: ~6 FLOP per element for the lerp weights and slope, plus ~5·n_pad integer/select
-  ops per element for the owner-computes accumulation (n_pad = line length rounded up to a
-  power of 2); minimal HBM traffic (3 + 2/S)·N·e (read g, x, offsets; write gX, gOff).
+- backward: ~6 FLOP per element for the lerp weights and slope, plus ~10·(2R + 2) for the
+  gX pull (R = min(ceil(max |offset|), n) per program: ~4 for N(0, 1) offsets, n at worst;
+  the re-read g and offsets come from L1); minimal HBM traffic (3 + 2/S)·N·e (read g, x,
+  offsets; write gX, gOff).
 
 atm_fc (spec 6, 12.5): out[m, n] = sum_c S[m, c]·W[n, c] + bias[n] over the M = B·H·W pixels,
 S = the gather above. The gather is the GEMM's A-load stage: each A tile (pixels x input
@@ -66,6 +69,7 @@ from .morph_fc import _dot_dtypes
 
 __all__ = [
     "backward",
+    "channel_tile",
     "fc_backward",
     "fc_forward",
     "forward",
@@ -107,6 +111,18 @@ def _corner_values(x_line, k, N, sx_p, mask, COMPUTE: tl.constexpr):
 
 
 @triton.jit
+def _lerp_gather(x_line, o_ptrs, q, N, sx_p, mask, COMPUTE: tl.constexpr):
+    """lerp0 of the line at ``q + offset``, in COMPUTE: the offsets are loaded from ``o_ptrs``
+    (a pointer tensor shaped like the tile), ``q`` (broadcastable to it) is the sample's own
+    position on the line, ``x_line`` points at position 0 of each element's line. Masked
+    elements are 0. The A-load stage of every ATM GEMM and the gather of atm_sample."""
+    o = tl.load(o_ptrs, mask=mask, other=0.0).to(COMPUTE)
+    k, f = _sample_position(q.to(COMPUTE) + o, N)
+    v0, v1 = _corner_values(x_line, k, N, sx_p, mask, COMPUTE)
+    return (1.0 - f) * v0 + f * v1
+
+
+@triton.jit
 def _atm_sample_fwd_kernel(
     x_ptr, off_ptr, out_ptr,
     M, L, N, C,
@@ -141,11 +157,8 @@ def _atm_sample_fwd_kernel(
     c64 = c.to(tl.int64)[None, :]
 
     o_ptrs = off_ptr + (b * so_b + l * so_l + q.to(tl.int64) * so_p)[:, None] + (c64 // SHARE) * so_g
-    o = tl.load(o_ptrs, mask=mask, other=0.0).to(COMPUTE)
-    k, f = _sample_position(q.to(COMPUTE)[:, None] + o, N)
     x_line = x_ptr + (b * sx_b + l * sx_l)[:, None] + c64 * sx_c
-    v0, v1 = _corner_values(x_line, k, N, sx_p, mask, COMPUTE)
-    out = (1.0 - f) * v0 + f * v1
+    out = _lerp_gather(x_line, o_ptrs, q[:, None], N, sx_p, mask, COMPUTE)
 
     y_ptrs = out_ptr + (b * sy_b + l * sy_l + q.to(tl.int64) * sy_p)[:, None] + c64 * sy_c
     tl.store(y_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -165,7 +178,6 @@ def _atm_sample_bwd_kernel(
     COMPUTE: tl.constexpr,
     NEED_GX: tl.constexpr,
     NEED_GOFF: tl.constexpr,
-    N_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
@@ -182,8 +194,12 @@ def _atm_sample_bwd_kernel(
     (SHARE rounded up to a power of 2) lanes, lane s of group grp being channel grp·SHARE + s,
     so a group's channels sit in one row of a [BLOCK_G, SHARE_P] view and its offset gradient
     is a register sum over that row, in a fixed order.
-    N_PAD: N rounded up to a power of 2 (the gX accumulator's rows); BLOCK_Q: positions per
-    step of the walk along the line.
+    BLOCK_Q: positions (pass 1) or targets (pass 2) per step along the line.
+
+    Pass 1 walks the positions: gOff, and R = ceil(max |offset|) over the program's samples.
+    Pass 2 pulls gX per block of targets t: a sample at q reaches only t in [q - R, q + R + 1],
+    so only the shifts q - t in [-R - 1, R] are visited, in increasing order (deterministic).
+    R is clamped to N (any position reaches any target), also for inf/NaN offsets.
     """
     BLOCK_C: tl.constexpr = BLOCK_G * SHARE_P
     pid_line = tl.program_id(0)
@@ -197,41 +213,52 @@ def _atm_sample_bwd_kernel(
     c = grp * SHARE + s
     c_ok = (s < SHARE) & (grp < G)
     c64 = c.to(tl.int64)[None, :]
+    grp64 = grp.to(tl.int64)[None, :]
     grp_out = pid_c * BLOCK_G + tl.arange(0, BLOCK_G)
 
     g_line = g_ptr + b * sg_b + l * sg_l
     x_line = x_ptr + b * sx_b + l * sx_l
     o_line = off_ptr + b * so_b + l * so_l
-    t = tl.arange(0, N_PAD)
-    acc = tl.zeros([N_PAD, BLOCK_C], dtype=COMPUTE)
 
+    reach = tl.zeros([BLOCK_Q, BLOCK_C], dtype=COMPUTE)
     for q0 in range(0, N, BLOCK_Q):
         q = q0 + tl.arange(0, BLOCK_Q)
         q_ok = q < N
         mask = q_ok[:, None] & c_ok[None, :]
         q64 = q.to(tl.int64)[:, None]
-        gv = tl.load(g_line + q64 * sg_p + c64 * sg_c, mask=mask, other=0.0).to(COMPUTE)
-        o = tl.load(o_line + q64 * so_p + grp.to(tl.int64)[None, :] * so_g, mask=mask, other=0.0)
-        k, f = _sample_position(q.to(COMPUTE)[:, None] + o.to(COMPUTE), N)
+        o = tl.load(o_line + q64 * so_p + grp64 * so_g, mask=mask, other=0.0).to(COMPUTE)
         if NEED_GOFF:
+            gv = tl.load(g_line + q64 * sg_p + c64 * sg_c, mask=mask, other=0.0).to(COMPUTE)
+            k, f = _sample_position(q.to(COMPUTE)[:, None] + o, N)
             v0, v1 = _corner_values(x_line + c64 * sx_c, k, N, sx_p, mask, COMPUTE)
             slope = tl.where(mask, gv * (v1 - v0), 0.0)
             gsum = tl.sum(tl.reshape(slope, [BLOCK_Q, BLOCK_G, SHARE_P]), axis=2)
             go_ptrs = goff_ptr + b * sgo_b + l * sgo_l + q64 * sgo_p + grp_out.to(tl.int64)[None, :] * sgo_g
             tl.store(go_ptrs, gsum.to(goff_ptr.dtype.element_ty), mask=q_ok[:, None] & (grp_out < G)[None, :])
         if NEED_GX:
-            # target t receives g·(1-f) when t == k and g·f when t == k+1; out-of-range corners
-            # match no target in [0, N). Masked positions carry g = 0.
-            # The select happens after the multiply, so an inf in g reaches only its two
-            # targets (0·inf would put NaN on every other target of the line).
-            d = t[:, None, None] - k[None, :, :]
-            g3 = gv[None, :, :]
-            contrib = tl.where(d == 0, (1.0 - f[None, :, :]) * g3, tl.where(d == 1, f[None, :, :] * g3, 0.0))
-            acc += tl.sum(contrib, axis=1)
+            # a NaN offset must widen the reach, not vanish in the max: compare, then select
+            a = tl.abs(o)
+            reach = tl.where(a > reach, a, tl.where(a == a, reach, N * 1.0))
 
     if NEED_GX:
-        gx_ptrs = gx_ptr + b * sgx_b + l * sgx_l + t.to(tl.int64)[:, None] * sgx_p + c64 * sgx_c
-        tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=(t < N)[:, None] & c_ok[None, :])
+        r = tl.max(tl.max(reach, axis=1), axis=0)
+        R = tl.where(r < N, tl.ceil(r), N * 1.0).to(tl.int32)
+        for t0 in range(0, N, BLOCK_Q):
+            t = t0 + tl.arange(0, BLOCK_Q)
+            acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=COMPUTE)
+            for dq in range(-R - 1, R + 1):
+                q = t + dq
+                mask = ((q >= 0) & (q < N))[:, None] & c_ok[None, :]
+                q64 = q.to(tl.int64)[:, None]
+                gv = tl.load(g_line + q64 * sg_p + c64 * sg_c, mask=mask, other=0.0).to(COMPUTE)
+                o = tl.load(o_line + q64 * so_p + grp64 * so_g, mask=mask, other=0.0).to(COMPUTE)
+                k, f = _sample_position(q.to(COMPUTE)[:, None] + o, N)
+                # target t receives g·(1-f) when t == k and g·f when t == k+1. The select
+                # happens after the multiply, so an inf in g reaches only its two targets.
+                kt = t[:, None] - k
+                acc += tl.where(kt == 0, (1.0 - f) * gv, tl.where(kt == 1, f * gv, 0.0))
+            gx_ptrs = gx_ptr + b * sgx_b + l * sgx_l + t.to(tl.int64)[:, None] * sgx_p + c64 * sgx_c
+            tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=(t < N)[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -284,7 +311,6 @@ def _atm_fc_fwd_kernel(
     q64 = q.to(tl.int64)
     x_line = x_ptr + (b * sx_b + l * sx_l)[:, None]
     o_pix = off_ptr + (b * so_b + l * so_l + q64 * so_p)[:, None]
-    qc = q.to(COMPUTE)[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
     for k0 in range(0, C, BLOCK_K):
@@ -294,10 +320,7 @@ def _atm_fc_fwd_kernel(
         mask = m_ok[:, None] & c_ok[None, :]
         # A tile: the sampled features of BLOCK_M pixels x BLOCK_K channels (the S channels
         # of a group re-read one offset, from L1)
-        o = tl.load(o_pix + (c64 // SHARE) * so_g, mask=mask, other=0.0).to(COMPUTE)
-        k, f = _sample_position(qc + o, N)
-        v0, v1 = _corner_values(x_line + c64 * sx_c, k, N, sx_p, mask, COMPUTE)
-        a = (1.0 - f) * v0 + f * v1
+        a = _lerp_gather(x_line + c64 * sx_c, o_pix + (c64 // SHARE) * so_g, q[:, None], N, sx_p, mask, COMPUTE)
         w_ptrs = w_ptr + n.to(tl.int64)[None, :] * sw_n + c.to(tl.int64)[:, None] * sw_k
         w = tl.load(w_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=COMPUTE)
@@ -317,12 +340,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def channel_tile(channels: int, cap: int) -> int:
+    """The largest power-of-2 channel tile <= cap that divides ``channels`` when one >= 16
+    does (C = 320 -> 64: no half-empty last tile), else the next power of 2 up to cap."""
+    for t in (cap, cap // 2, cap // 4):
+        if t >= 16 and channels % t == 0:
+            return t
+    return min(triton.next_power_of_2(channels), cap)
+
+
 def forward_blocks(pixels: int, channels: int) -> dict:
     """BLOCK_M x BLOCK_C tile of the forward. On a GPU: up to 128 channel lanes (a bf16 pixel
-    row of C = 64 is one 128-byte transaction) and ~2K elements per program. Under the
-    interpreter (~1 ms per program, whatever its size): tiles of up to 16K elements, so the
-    test shapes take one or a few programs."""
-    block_c = min(triton.next_power_of_2(channels), 128)
+    row of C = 64 is one 128-byte transaction), dividing C when it can, and ~2K elements per
+    program. Under the interpreter (~1 ms per program, whatever its size): tiles of up to 16K
+    elements, so the test shapes take one or a few programs."""
+    block_c = channel_tile(channels, 128)
     budget = 16384 if _interpreting() else 2048
     block_m = max(1, min(triton.next_power_of_2(pixels), budget // block_c))
     return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": 4}
@@ -331,24 +363,18 @@ def forward_blocks(pixels: int, channels: int) -> dict:
 def backward_blocks(n: int, channels: int, share: int) -> dict:
     """Blocks of the owner-computes backward for lines of ``n`` positions.
 
-    The gX accumulator holds N_PAD x BLOCK_C values in registers, and each step of the walk
-    builds an N_PAD x BLOCK_Q x BLOCK_C one-hot product. On a GPU both stay at <= 2048 values
-    (16 per thread at 4 warps; ptxas for sm_90 reports 48-72 registers and no spills for lines
-    of 7 to 256), with up to 32 channel lanes and never fewer than one share group. Under the
-    interpreter a program costs ~10 ms whatever its size: whole lines in one step and up to 64
-    channels, so the test shapes need one program per line.
+    Each step holds a BLOCK_Q x BLOCK_C tile of gradients, offsets and the gX accumulator. On a
+    GPU: up to 64 channel lanes (never fewer than one share group) and <= 1024 values per step
+    (8 per thread at 4 warps). Under the interpreter (~1 ms per step whatever its size): whole
+    lines in one step and up to 64 channels, so the test shapes need one program per line.
     """
     n_pad = triton.next_power_of_2(n)
     share_p = triton.next_power_of_2(share)
-    if _interpreting():
-        block_c = max(share_p, min(triton.next_power_of_2(channels), 64))
-        budget = 1 << 16
-    else:
-        block_c = max(share_p, min(triton.next_power_of_2(channels), 32, _pow2_floor(max(1, 2048 // n_pad))))
-        budget = 2048
+    block_c = max(share_p, min(triton.next_power_of_2(channels), 64))
     block_g = min(block_c // share_p, triton.next_power_of_2(channels // share))
-    block_q = _pow2_floor(max(1, min(n_pad, budget // (n_pad * block_g * share_p))))
-    return {"SHARE_P": share_p, "N_PAD": n_pad, "BLOCK_Q": block_q, "BLOCK_G": block_g, "num_warps": 4}
+    budget = 1 << 16 if _interpreting() else 1024
+    block_q = _pow2_floor(max(1, min(n_pad, budget // (block_g * share_p))))
+    return {"SHARE_P": share_p, "BLOCK_Q": block_q, "BLOCK_G": block_g, "num_warps": 4}
 
 
 def fc_blocks(pixels: int, channels: int, c_out: int, dtype: torch.dtype) -> dict:

@@ -4,6 +4,9 @@
 Same class names, constructor arguments, defaults, parameter names and registration order as the
 official classes, so official state_dicts load with ``strict=True``. The ATM gathers + FCs run
 through ``mixops.atm_fc`` (and so through the selected backend); the rest is plain torch.
+``ATMLayer`` takes the fused path of ``mixops.ops.atm_layer`` (two passes over x: token means,
+then one reweighted K = 3C gather-GEMM; no branch output in HBM) when the backend ``atm_fc``
+resolves to implements its internal ops (torch, triton), else the unfused path above.
 
 Offsets between blocks keep the official ``[B,2C,H,W]`` format (a permuted view of the
 ``repeat_interleave``'d ``offset_layer`` output). ``ATMLayer.forward_compact`` takes the compact
@@ -22,6 +25,7 @@ from torch.nn.modules.utils import _pair
 
 from .. import _validate as v
 from ..ops.atm import atm_fc
+from ..ops.atm_layer import atm_layer_mix, fused_backend
 from ._layers import DropPath, Mlp, reweighted_sum
 
 __all__ = ["ATMLayer", "ATMOp", "ActiveBlock", "Downsample", "DropPath", "Mlp", "PEG"]
@@ -125,7 +129,15 @@ class ATMLayer(nn.Module):
         """The same layer with compact channels-last offsets ``offset_w``, ``offset_h``
         ``[B,H,W,C/share]`` (channel ``c`` uses ``c // share``) for the W and H branches."""
         self._check_x(x)
-        B, H, W, C = x.shape
+        backend = fused_backend(x)
+        if backend is not None:
+            y = atm_layer_mix(
+                x, offset_w, offset_h, share,
+                self.atm_w.weight.flatten(1), self.atm_w.bias,
+                self.atm_h.weight.flatten(1), self.atm_h.bias,
+                self.atm_c.weight, self.fusion, backend,
+            )
+            return self.proj_drop(self.proj(y))
         w = atm_fc(x, offset_w, self.atm_w.weight.flatten(1), self.atm_w.bias, axis="w", share=share)
         h = atm_fc(x, offset_h, self.atm_h.weight.flatten(1), self.atm_h.bias, axis="h", share=share)
         c = self.atm_c(x)

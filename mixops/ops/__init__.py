@@ -1,5 +1,6 @@
 """The public functional ops, each a ``torch.library.custom_op`` in the ``mixops`` namespace."""
 from .atm import atm_fc, atm_sample
+from . import atm_layer  # noqa: F401  (the fused ATMLayer's internal ops)
 from .dynamixer import dynamixer_mix
 from .morph_fc import morph_fc
 from .repmlp import locality_injection, partition_fc

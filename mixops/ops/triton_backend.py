@@ -12,10 +12,14 @@ from ..backend import register
 
 if triton is not None:
     from ..kernels import atm as _atm
+    from ..kernels import atm_layer as _atm_layer
     from ..kernels import morph_fc as _morph_fc
 
     # auto=False: these kernels have passed the interpreter and compile for sm_90, but have not
     # run on a GPU yet; until they have, they run only when asked for by name.
     register("atm_sample", "triton", forward=_atm.forward, backward=_atm.backward, auto=False)
     register("atm_fc", "triton", forward=_atm.fc_forward, backward=_atm.fc_backward, auto=False)
+    # the fused ATMLayer's internal ops (mixops.ops.atm_layer)
+    register("_atm_means", "triton", forward=_atm_layer.means_forward, backward=_atm_layer.means_backward, auto=False)
+    register("_atm_mix", "triton", forward=_atm_layer.mix_forward, backward=_atm_layer.mix_backward, auto=False)
     register("morph_fc", "triton", forward=_morph_fc.forward, backward=_morph_fc.backward, auto=False)

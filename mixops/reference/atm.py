@@ -41,6 +41,8 @@ __all__ = [
     "atm_fc_deform",
     "atm_fc_lerp",
     "atm_layer_forward",
+    "atm_means",
+    "atm_mix",
     "atm_op_forward",
     "atm_sample",
     "atm_sample_lerp",
@@ -243,6 +245,45 @@ def atm_fc(
     if deform_conv2d_available():
         return atm_fc_deform(x, offset, weight, bias, axis, share)
     return atm_fc_lerp(x, offset, weight, bias, axis, share)
+
+
+# ---------------------------------------------------------------------------------------------
+# Internal ops of the fused ATMLayer (spec 6): the torch backend of mixops::_atm_means / _atm_mix
+# ---------------------------------------------------------------------------------------------
+
+
+def atm_means(x: torch.Tensor, offset_w: torch.Tensor, offset_h: torch.Tensor, share: int) -> torch.Tensor:
+    """Token means of the W-sampled features, the H-sampled features and x itself:
+    ``x [B,H,W,C]``, compact offsets ``[B,H,W,C/share]`` -> ``[B, 3, C]`` (k = w, h, x) in fp32
+    (fp64 for fp64 inputs). The branch means of ATMLayer follow by linearity (spec 6)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xa = x.to(acc)
+    sw = atm_sample_lerp(xa, offset_w.to(acc), "w", share)
+    sh = atm_sample_lerp(xa, offset_h.to(acc), "h", share)
+    return torch.stack([t.mean(dim=(1, 2)) for t in (sw, sh, xa)], dim=1)
+
+
+def atm_mix(
+    x: torch.Tensor,
+    offset_w: torch.Tensor,
+    offset_h: torch.Tensor,
+    weight_w: torch.Tensor,
+    weight_h: torch.Tensor,
+    weight_c: torch.Tensor,
+    bias_w: Optional[torch.Tensor],
+    bias_h: Optional[torch.Tensor],
+    alpha: torch.Tensor,
+    share: int,
+) -> torch.Tensor:
+    """ATMLayer's reweighted branch sum before ``proj``: ``w*a0 + h*a1 + c*a2`` with
+    ``w = atm_fc(x, offset_w, weight_w, bias_w, 'w')``, ``h`` likewise along H,
+    ``c = x @ weight_c.T`` and ``alpha [B, C_out, 3]`` (branch order w, h, c), in the official
+    add order. ``weight_* [C_out, C]``; returns ``[B,H,W,C_out]``."""
+    w = atm_fc_lerp(x, offset_w, weight_w, bias_w, "w", share)
+    h = atm_fc_lerp(x, offset_h, weight_h, bias_h, "h", share)
+    c = F.linear(x, weight_c)
+    a = alpha[:, None, None]
+    return w * a[..., 0] + h * a[..., 1] + c * a[..., 2]
 
 
 # ---------------------------------------------------------------------------------------------

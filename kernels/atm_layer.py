@@ -1,0 +1,456 @@
+"""Triton backend of the fused ATMLayer path (spec ``shared/specs/atm.md`` section 6): the
+internal ops ``mixops::_atm_means`` and ``mixops::_atm_mix``.
+
+ATMLayer's reweighting needs the token mean of ``w + h + c`` before the weighted sum, but the
+mean is linear, so two passes over x suffice and no branch output ever reaches HBM:
+
+1. ``_atm_means``: per (b, c) token means of sw = gather_W(x), sh = gather_H(x) and of x
+   (``[B, 3, C]``, fp32; fp64 for fp64). The branch means, the fusion MLP and the softmax are
+   tiny torch ops on ``[B, C]`` (``mixops.ops.atm_layer``).
+2. ``_atm_mix``: y = (sw·Ww^T + bw)·a0 + (sh·Wh^T + bh)·a1 + (x·Wc^T)·a2, i.e. one GEMM with
+   K = 3C over ``[sw | sh | x]``: the A operand is gathered and lerped in the load stage
+   (``_lerp_gather``, shared with ``mixops.kernels.atm``), each branch's K-range goes into its
+   own accumulator, and the per-(sample, output channel) softmax weights and biases are applied
+   in the epilogue, in the official add order ``w*a0 + h*a1 + c*a2``. ``proj`` stays a
+   separate ``nn.Linear``: folding it would make the per-sample weight a ``C x 3C`` product
+   computed per image (B·3C³ FLOPs, more than the layer at B·HW < C) for no HBM saving, since
+   y is written once either way.
+
+Cost, N = B·H·W·C, e = element size, C_out = C for ATMLayer:
+- means forward: ~20 FLOP per element (two lerps, three sums); minimal HBM traffic
+  (1 + 2/S)·N·e (read x and both compact offsets; the lerp corners come from L1/L2);
+  partials B·SPLIT·3·C·4 bytes.
+- mix forward: 6·N·C_out FLOP (three branch GEMMs) + the lerps; minimal HBM traffic
+  (1 + 2/S)·N·e + 3·C·C_out·e + B·H·W·C_out·e (read x, offsets, weights; write y).
+- backward (torch GEMMs + the owner-computes atm_sample backward kernel, deterministic):
+  dS_k = (a_k·dY) @ W_k for the three branches (6·N·C_out FLOP), the two gather backwards;
+  dW_k and dalpha_k from one per-sample GEMM P_b = dY_b^T S_b (2·N·C_out FLOP per branch) when
+  C <= H·W (P is no larger than an activation), else from dW_k = (a_k·dY)^T S_k plus the
+  recomputed branch output (4·N·C_out FLOP per branch); S_w, S_h recomputed by the gather
+  kernel (transients).
+
+Grids:
+- means: (B, SPLIT, cdiv(C, BLOCK_C)) -- program (b, s, c-block) sums the pixel blocks
+  s, s + SPLIT, ... of image b in a fixed order and writes one fp32 partial; torch.sum over the
+  SPLIT axis finishes the mean deterministically (no atomics).
+- mix: (cdiv(M, BLOCK_M) · cdiv(C_out, BLOCK_N),) over the M = B·H·W pixels (tiles may span
+  images: alpha is read per row); the column blocks of one row block are adjacent, so the
+  gathers are re-read from L2.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .atm import _accumulate_dtype, _compute_dtype, _interpreting, _lerp_gather, channel_tile, launch_backward
+from .atm import forward as _sample_forward
+from .morph_fc import _dot_dtypes
+
+__all__ = [
+    "launch_means",
+    "launch_mix",
+    "means_backward",
+    "means_blocks",
+    "means_forward",
+    "mix_backward",
+    "mix_blocks",
+    "mix_forward",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gather_pixels(
+    x_ptr, off_ptr, b, i, j, c, mask, H, W,
+    sx_b, sx_h, sx_w, sx_c,
+    so_b, so_h, so_w, so_g,
+    SHARE: tl.constexpr,
+    ALONG_H: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    """The lerped features of pixels (b, i, j) (int64 [BLOCK_M]) and channels c (int64
+    [BLOCK_K]) of a [B,H,W,C] tensor (strides sx_*), sampled along H (the pixel's column) when
+    ALONG_H, else along W (its row), with compact offsets [B,H,W,C/SHARE] (strides so_*)."""
+    o_ptrs = off_ptr + (b * so_b + i * so_h + j * so_w)[:, None] + (c // SHARE)[None, :] * so_g
+    if ALONG_H:
+        x_line = x_ptr + (b * sx_b + j * sx_w)[:, None] + c[None, :] * sx_c
+        out = _lerp_gather(x_line, o_ptrs, i[:, None], H, sx_h, mask, COMPUTE)
+    else:
+        x_line = x_ptr + (b * sx_b + i * sx_h)[:, None] + c[None, :] * sx_c
+        out = _lerp_gather(x_line, o_ptrs, j[:, None], W, sx_w, mask, COMPUTE)
+    return out
+
+
+@triton.jit
+def _atm_means_kernel(
+    x_ptr, ow_ptr, oh_ptr, part_ptr,
+    H, W, C, SPLIT,
+    sx_b, sx_h, sx_w, sx_c,
+    sow_b, sow_h, sow_w, sow_g,
+    soh_b, soh_h, soh_w, soh_g,
+    SHARE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """part[b, s, k, c] = sum over the pixel blocks s, s + SPLIT, ... of image b of
+    sw (k = 0), sh (k = 1) and x (k = 2).
+
+    x_ptr    [B, H, W, C] input: sx_b, sx_h, sx_w, sx_c.
+    ow_ptr   [B, H, W, C/SHARE] W-branch compact offsets: sow_b, sow_h, sow_w, sow_g.
+    oh_ptr   [B, H, W, C/SHARE] H-branch compact offsets: soh_b, soh_h, soh_w, soh_g.
+    part_ptr [B, SPLIT, 3, C] contiguous partial sums in COMPUTE.
+    Program (b, s, channel block); BLOCK_M pixels (row-major i·W + j) x BLOCK_C channels per
+    step, accumulated elementwise and reduced over the pixels once at the end.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    c64 = c.to(tl.int64)
+    HW = H * W
+    acc_w = tl.zeros([BLOCK_M, BLOCK_C], dtype=COMPUTE)
+    acc_h = tl.zeros([BLOCK_M, BLOCK_C], dtype=COMPUTE)
+    acc_x = tl.zeros([BLOCK_M, BLOCK_C], dtype=COMPUTE)
+    for m0 in range(s * BLOCK_M, HW, SPLIT * BLOCK_M):
+        r = m0 + tl.arange(0, BLOCK_M)
+        mask = (r < HW)[:, None] & c_ok[None, :]
+        i = (r // W).to(tl.int64)
+        j = (r % W).to(tl.int64)
+        acc_w += _gather_pixels(x_ptr, ow_ptr, b, i, j, c64, mask, H, W, sx_b, sx_h, sx_w, sx_c,
+                                sow_b, sow_h, sow_w, sow_g, SHARE, False, COMPUTE)
+        acc_h += _gather_pixels(x_ptr, oh_ptr, b, i, j, c64, mask, H, W, sx_b, sx_h, sx_w, sx_c,
+                                soh_b, soh_h, soh_w, soh_g, SHARE, True, COMPUTE)
+        x_ptrs = x_ptr + (b * sx_b + i * sx_h + j * sx_w)[:, None] + c64[None, :] * sx_c
+        acc_x += tl.load(x_ptrs, mask=mask, other=0.0).to(COMPUTE)
+    part = part_ptr + ((b * SPLIT + s) * 3) * C + c64
+    tl.store(part, tl.sum(acc_w, axis=0), mask=c_ok)
+    tl.store(part + C, tl.sum(acc_h, axis=0), mask=c_ok)
+    tl.store(part + 2 * C, tl.sum(acc_x, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _atm_mix_kernel(
+    x_ptr, ow_ptr, oh_ptr, ww_ptr, wh_ptr, wc_ptr, bw_ptr, bh_ptr, al_ptr, out_ptr,
+    M, H, W, C, C_OUT,
+    sx_b, sx_h, sx_w, sx_c,
+    sow_b, sow_h, sow_w, sow_g,
+    soh_b, soh_h, soh_w, soh_g,
+    sww_n, sww_k, swh_n, swh_k, swc_n, swc_k,
+    s_bw, s_bh,
+    sa_b, sa_n, sa_k,
+    sy_b, sy_h, sy_w, sy_c,
+    SHARE: tl.constexpr,
+    HAS_BW: tl.constexpr,
+    HAS_BH: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[b,i,j,n] = (sw·Ww[n] + bw[n])·al[b,n,0] + (sh·Wh[n] + bh[n])·al[b,n,1]
+    + (x·Wc[n])·al[b,n,2], with sw / sh the W / H gathers of pixel (b,i,j), formed in the
+    A-load stage (never stored).
+
+    x_ptr   [B, H, W, C]: sx_b, sx_h, sx_w, sx_c.
+    ow_ptr  [B, H, W, C/SHARE] W-branch offsets: sow_*; oh_ptr the H-branch offsets: soh_*.
+    ww_ptr, wh_ptr, wc_ptr [C_OUT, C] branch weights: W[n, c] at n·s*_n + c·s*_k.
+    bw_ptr, bh_ptr [C_OUT] biases, strides s_bw, s_bh (never read unless HAS_BW / HAS_BH).
+    al_ptr  [B, C_OUT, 3] softmax weights: sa_b, sa_n, sa_k (k = w, h, c).
+    out_ptr [B, H, W, C_OUT]: sy_b, sy_h, sy_w, sy_c.
+    M = B·H·W GEMM rows (pixels, row-major), C the reduction of each branch, C_OUT the columns.
+    COMPUTE: positions, lerp weights, accumulators; DOT_DTYPE / PRECISION as in _atm_fc_fwd_kernel.
+    Program pid: row block pid // cdiv(C_OUT, BLOCK_N), column block pid % cdiv(C_OUT, BLOCK_N).
+    """
+    tl.static_assert(BLOCK_K >= 16)
+    tl.static_assert(BLOCK_M >= 16)
+    tl.static_assert(BLOCK_N >= 16)
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(C_OUT, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < M
+    n_ok = n < C_OUT
+    n64 = n.to(tl.int64)
+    HW = H * W
+    b = m // HW
+    r = m % HW
+    i = r // W
+    j = r % W
+    x_pix = x_ptr + (b * sx_b + i * sx_h + j * sx_w)[:, None]
+
+    acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    acc_c = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    for k0 in range(0, C, BLOCK_K):
+        c = k0 + tl.arange(0, BLOCK_K)
+        c_ok = c < C
+        c64 = c.to(tl.int64)
+        mask = m_ok[:, None] & c_ok[None, :]
+        w_mask = c_ok[:, None] & n_ok[None, :]
+        a = _gather_pixels(x_ptr, ow_ptr, b, i, j, c64, mask, H, W, sx_b, sx_h, sx_w, sx_c,
+                           sow_b, sow_h, sow_w, sow_g, SHARE, False, COMPUTE)
+        wt = tl.load(ww_ptr + n64[None, :] * sww_n + c64[:, None] * sww_k, mask=w_mask, other=0.0)
+        acc_w = tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc_w, input_precision=PRECISION, out_dtype=COMPUTE)
+        a = _gather_pixels(x_ptr, oh_ptr, b, i, j, c64, mask, H, W, sx_b, sx_h, sx_w, sx_c,
+                           soh_b, soh_h, soh_w, soh_g, SHARE, True, COMPUTE)
+        wt = tl.load(wh_ptr + n64[None, :] * swh_n + c64[:, None] * swh_k, mask=w_mask, other=0.0)
+        acc_h = tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc_h, input_precision=PRECISION, out_dtype=COMPUTE)
+        # the channel branch: x itself, no lerp (storage dtype straight into the dot)
+        xv = tl.load(x_pix + c64[None, :] * sx_c, mask=mask, other=0.0)
+        wt = tl.load(wc_ptr + n64[None, :] * swc_n + c64[:, None] * swc_k, mask=w_mask, other=0.0)
+        acc_c = tl.dot(xv.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc_c, input_precision=PRECISION, out_dtype=COMPUTE)
+
+    if HAS_BW:
+        acc_w += tl.load(bw_ptr + n64 * s_bw, mask=n_ok, other=0.0).to(COMPUTE)[None, :]
+    if HAS_BH:
+        acc_h += tl.load(bh_ptr + n64 * s_bh, mask=n_ok, other=0.0).to(COMPUTE)[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    al = al_ptr + (b * sa_b)[:, None] + n64[None, :] * sa_n
+    a0 = tl.load(al, mask=out_mask, other=0.0).to(COMPUTE)
+    a1 = tl.load(al + sa_k, mask=out_mask, other=0.0).to(COMPUTE)
+    a2 = tl.load(al + 2 * sa_k, mask=out_mask, other=0.0).to(COMPUTE)
+    y = acc_w * a0 + acc_h * a1 + acc_c * a2  # the official add order
+    y_ptrs = out_ptr + (b * sy_b + i * sy_h + j * sy_w)[:, None] + n64[None, :] * sy_c
+    tl.store(y_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-size heuristics
+# ---------------------------------------------------------------------------------------------
+
+_GPU_PROGRAMS = 1024  # enough programs to keep an H100's 132 SMs streaming (~8 per SM)
+
+
+def means_blocks(batch: int, pixels: int, channels: int) -> dict:
+    """Tiles and pixel split of the means kernel for ``pixels = H·W`` per image.
+
+    On a GPU: 64 channel lanes (a 128-byte bf16 row segment) x 16 pixels, three fp32
+    accumulators of 1024 values (8 per thread at 4 warps); SPLIT programs per image so the
+    grid reaches ~1024 programs. Under the interpreter (~1 ms per program and per step): one
+    program per image and channel block, tiles of up to 16K elements."""
+    if _interpreting():
+        block_c = min(triton.next_power_of_2(channels), 64)
+        block_m = max(1, min(triton.next_power_of_2(pixels), 16384 // block_c))
+        return {"BLOCK_M": block_m, "BLOCK_C": block_c, "SPLIT": 1, "num_warps": 4}
+    block_c = channel_tile(channels, 64)
+    block_m = max(1, min(triton.next_power_of_2(pixels), 1024 // block_c))
+    c_blocks = triton.cdiv(channels, block_c)
+    split = max(1, min(triton.cdiv(pixels, block_m), _GPU_PROGRAMS // max(1, batch * c_blocks)))
+    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "SPLIT": split, "num_warps": 4}
+
+
+def mix_blocks(pixels: int, channels: int, c_out: int, dtype: torch.dtype) -> dict:
+    """Tiles of the mix GEMM: BLOCK_M pixels x BLOCK_N output channels, BLOCK_K input channels
+    per step of each of the three branches. Three accumulators and two lerped A tiles live at
+    once, so tiles are smaller than atm_fc's (ptxas for sm_90, 8 warps: fp16/bf16 64 x 64 x 32
+    with two stages; fp32/fp64 operands take twice the registers, 64 x 32 x 16 and one stage;
+    every larger choice spilled, 32 x 64 x 16 with TF32; checked by tests/test_atm_layer.py).
+    BLOCK_N divides C_out when it can (C = 320: 64, or 32 for fp32). Under the interpreter:
+    the whole reduction in one step and up to 256 columns."""
+    if _interpreting():
+        block_n = max(16, min(triton.next_power_of_2(c_out), 256))
+        block_k = max(16, min(triton.next_power_of_2(channels), 256))
+        block_m = max(16, min(triton.next_power_of_2(pixels), 65536 // max(block_n, block_k)))
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 1}
+    if dtype in (torch.float32, torch.float64):
+        block_n = max(16, channel_tile(c_out, 32))
+        return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": 16, "num_warps": 8, "num_stages": 1}
+    block_n = max(16, channel_tile(c_out, 64))
+    return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def launch_means(x: torch.Tensor, offset_w: torch.Tensor, offset_h: torch.Tensor, share: int) -> torch.Tensor:
+    """The partial sums ``[B, SPLIT, 3, C]`` (fp32; fp64 for fp64 x) of the means kernel."""
+    B, H, W, C = x.shape
+    cfg = means_blocks(B, H * W, C)
+    split = cfg.pop("SPLIT")
+    part = torch.zeros((B, split, 3, C), dtype=_accumulate_dtype(x), device=x.device)
+    if B * H * W * C == 0:
+        return part
+    grid = (B, split, triton.cdiv(C, cfg["BLOCK_C"]))
+    _atm_means_kernel[grid](
+        x, offset_w, offset_h, part,
+        H, W, C, split,
+        *x.stride(), *offset_w.stride(), *offset_h.stride(),
+        SHARE=share,
+        COMPUTE=_compute_dtype(x),
+        **cfg,
+    )
+    return part
+
+
+def launch_mix(
+    x: torch.Tensor,
+    offset_w: torch.Tensor,
+    offset_h: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    bias_w: Optional[torch.Tensor],
+    bias_h: Optional[torch.Tensor],
+    alpha: torch.Tensor,
+    out: torch.Tensor,
+    share: int,
+) -> None:
+    """Write the reweighted branch sum into ``out [B,H,W,C_out]`` (any strides, must not overlap
+    itself). ``weights`` = (W_w, W_h, W_c), each ``[C_out, C]``; ``alpha [B, C_out, 3]``."""
+    B, H, W, C = x.shape
+    M = B * H * W
+    c_out = out.shape[-1]
+    if M == 0 or c_out == 0:
+        return
+    cfg = mix_blocks(M, C, c_out, x.dtype)
+    dot_dtype, _, precision = _dot_dtypes(x.dtype)
+    ww, wh, wc = weights
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
+    _atm_mix_kernel[grid](
+        x, offset_w, offset_h, ww, wh, wc,
+        bias_w if bias_w is not None else ww, bias_h if bias_h is not None else wh, alpha, out,
+        M, H, W, C, c_out,
+        *x.stride(), *offset_w.stride(), *offset_h.stride(),
+        *ww.stride(), *wh.stride(), *wc.stride(),
+        bias_w.stride(0) if bias_w is not None else 0, bias_h.stride(0) if bias_h is not None else 0,
+        *alpha.stride(),
+        *out.stride(),
+        SHARE=share,
+        HAS_BW=bias_w is not None,
+        HAS_BH=bias_h is not None,
+        COMPUTE=_compute_dtype(x),
+        DOT_DTYPE=dot_dtype,
+        PRECISION=precision,
+        **cfg,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry entry points (mixops.backend)
+# ---------------------------------------------------------------------------------------------
+
+
+def means_forward(x, offset_w, offset_h, share: int) -> torch.Tensor:
+    """``mixops::_atm_means`` forward: ``[B, 3, C]`` token means of (sw, sh, x)."""
+    part = launch_means(x, offset_w, offset_h, share)
+    return part.sum(dim=1) / (x.shape[1] * x.shape[2])
+
+
+def means_backward(grads: list, needs: list, x, offset_w, offset_h, share: int) -> list:
+    """``mixops::_atm_means`` backward. The gradient of a token mean is g/(H·W) at every token,
+    so each gather's backward is the owner-computes atm_sample kernel on an expanded
+    (zero-stride) constant gradient; x also gets g[:, 2]/(H·W) directly."""
+    need_x, need_ow, need_oh = needs
+    B, H, W, C = x.shape
+    acc = _accumulate_dtype(x)
+    g = grads[0].to(acc) / (H * W)
+    gx = g[:, 2, None, None, :].expand(B, H, W, C) if need_x else None
+    goffs = []
+    for k, (axis, off, need_off) in enumerate((("w", offset_w, need_ow), ("h", offset_h, need_oh))):
+        gxk = torch.empty(x.shape, dtype=acc, device=x.device) if need_x else None
+        gok = torch.empty(off.shape, dtype=off.dtype, device=off.device) if need_off else None
+        launch_backward(g[:, k, None, None, :].expand(B, H, W, C), x, off, gxk, gok, axis, share)
+        if need_x:
+            gx = gx + gxk
+        if need_off:
+            goffs.append(gok)
+    return ([gx.to(x.dtype)] if need_x else []) + goffs
+
+
+def mix_forward(x, offset_w, offset_h, weight_w, weight_h, weight_c, bias_w, bias_h, alpha, share: int):
+    """``mixops::_atm_mix`` forward: ``[B,H,W,C] -> [B,H,W,C_out]``."""
+    out = torch.empty((*x.shape[:-1], weight_w.shape[0]), dtype=x.dtype, device=x.device)
+    launch_mix(x, offset_w, offset_h, (weight_w, weight_h, weight_c), bias_w, bias_h, alpha, out, share)
+    return out
+
+
+def alpha_grad_by_identity(channels: int, pixels: int) -> bool:
+    """Whether dW_k and dalpha_k come from one per-sample GEMM P_b = dY_b^T S_b ([B, C_out, C],
+    2·N·C_out FLOP per branch) instead of dW_k = (a_k·dY)^T S_k plus the recomputed branch
+    output (4·N·C_out FLOP): when P (B·C·C_out) is no larger than an activation (B·H·W·C_out)."""
+    return channels <= pixels
+
+
+def mix_backward(grads: list, needs: list, x, offset_w, offset_h, weight_w, weight_h, weight_c,
+                 bias_w, bias_h, alpha, share: int) -> list:
+    """``mixops::_atm_mix`` backward, deterministic (torch GEMMs, ordered torch sums and the
+    atomic-free atm_sample backward kernel): the gradients of the flagged inputs among
+    (x, offset_w, offset_h, weight_w, weight_h, weight_c, bias_w, bias_h, alpha).
+
+    Branch k (w, h, c) with features S_k (the gathers, recomputed; x for c), weight W_k, bias
+    b_k and weights a_k: dS_k = (a_k·dY) @ W_k (then the gather backward for x and offsets),
+    dW_k = sum_b diag(a_k[b]) dY_b^T S_b, db_k = sum over tokens of a_k·dY,
+    dalpha[b, n, k] = sum_t dY[t, n]·(S_k[t]·W_k[n] + b_k[n]).
+    """
+    need_x, need_ow, need_oh, need_ww, need_wh, need_wc, need_bw, need_bh, need_alpha = needs
+    B, H, W, C = x.shape
+    acc = _accumulate_dtype(x)
+    g = grads[0]
+    c_out = g.shape[-1]
+    al = alpha.to(acc)
+    g_acc = g.to(acc)
+    gsum = g_acc.sum(dim=(1, 2))  # [B, C_out]
+    identity = alpha_grad_by_identity(C, H * W)
+    branches = (
+        ("w", offset_w, weight_w, bias_w, need_ow, need_ww, need_bw),
+        ("h", offset_h, weight_h, bias_h, need_oh, need_wh, need_bh),
+        ("c", None, weight_c, None, False, need_wc, False),
+    )
+    gx = None
+    got = {}
+    dalpha = []
+    for k, (axis, off, weight, bias, need_off, need_w, need_b) in enumerate(branches):
+        a_k = al[:, None, None, :, k]
+        ga = (g_acc * a_k).to(x.dtype)  # a_k·dY in the storage dtype, for the GEMMs
+        if need_x or need_off:
+            ds = torch.matmul(ga, weight)
+            if axis == "c":
+                gx = ds.to(acc) if gx is None else gx + ds
+            else:
+                gxk = torch.empty(x.shape, dtype=acc, device=x.device) if need_x else None
+                gok = torch.empty(off.shape, dtype=off.dtype, device=off.device) if need_off else None
+                launch_backward(ds, x, off, gxk, gok, axis, share)
+                if need_x:
+                    gx = gxk if gx is None else gx + gxk
+                if need_off:
+                    got[f"off_{axis}"] = gok
+        if need_w or need_alpha:
+            s = x if axis == "c" else _sample_forward(x, off, axis, share)
+            s2 = s.reshape(B, H * W, C)
+            if identity:
+                p = torch.bmm(g.reshape(B, H * W, c_out).transpose(1, 2), s2).to(acc)  # [B, C_out, C]
+                if need_w:
+                    got[f"w_{axis}"] = (p * al[:, :, k, None]).sum(dim=0).to(weight.dtype)
+                if need_alpha:
+                    d = (p * weight.to(acc)).sum(dim=2)
+            else:
+                if need_w:
+                    got[f"w_{axis}"] = (ga.reshape(-1, c_out).t() @ s2.reshape(-1, C)).to(weight.dtype)
+                if need_alpha:
+                    d = (g_acc.reshape(B, H * W, c_out) * torch.matmul(s2, weight.t()).to(acc)).sum(dim=1)
+            if need_alpha:
+                if bias is not None:
+                    d = d + gsum * bias.to(acc)
+                dalpha.append(d)
+        if need_b:
+            got[f"b_{axis}"] = (gsum * al[:, :, k]).sum(dim=0).to(bias.dtype)
+    order = [("x", need_x), ("off_w", need_ow), ("off_h", need_oh), ("w_w", need_ww), ("w_h", need_wh),
+             ("w_c", need_wc), ("b_w", need_bw), ("b_h", need_bh)]
+    if need_x:
+        got["x"] = gx.to(x.dtype)
+    result = [got[name] for name, need in order if need]
+    if need_alpha:
+        result.append(torch.stack(dalpha, dim=2).to(alpha.dtype))
+    return result
