@@ -31,6 +31,19 @@ def make_offset(kind: str, shape, axis: str, dtype=torch.float64) -> torch.Tenso
     return (target - pos).to(dtype)
 
 
+def strided_inputs(shape, share, axis, kind, dtype=torch.float64, device="cpu"):
+    """x as a channels-last view of NCHW storage, offsets (of distribution ``kind``) as a strided
+    slice of a wider tensor: kernels must go by strides. Values are drawn in float64 and rounded
+    once to ``dtype``."""
+    B, H, W, C = shape
+    x = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype).permute(0, 2, 3, 1)
+    off = make_offset(kind, (B, H, W, C // share), axis)
+    wide = torch.randn(B, H, W, 2 * (C // share), dtype=torch.float64)
+    wide[..., 1::2] = off
+    off = wide.to(dtype)[..., 1::2]
+    return x.to(device), off.to(device)
+
+
 def away_from_integers(shape, dtype=torch.float64) -> torch.Tensor:
     """Offsets whose positions keep a fractional part in [0.15, 0.85]: no kink within a
     finite-difference step, so gradcheck sees a smooth function."""

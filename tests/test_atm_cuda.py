@@ -17,7 +17,7 @@ import itertools
 import pytest
 import torch
 from mixops_testing import assert_close
-from test_atm_cases import KINDS, away_from_integers, make_offset, official_atm_op
+from test_atm_cases import KINDS, away_from_integers, official_atm_op, strided_inputs
 
 import mixops
 from mixops.backend import implementation
@@ -35,18 +35,6 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _ops():
     return torch.ops.mixops
-
-
-def _inputs(shape, share, axis, kind, dtype=torch.float64, device="cpu"):
-    """x as a channels-last view of NCHW storage, offsets as a strided slice of a wider tensor:
-    the kernels must go by strides. Values drawn in float64, rounded once to ``dtype``."""
-    B, H, W, C = shape
-    x = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype).permute(0, 2, 3, 1)
-    off = make_offset(kind, (B, H, W, C // share), axis)
-    wide = torch.randn(B, H, W, 2 * (C // share), dtype=torch.float64)
-    wide[..., 1::2] = off
-    off = wide.to(dtype)[..., 1::2]
-    return x.to(device), off.to(device)
 
 
 def _fc_params(C, c_out, dtype=torch.float64, device="cpu"):
@@ -87,7 +75,7 @@ def _exact(kind):
 @pytest.mark.parametrize("share", SHARES)
 @pytest.mark.parametrize("axis", AXES)
 def test_sample_forward_and_backward_match_reference(axis, share, kind):
-    x, off = _inputs(AWKWARD, share, axis, kind)
+    x, off = strided_inputs(AWKWARD, share, axis, kind)
     g = _expanded_grad(AWKWARD)
     out = _ops()._atm_sample_cuda(x, off, axis, share)
     gx, go = _ops()._atm_sample_cuda_backward([g], [True, True], x, off, axis, share)
@@ -104,7 +92,7 @@ def test_sample_forward_and_backward_match_reference(axis, share, kind):
 @pytest.mark.parametrize("axis", AXES)
 def test_sample_float32_matches_reference(axis, share):
     """fp32 storage, fp32 positions and accumulation, as on the GPU."""
-    x, off = _inputs(AWKWARD, share, axis, "normal5", torch.float32)
+    x, off = strided_inputs(AWKWARD, share, axis, "normal5", torch.float32)
     g = torch.randn(AWKWARD, dtype=torch.float32)
     out = _ops()._atm_sample_cuda(x, off, axis, share)
     gx, go = _ops()._atm_sample_cuda_backward([g], [True, True], x, off, axis, share)
@@ -134,7 +122,7 @@ def test_matches_torchvision_deform_conv2d(axis, share, kind):
     included: right-hand slope at integers, x[0] at p = -1, nothing from outside."""
     pytest.importorskip("torchvision")
     B, H, W, C, c_out = 2, 4, 6, 8, 5
-    x, off = _inputs((B, H, W, C), share, axis, kind)
+    x, off = strided_inputs((B, H, W, C), share, axis, kind)
     w, b = _fc_params(C, c_out)
     leaves = [t.detach().clone().requires_grad_() for t in (x, off, w, b)]
     xt, ot, wt, bt = leaves
@@ -172,7 +160,7 @@ def test_matches_torchvision_deform_conv2d(axis, share, kind):
 def test_fc_matches_reference(dtype, axis, share):
     """Awkward C and C_out, transposed weight, strided bias, expanded incoming gradient."""
     c_out = 13
-    x, off = _inputs(AWKWARD, share, axis, "normal1", dtype)
+    x, off = strided_inputs(AWKWARD, share, axis, "normal1", dtype)
     w, b = _fc_params(AWKWARD[-1], c_out, dtype)
     g = _expanded_grad((*AWKWARD[:-1], c_out), dtype)
     out = _ops()._atm_fc_cuda(x, off, w, b, axis, share)
@@ -188,7 +176,7 @@ def test_fc_matches_reference(dtype, axis, share):
 
 def test_sample_needs_subsets():
     """Each subset of `needs` returns exactly the flagged gradients, equal to the full run's."""
-    x, off = _inputs(AWKWARD, 4, "w", "normal5")
+    x, off = strided_inputs(AWKWARD, 4, "w", "normal5")
     g = torch.randn(AWKWARD, dtype=torch.float64)
     full = _ops()._atm_sample_cuda_backward([g], [True, True], x, off, "w", 4)
     for needs in itertools.product([False, True], repeat=2):
@@ -200,7 +188,7 @@ def test_sample_needs_subsets():
 
 
 def test_fc_needs_subsets():
-    x, off = _inputs(AWKWARD, 2, "h", "normal5")
+    x, off = strided_inputs(AWKWARD, 2, "h", "normal5")
     w, b = _fc_params(AWKWARD[-1], 6)
     g = torch.randn(*AWKWARD[:-1], 6, dtype=torch.float64)
     full = _ops()._atm_fc_cuda_backward([g], [True] * 4, x, off, w, b, "h", 2)
@@ -319,7 +307,7 @@ def _poison(*tensors):
 
 
 def _gpu_check_sample(shape, share, axis, kind, dtype, g_expanded=False):
-    x, off = _inputs(shape, share, axis, kind, dtype, "cuda")
+    x, off = strided_inputs(shape, share, axis, kind, dtype, "cuda")
     g = _expanded_grad(shape, dtype, "cuda") if g_expanded else torch.randn(shape, dtype=torch.float64).to("cuda", dtype)
     xl, ol = x.detach().requires_grad_(), off.detach().requires_grad_()
     _poison(x)
@@ -333,7 +321,7 @@ def _gpu_check_sample(shape, share, axis, kind, dtype, g_expanded=False):
 
 
 def _gpu_check_fc(shape, c_out, share, axis, kind, dtype):
-    x, off = _inputs(shape, share, axis, kind, dtype, "cuda")
+    x, off = strided_inputs(shape, share, axis, kind, dtype, "cuda")
     w, b = _fc_params(shape[-1], c_out, dtype, "cuda")
     g = torch.randn(*shape[:-1], c_out, dtype=torch.float64).to("cuda", dtype)
     leaves = [t.detach().requires_grad_() for t in (x, off, w, b)]
@@ -372,7 +360,7 @@ def test_gpu_fc_tf32_when_torch_allows_it():
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        x, off = _inputs((3, 5, 11, 72), 2, "w", "normal1", torch.float32, "cuda")
+        x, off = strided_inputs((3, 5, 11, 72), 2, "w", "normal1", torch.float32, "cuda")
         w, b = _fc_params(72, 70, torch.float32, "cuda")
         out = mixops.atm_fc(x, off, w, b, axis="w", share=2, backend="cuda")
         ref = R.atm_fc_lerp(*(t.double().cpu() for t in (x, off, w, b)), "w", 2)
@@ -407,7 +395,7 @@ def test_gpu_backward_is_deterministic(dtype):
     """Bit-identical gradients over two runs, at a size where many positions gather from the
     same source (unordered atomics would show)."""
     shape = (8, 28, 28, 64)
-    x, off = _inputs(shape, 2, "w", "normal5", dtype, "cuda")
+    x, off = strided_inputs(shape, 2, "w", "normal5", dtype, "cuda")
     w, b = _fc_params(64, 64, dtype, "cuda")
     g = torch.randn(shape, dtype=torch.float64).to("cuda", dtype)
 
@@ -431,7 +419,7 @@ def test_gpu_long_line_uses_opt_in_shared_memory():
 @needs_cuda
 def test_gpu_matches_cpu_emulation():
     """The kernels and the CPU emulation of their math agree (fp32, normal offsets)."""
-    x, off = _inputs(AWKWARD, 4, "h", "normal5", torch.float32)
+    x, off = strided_inputs(AWKWARD, 4, "h", "normal5", torch.float32)
     w, b = _fc_params(24, 9, torch.float32)
     g = torch.randn(*AWKWARD[:-1], 9)
     cpu = [_ops()._atm_sample_cuda(x, off, "h", 4), _ops()._atm_fc_cuda(x, off, w, b, "h", 4),
@@ -456,7 +444,7 @@ def test_gpu_float64_and_bad_devices():
     tensors are refused before any launch."""
     _gpu_check_sample(AWKWARD, 4, "w", "normal5", torch.float64)
     _gpu_check_fc(AWKWARD, 13, 4, "h", "normal5", torch.float64)
-    x, off = _inputs((1, 3, 4, 8), 2, "w", "normal1", torch.float32, "cuda")
+    x, off = strided_inputs((1, 3, 4, 8), 2, "w", "normal1", torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="expected CUDA tensors"):
         _ops()._atm_sample_cuda(x, off.cpu(), "w", 2)
     with pytest.raises(RuntimeError, match="expected float32"):

@@ -29,7 +29,7 @@ import mixops  # noqa: E402
 from mixops.kernels import atm as K  # noqa: E402
 from mixops.reference import atm as R  # noqa: E402
 from mixops_testing import assert_close, skip_unless_runs  # noqa: E402
-from test_atm_cases import KINDS, make_offset, official_atm_op  # noqa: E402
+from test_atm_cases import KINDS, official_atm_op, strided_inputs  # noqa: E402
 
 AXES = ("h", "w")
 # every share once, alternating the compute dtype (fp64 / fp32): interpreted programs are slow
@@ -45,18 +45,6 @@ def interpreted():
 
 
 on_cpu = pytest.mark.usefixtures("interpreted")
-
-
-def _inputs(shape, share, axis, kind, dtype=torch.float64, device="cpu"):
-    """x as a channels-last view of NCHW storage, offsets as a slice of a wider tensor: the
-    kernels must go by strides. Values are drawn in float64 and rounded once to ``dtype``."""
-    B, H, W, C = shape
-    x = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype).permute(0, 2, 3, 1)
-    off = make_offset(kind, (B, H, W, C // share), axis)
-    wide = torch.randn(B, H, W, 2 * (C // share), dtype=torch.float64)
-    wide[..., 1::2] = off
-    off = wide.to(dtype)[..., 1::2]
-    return x.to(device), off.to(device)
 
 
 def _canary(shape, dtype, device="cpu"):
@@ -96,7 +84,7 @@ def _exact(kind):
 @pytest.mark.parametrize("share, dtype", SHARE_DTYPES)
 @pytest.mark.parametrize("axis", AXES)
 def test_forward_writes_exactly_its_output(axis, share, dtype, kind):
-    x, off = _inputs(AWKWARD, share, axis, kind, dtype)
+    x, off = strided_inputs(AWKWARD, share, axis, kind, dtype)
     buf, out, inside = _canary(AWKWARD, dtype)
     K.launch_forward(x, off, out, axis, share)
     _untouched(buf, inside, "out")
@@ -113,7 +101,7 @@ def test_forward_writes_exactly_its_output(axis, share, dtype, kind):
 @pytest.mark.parametrize("axis", AXES)
 def test_backward_writes_exactly_its_gradients(axis, share, dtype, kind):
     B, H, W, C = AWKWARD
-    x, off = _inputs(AWKWARD, share, axis, kind, dtype)
+    x, off = strided_inputs(AWKWARD, share, axis, kind, dtype)
     # an expanded (zero-stride) incoming gradient, as autograd hands out for a sum()
     g = torch.randn(B, 1, W, C, dtype=torch.float64).to(dtype).expand(B, H, W, C)
     buf_x, gx, in_x = _canary(AWKWARD, dtype)
@@ -132,7 +120,7 @@ def test_backward_computes_only_what_is_needed(axis):
     """``needs`` = (x only) and (offset only) give the same bits as both, and leave the other
     gradient's pointer alone."""
     share = 4
-    x, off = _inputs(AWKWARD, share, axis, "normal5")
+    x, off = strided_inputs(AWKWARD, share, axis, "normal5")
     g = torch.randn(AWKWARD, dtype=torch.float64)
     both = K.backward([g], [True, True], x, off, axis, share)
     only_x = K.backward([g], [True, False], x, off, axis, share)
@@ -153,7 +141,7 @@ def test_backward_computes_only_what_is_needed(axis):
 def test_degenerate_lines(shape, axis):
     """Lines of length 1 (every neighbour out of range), single channels, C above a block."""
     share = 2 if shape[-1] % 2 == 0 else 1
-    x, off = _inputs(shape, share, axis, "normal1")
+    x, off = strided_inputs(shape, share, axis, "normal1")
     g = torch.randn(shape, dtype=torch.float64)
     out = K.forward(x, off, axis, share)
     gx, go = K.backward([g], [True, True], x, off, axis, share)
@@ -173,7 +161,7 @@ def test_huge_offsets_give_exact_zeros(axis, dtype):
     """Offsets far outside the line (up to the dtype's max) sample zeros and have zero
     gradients; the position clamp keeps the float -> int conversion defined."""
     shape = (2, 4, 6, 8)
-    x, off = _inputs(shape, 2, axis, "normal1", dtype)
+    x, off = strided_inputs(shape, 2, axis, "normal1", dtype)
     big = torch.finfo(dtype).max
     values = [big, -big, 1e4, -1e4] + ([2.0**24 + 1, -(2.0**24) - 1] if dtype != torch.float16 else [])
     values = torch.tensor(values, dtype=torch.float64).to(dtype)
@@ -220,7 +208,7 @@ def test_gradients_match_torchvision(axis, share, kind):
     as ActiveMLP calls it: right-hand slope, x[0] at p = -1, nothing from outside."""
     pytest.importorskip("torchvision")
     B, H, W, C = 2, 4, 6, 8
-    x, off = _inputs((B, H, W, C), share, axis, kind)
+    x, off = strided_inputs((B, H, W, C), share, axis, kind)
     g = torch.randn(B, H, W, C, dtype=torch.float64)
     xt = x.detach().clone().requires_grad_()
     ot = off.detach().clone().requires_grad_()
@@ -279,7 +267,7 @@ def _fc_reference(x, off, w, b, g, axis, share):
 @pytest.mark.parametrize("axis", AXES)
 def test_fc_forward_writes_exactly_its_output(axis, share, dtype, c_out):
     B, H, W, C = AWKWARD
-    x, off = _inputs(AWKWARD, share, axis, "normal5", dtype)
+    x, off = strided_inputs(AWKWARD, share, axis, "normal5", dtype)
     w, b = _fc_params(c_out, C, dtype)
     for bias in (b, None):
         buf, out, inside = _canary((B, H, W, c_out), dtype)
@@ -299,7 +287,7 @@ def test_fc_small_tiles_loop_over_channels(monkeypatch, axis):
     )
     B, H, W, C = AWKWARD
     for share in (1, 2, 4, 8):
-        x, off = _inputs(AWKWARD, share, axis, "edges")
+        x, off = strided_inputs(AWKWARD, share, axis, "edges")
         w, b = _fc_params(19, C, torch.float64)
         buf, out, inside = _canary((B, H, W, 19), torch.float64)
         K.launch_fc_forward(x, off, w, b, out, axis, share)
@@ -314,7 +302,7 @@ def test_fc_matches_torchvision(axis, kind):
     """The fused kernel against deform_conv2d as the official ATMOp drives it, at the kinks."""
     pytest.importorskip("torchvision")
     share, c_out = 4, 19
-    x, off = _inputs(AWKWARD, share, axis, kind)
+    x, off = strided_inputs(AWKWARD, share, axis, kind)
     w, b = _fc_params(c_out, AWKWARD[-1], torch.float64)
     assert_close(K.fc_forward(x, off, w, b, axis, share), R.atm_fc_deform(x, off, w, b, axis, share))
 
@@ -327,7 +315,7 @@ def test_fc_backward(axis, share, dtype):
     every ``needs`` subset gives the same bits as all four; two runs are bit-identical."""
     B, H, W, C = AWKWARD
     c_out = 19
-    x, off = _inputs(AWKWARD, share, axis, "normal1", dtype)
+    x, off = strided_inputs(AWKWARD, share, axis, "normal1", dtype)
     w, b = _fc_params(c_out, C, dtype)
     g = torch.randn(B, 1, W, c_out, dtype=torch.float64).to(dtype).expand(B, H, W, c_out)
     every = K.fc_backward([g], [True] * 4, x, off, w, b, axis, share)
@@ -530,7 +518,7 @@ def test_cuda_matches_reference(axis, stage, dtype):
     n, C, share = stage
     shape = (4, n, n, C)
     for kind in ("normal1", "normal5", "edges"):
-        x, off = _inputs(shape, share, axis, kind, dtype, "cuda")
+        x, off = strided_inputs(shape, share, axis, kind, dtype, "cuda")
         g = torch.randn(shape, dtype=torch.float64).to(dtype).cuda()
         xg, og = x.detach().requires_grad_(), off.detach().requires_grad_()
         out = mixops.atm_sample(xg, og, axis=axis, share=share, backend="triton")
@@ -546,7 +534,7 @@ def test_cuda_matches_reference(axis, stage, dtype):
 @pytest.mark.parametrize("axis", AXES)
 def test_cuda_canary_and_awkward_sizes(axis, dtype):
     share = 3
-    x, off = _inputs(AWKWARD, share, axis, "normal5", dtype, "cuda")
+    x, off = strided_inputs(AWKWARD, share, axis, "normal5", dtype, "cuda")
     g = torch.randn(AWKWARD, dtype=torch.float64).to(dtype).cuda()
     buf, out, inside = _canary(AWKWARD, dtype, "cuda")
     buf_x, gx, in_x = _canary(AWKWARD, dtype, "cuda")
@@ -569,7 +557,7 @@ def test_cuda_fc_matches_reference(axis, stage, dtype):
     """The fused gather-GEMM and its backward at the ActiveMLP stage shapes (C_out = C)."""
     n, C, share = stage
     shape = (4, n, n, C)
-    x, off = _inputs(shape, share, axis, "normal5", dtype, "cuda")
+    x, off = strided_inputs(shape, share, axis, "normal5", dtype, "cuda")
     w, b = _fc_params(C, C, dtype, "cuda")
     g = torch.randn(shape, dtype=torch.float64).to(dtype).cuda()
     leaves = [t.detach().requires_grad_() for t in (x, off, w, b)]
@@ -588,7 +576,7 @@ def test_cuda_fc_canary_and_awkward_sizes(axis, dtype):
     B, H, W, C = AWKWARD
     for share in (1, 2, 4, 8):
         for c_out in FC_OUTS:
-            x, off = _inputs(AWKWARD, share, axis, "normal5", dtype, "cuda")
+            x, off = strided_inputs(AWKWARD, share, axis, "normal5", dtype, "cuda")
             w, b = _fc_params(c_out, C, dtype, "cuda")
             buf, out, inside = _canary((B, H, W, c_out), dtype, "cuda")
             K.launch_fc_forward(x, off, w, b, out, axis, share)
