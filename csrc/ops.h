@@ -2,8 +2,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/List.h>
+
+#include <optional>
 
 #include <string>
+#include <vector>
 
 namespace mixops {
 
@@ -12,5 +16,19 @@ namespace mixops {
 int64_t cuda_version();
 std::string cuda_arch_list();
 at::Tensor device_arch(const at::Tensor& like);
+
+// MorphFC chunked token FC (morph_fc.cu; CPU emulation of the same index map in
+// morph_fc_cpu.cpp): the schema inputs of mixops::morph_fc, the backward returning the grads of
+// the tensors flagged in `needs` (x, weight, bias), in that order.
+at::Tensor morph_fc_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         int64_t segment_dim, const std::string& axis);
+std::vector<at::Tensor> morph_fc_cuda_backward(at::TensorList grads, const c10::List<bool>& needs, const at::Tensor& x,
+                                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                               int64_t segment_dim, const std::string& axis);
+at::Tensor morph_fc_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        int64_t segment_dim, const std::string& axis);
+std::vector<at::Tensor> morph_fc_cpu_backward(at::TensorList grads, const c10::List<bool>& needs, const at::Tensor& x,
+                                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                              int64_t segment_dim, const std::string& axis);
 
 }  // namespace mixops

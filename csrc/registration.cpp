@@ -12,9 +12,28 @@ TORCH_LIBRARY(mixops, m) {
   m.def("_cuda_version() -> int", &mixops::cuda_version);
   m.def("_cuda_arch_list() -> str", &mixops::cuda_arch_list);
   m.def("_device_arch(Tensor like) -> Tensor");
+
+  // morph_fc (morph_fc.cu, morph_fc_cpu.cpp)
+  m.def("_morph_fc_cuda(Tensor x, Tensor weight, Tensor? bias, int segment_dim, str axis) -> Tensor");
+  m.def(
+      "_morph_fc_cuda_backward(Tensor[] grads, bool[] needs, Tensor x, Tensor weight, Tensor? bias, "
+      "int segment_dim, str axis) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(mixops, CUDA, m) { m.impl("_device_arch", &mixops::device_arch); }
+TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
+  m.impl("_device_arch", &mixops::device_arch);
+
+  // morph_fc
+  m.impl("_morph_fc_cuda", &mixops::morph_fc_cuda);
+  m.impl("_morph_fc_cuda_backward", &mixops::morph_fc_cuda_backward);
+}
+
+// CPU emulations of CUDA ops: the kernels' index math in host loops, for tests on CPU tensors.
+TORCH_LIBRARY_IMPL(mixops, CPU, m) {
+  // morph_fc
+  m.impl("_morph_fc_cuda", &mixops::morph_fc_cpu);
+  m.impl("_morph_fc_cuda_backward", &mixops::morph_fc_cpu_backward);
+}
 
 // `import mixops._C` loads the library and thereby runs the registrations above; the module
 // itself exposes nothing (the ops live in torch.ops.mixops).

@@ -5,6 +5,7 @@ from .morph_fc import morph_fc
 from .repmlp import locality_injection, partition_fc
 from .window_attention import window_attention
 from . import triton_backend  # noqa: E402,F401  (after the ops it registers kernels for)
+from . import cuda_backend  # noqa: E402,F401  (likewise, for the compiled extension)
 
 __all__ = [
     "atm_fc",
