@@ -38,6 +38,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -149,6 +150,24 @@ struct SimtMma {
   }
 };
 
+// Operand fragments enter the mma as loaded, except TF32 ones: they load fp32 and must be
+// rounded to TF32 first (a specialization, since the TF32 names exist only for sm_80+).
+template <typename FragT>
+struct RoundOperand {
+  template <typename Frag>
+  __device__ static void apply(Frag&) {}
+};
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+template <>
+struct RoundOperand<nvcuda::wmma::precision::tf32> {
+  template <typename Frag>
+  __device__ static void apply(Frag& f) {
+#pragma unroll
+    for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
+  }
+};
+#endif
+
 // Tensor cores: warp (wm, wn) owns the 32 x 32 sub-tile at (32 wm, 32 wn), 2 x 2 fragments of
 // 16 x 16; FragT is the fragment element type (the storage type, or precision::tf32 for fp32
 // storage, whose fragments load fp32 and must be rounded to TF32 before the mma).
@@ -164,14 +183,6 @@ struct WmmaMma {
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
   }
 
-  template <typename Frag>
-  __device__ static void round_to_tf32(Frag& f) {
-    if constexpr (!std::is_same_v<FragT, T>) {
-#pragma unroll
-      for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
-    }
-  }
-
   __device__ void step(const T* a, const T* b) {
     const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
 #pragma unroll
@@ -185,12 +196,12 @@ struct WmmaMma {
           nvcuda::wmma::load_matrix_sync(fa[i], a + kk * kLdAT + m, kLdAT);
         else
           nvcuda::wmma::load_matrix_sync(fa[i], a + m * kLdA + kk, kLdA);
-        round_to_tf32(fa[i]);
+        RoundOperand<FragT>::apply(fa[i]);
       }
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         nvcuda::wmma::load_matrix_sync(fb[j], b + kk * kLdB + 32 * wn + 16 * j, kLdB);
-        round_to_tf32(fb[j]);
+        RoundOperand<FragT>::apply(fb[j]);
       }
 #pragma unroll
       for (int i = 0; i < 2; ++i)
@@ -405,7 +416,10 @@ void launch_gathered_gemm(const Geometry& g, const at::Tensor& a, const at::Tens
   const int64_t sb_n = transpose_weight ? weight.stride(0) : weight.stride(1);
   const T* bias_ptr = bias.has_value() ? ptr<T>(*bias) : nullptr;
   const int64_t s_bias = bias.has_value() ? bias->stride(0) : 0;
-  const dim3 grid(static_cast<unsigned>(cdiv(g.M, kBM) * cdiv(g.F, kBN)));
+  const int64_t blocks = cdiv(g.M, kBM) * cdiv(g.F, kBN);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "morph_fc: x is too large for one launch (", blocks,
+              " blocks of 64 x 64)");
+  const dim3 grid(static_cast<unsigned>(blocks));
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto args = std::make_tuple(ptr<T>(a), ptr<T>(weight), bias_ptr, reinterpret_cast<T*>(out.mutable_data_ptr()),
                                     g, morph_fc::strides5(a), morph_fc::strides5(out), sb_k, sb_n, s_bias);
