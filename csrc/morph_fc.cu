@@ -365,21 +365,31 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Split-M partial of db = colsum(dY_g): db_part[split, n] = sum over the split's rows m of
-// dY_g[m, n], each thread one n, rows in order.
+// dY_g[m, n], each thread one n, rows in order; the row parts of the map are computed once per
+// 128 rows into shared memory, so the per-element work is one add of two offsets.
 //   dy:      [B, T, H, W, C] incoming gradient (may be expanded), strides sy
 //   db_part: [SPLIT, F] fp32, contiguous; split = blockIdx.y, rows_per_split as above
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     grad_bias_kernel(const T* __restrict__ dy, float* __restrict__ db_part, Geometry g, Strides sy,
                      int64_t rows_per_split) {
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (n >= g.F) return;
-  const Part fp = morph_fc::feature_part(g, sy, n);
+  __shared__ Part rows[kThreads];
+  const int tid = threadIdx.x;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
+  const bool n_ok = n < g.F;
+  const Part fp = n_ok ? morph_fc::feature_part(g, sy, n) : Part{0, 0};
   const int64_t start = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t end = start + rows_per_split < g.M ? start + rows_per_split : g.M;
   float acc = 0.0f;
-  for (int64_t m = start; m < end; ++m) acc += to_float(dy[morph_fc::combine(g, sy, morph_fc::row_part(g, sy, m), fp)]);
-  db_part[static_cast<int64_t>(blockIdx.y) * g.F + n] = acc;
+  for (int64_t m0 = start; m0 < end; m0 += kThreads) {
+    __syncthreads();  // the previous chunk's row parts are consumed
+    if (m0 + tid < end) rows[tid] = morph_fc::row_part(g, sy, m0 + tid);
+    __syncthreads();
+    const int count = end - m0 < kThreads ? static_cast<int>(end - m0) : kThreads;
+    if (n_ok)
+      for (int i = 0; i < count; ++i) acc += to_float(dy[morph_fc::combine(g, sy, rows[i], fp)]);
+  }
+  if (n_ok) db_part[static_cast<int64_t>(blockIdx.y) * g.F + n] = acc;
 }
 
 // ---------------------------------------------------------------------------------------------
