@@ -5,7 +5,6 @@
 #include <ATen/core/List.h>
 
 #include <optional>
-
 #include <string>
 #include <vector>
 
