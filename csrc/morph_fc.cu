@@ -6,17 +6,20 @@
 // memory and the output tile is scattered back through it in the epilogue: no permuted copy of
 // x reaches HBM. The bias is indexed by the GEMM feature (p*D + s / t*D + s).
 // Backward: dX = scatter(dY_g @ W) (the same kernel, W not transposed); dW = dY_g^T @ X_g and
-// db = colsum(dY_g), each split over M into SPLIT fixed row ranges whose fp32 partials
-// [SPLIT, F, F] / [SPLIT, F] are summed by at::sum over the split axis: deterministic, no atomics.
+// db = colsum(dY_g), each split over M into SPLIT fixed row ranges whose partials
+// [SPLIT, F, F] / [SPLIT, F] (accumulator type) are summed by at::sum over the split axis:
+// deterministic, no atomics.
 //
 // Math: fp16 (sm_75+) and bf16 (sm_80+) on tensor cores through WMMA 16x16x16 with fp32
 // accumulators; fp32 on TF32 WMMA 16x16x8 (sm_80+) only when torch allows TF32 for cuBLAS,
 // else IEEE fp32 FMAs (SIMT, 4x8 outputs per thread). bf16 on sm_75 falls back to SIMT.
+// fp64 storage runs the same SIMT path with fp64 accumulators, output tile and partials (no
+// tensor cores: it is the exact-check dtype, matched against the float64 reference).
 //
 // FLOPs (numel = M*F = x.numel()): forward 2*numel*F; backward 2*numel*F for dX plus 2*numel*F
 // for dW. Minimal HBM bytes (e = element size): forward 2*numel*e + F*F*e; backward dX
 // 2*numel*e + F*F*e, dW/db 2*numel*e + F*(F+1)*e, plus SPLIT*F*(F+1)*4 bytes of partials
-// written and re-read (db re-reads dY: + numel*e).
+// written and re-read (8 bytes each for fp64; db re-reads dY: + numel*e).
 //
 // Grids (128 threads per block, tile 64 x 64, K step 32):
 //   gathered GEMM (forward, dX): (cdiv(M, 64) * cdiv(F, 64),), the F tiles of one row block
@@ -81,67 +84,85 @@ struct DeviceType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
+// The accumulator type of a storage type: fp64 for fp64, fp32 for the others.
 template <typename T>
-__device__ __forceinline__ T from_float(float v);
+using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Storage -> accumulator (the return type is Acc<T>).
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Accumulator -> storage, round to nearest.
+template <typename T>
+__device__ __forceinline__ T from_acc(Acc<T> v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) {
+__device__ __forceinline__ double from_acc<double>(double v) {
   return v;
 }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
+__device__ __forceinline__ float from_acc<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
   return __float2half_rn(v);
 }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
+
 // Shared memory of both GEMM kernels: the operand tiles of one K step (A then B, storage
-// type), reused as the fp32 output tile once the K loop is done. Raw bytes, because the CUDA
-// half types are not trivially constructible under torch's flags.
+// type), reused as the output tile (accumulator type) once the K loop is done. Raw bytes,
+// because the CUDA half types are not trivially constructible under torch's flags. fp64 needs
+// 38,912 bytes, under the 48 KiB of static shared memory.
 template <typename T>
 struct GemmSmem {
   static constexpr int kBytesAB = (kTileA + kBK * kLdB) * static_cast<int>(sizeof(T));
-  static constexpr int kBytes = kBytesAB > kBM * kLdC * 4 ? kBytesAB : kBM * kLdC * 4;
+  static constexpr int kBytesC = kBM * kLdC * static_cast<int>(sizeof(Acc<T>));
+  static constexpr int kBytes = kBytesAB > kBytesC ? kBytesAB : kBytesC;
   unsigned char* raw;
   __device__ T* a() const { return reinterpret_cast<T*>(raw); }
   __device__ T* b() const { return reinterpret_cast<T*>(raw) + kTileA; }  // kTileA * sizeof(T) % 32 == 0
-  __device__ float* c() const { return reinterpret_cast<float*>(raw); }
+  __device__ Acc<T>* c() const { return reinterpret_cast<Acc<T>*>(raw); }
 };
 
 // ---------------------------------------------------------------------------------------------
-// Block MMA: a 64 x 64 fp32 accumulator fed with shared tiles A (64 x 32; row-major [kBM][kLdA],
-// or stored transposed as [kBK][kLdAT] when kATransposed) and B ([kBK][kLdB]).
+// Block MMA: a 64 x 64 accumulator (Acc<T>) fed with shared tiles A (64 x 32; row-major
+// [kBM][kLdA], or stored transposed as [kBK][kLdAT] when kATransposed) and B ([kBK][kLdB]).
 // ---------------------------------------------------------------------------------------------
 
-// IEEE fp32 FMAs. Thread (ty, tx) = (tid / 8, tid % 8) owns rows ty + 16i and columns tx + 8j:
-// a warp reads 4 A values (broadcast) and 32 consecutive B values per k.
+// IEEE FMAs in Acc<T> (fp32; fp64 for fp64). Thread (ty, tx) = (tid / 8, tid % 8) owns rows
+// ty + 16i and columns tx + 8j: a warp reads 4 A values (broadcast) and 32 consecutive B values
+// per k.
 template <typename T, bool kATransposed>
 struct SimtMma {
-  float acc[4][8] = {};
+  using AccT = Acc<T>;
+  AccT acc[4][8] = {};
 
   __device__ void step(const T* a, const T* b) {
     const int tx = threadIdx.x % 8, ty = threadIdx.x / 8;
 #pragma unroll 4
     for (int k = 0; k < kBK; ++k) {
-      float av[4], bv[8];
+      AccT av[4], bv[8];
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        av[i] = to_float(kATransposed ? a[k * kLdAT + ty + 16 * i] : a[(ty + 16 * i) * kLdA + k]);
+        av[i] = to_acc(kATransposed ? a[k * kLdAT + ty + 16 * i] : a[(ty + 16 * i) * kLdA + k]);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) bv[j] = to_float(b[k * kLdB + tx + 8 * j]);
+      for (int j = 0; j < 8; ++j) bv[j] = to_acc(b[k * kLdB + tx + 8 * j]);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        for (int j = 0; j < 8; ++j) acc[i][j] = fma_acc(av[i], bv[j], acc[i][j]);
     }
   }
 
-  __device__ void store(float* c) const {
+  __device__ void store(AccT* c) const {
     const int tx = threadIdx.x % 8, ty = threadIdx.x / 8;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -223,7 +244,7 @@ struct WmmaMma {
 
 // Which block MMA a (storage type, TF32 allowed) pair runs on the architecture being compiled:
 // the tensor-core types exist only where the hardware has them (bf16 / tf32 WMMA need sm_80),
-// everything else is the IEEE SIMT path.
+// everything else (fp64 included) is the IEEE SIMT path.
 template <typename T, bool kTf32, bool kATransposed>
 struct SelectMma {
   using type = SimtMma<T, kATransposed>;
@@ -282,12 +303,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = tid; e < kBM * kBK; e += kThreads) {
       const int r = e / kBK, kk = e % kBK;
       const bool ok = row0 + r < g.M && k0 + kk < g.F;
-      smem.a()[r * kLdA + kk] = ok ? a[morph_fc::combine(g, sa, rows[r], feats[kk])] : from_float<T>(0.0f);
+      smem.a()[r * kLdA + kk] = ok ? a[morph_fc::combine(g, sa, rows[r], feats[kk])] : from_acc<T>(0);
     }
     for (int e = tid; e < kBK * kBN; e += kThreads) {
       const int kk = b_k_fastest ? e % kBK : e / kBN, n = b_k_fastest ? e / kBK : e % kBN;
       const bool ok = k0 + kk < g.F && col0 + n < g.F;
-      smem.b()[kk * kLdB + n] = ok ? b[(k0 + kk) * sb_k + (col0 + n) * sb_n] : from_float<T>(0.0f);
+      smem.b()[kk * kLdB + n] = ok ? b[(k0 + kk) * sb_k + (col0 + n) * sb_n] : from_acc<T>(0);
     }
     __syncthreads();
     mma.step(smem.a(), smem.b());
@@ -302,9 +323,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int e = tid; e < kBM * kBN; e += kThreads) {
     const int r = e / kBN, j = e % kBN;
     if (row0 + r >= g.M || col0 + j >= g.F) continue;
-    float v = smem.c()[r * kLdC + j];
-    if (bias != nullptr) v += to_float(bias[(col0 + j) * s_bias]);
-    out[morph_fc::combine(g, so, rows[r], feats[j])] = from_float<T>(v);
+    Acc<T> v = smem.c()[r * kLdC + j];
+    if (bias != nullptr) v += to_acc(bias[(col0 + j) * s_bias]);
+    out[morph_fc::combine(g, so, rows[r], feats[j])] = from_acc<T>(v);
   }
 }
 
@@ -312,12 +333,12 @@ __global__ void __launch_bounds__(kThreads)
 // dY_g[m, n] * X_g[m, f].
 //   dy:      [B, T, H, W, C] incoming gradient (may be expanded), strides sy
 //   x:       [B, T, H, W, C] forward input, strides sx
-//   dw_part: [SPLIT, F, F] fp32, contiguous
+//   dw_part: [SPLIT, F, F] Acc<T> (fp32; fp64 for fp64), contiguous
 //   rows_per_split: rows of one split (a multiple of 32); split = blockIdx.y
 // Block (n_tile, f_tile) = (blockIdx.x / cdiv(F, 64), blockIdx.x % cdiv(F, 64)).
 template <typename T, bool kTf32>
 __global__ void __launch_bounds__(kThreads)
-    grad_weight_kernel(const T* __restrict__ dy, const T* __restrict__ x, float* __restrict__ dw_part, Geometry g,
+    grad_weight_kernel(const T* __restrict__ dy, const T* __restrict__ x, Acc<T>* __restrict__ dw_part, Geometry g,
                        Strides sy, Strides sx, int64_t rows_per_split) {
   __shared__ __align__(128) unsigned char smem_raw[GemmSmem<T>::kBytes];
   const GemmSmem<T> smem{smem_raw};
@@ -344,12 +365,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = tid; e < kBK * kBM; e += kThreads) {
       const int kk = e / kBM, i = e % kBM;
       const bool ok = m0 + kk < end && n0 + i < g.F;
-      smem.a()[kk * kLdAT + i] = ok ? dy[morph_fc::combine(g, sy, y_rows[kk], y_feats[i])] : from_float<T>(0.0f);
+      smem.a()[kk * kLdAT + i] = ok ? dy[morph_fc::combine(g, sy, y_rows[kk], y_feats[i])] : from_acc<T>(0);
     }
     for (int e = tid; e < kBK * kBN; e += kThreads) {
       const int kk = e / kBN, j = e % kBN;
       const bool ok = m0 + kk < end && f0 + j < g.F;
-      smem.b()[kk * kLdB + j] = ok ? x[morph_fc::combine(g, sx, x_rows[kk], x_feats[j])] : from_float<T>(0.0f);
+      smem.b()[kk * kLdB + j] = ok ? x[morph_fc::combine(g, sx, x_rows[kk], x_feats[j])] : from_acc<T>(0);
     }
     __syncthreads();
     mma.step(smem.a(), smem.b());
@@ -357,7 +378,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   mma.store(smem.c());
   __syncthreads();
-  float* part = dw_part + static_cast<int64_t>(blockIdx.y) * g.F * g.F;
+  Acc<T>* part = dw_part + static_cast<int64_t>(blockIdx.y) * g.F * g.F;
   for (int e = tid; e < kBM * kBN; e += kThreads) {
     const int i = e / kBN, j = e % kBN;
     if (n0 + i < g.F && f0 + j < g.F) part[(n0 + i) * g.F + f0 + j] = smem.c()[i * kLdC + j];
@@ -368,10 +389,10 @@ __global__ void __launch_bounds__(kThreads)
 // dY_g[m, n], each thread one n, rows in order; the row parts of the map are computed once per
 // 128 rows into shared memory, so the per-element work is one add of two offsets.
 //   dy:      [B, T, H, W, C] incoming gradient (may be expanded), strides sy
-//   db_part: [SPLIT, F] fp32, contiguous; split = blockIdx.y, rows_per_split as above
+//   db_part: [SPLIT, F] Acc<T>, contiguous; split = blockIdx.y, rows_per_split as above
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    grad_bias_kernel(const T* __restrict__ dy, float* __restrict__ db_part, Geometry g, Strides sy,
+    grad_bias_kernel(const T* __restrict__ dy, Acc<T>* __restrict__ db_part, Geometry g, Strides sy,
                      int64_t rows_per_split) {
   __shared__ Part rows[kThreads];
   const int tid = threadIdx.x;
@@ -380,14 +401,14 @@ __global__ void __launch_bounds__(kThreads)
   const Part fp = n_ok ? morph_fc::feature_part(g, sy, n) : Part{0, 0};
   const int64_t start = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t end = start + rows_per_split < g.M ? start + rows_per_split : g.M;
-  float acc = 0.0f;
+  Acc<T> acc = 0;
   for (int64_t m0 = start; m0 < end; m0 += kThreads) {
     __syncthreads();  // the previous chunk's row parts are consumed
     if (m0 + tid < end) rows[tid] = morph_fc::row_part(g, sy, m0 + tid);
     __syncthreads();
     const int count = end - m0 < kThreads ? static_cast<int>(end - m0) : kThreads;
     if (n_ok)
-      for (int i = 0; i < count; ++i) acc += to_float(dy[morph_fc::combine(g, sy, rows[i], fp)]);
+      for (int i = 0; i < count; ++i) acc += to_acc(dy[morph_fc::combine(g, sy, rows[i], fp)]);
   }
   if (n_ok) db_part[static_cast<int64_t>(blockIdx.y) * g.F + n] = acc;
 }
@@ -444,7 +465,7 @@ void launch_gathered_gemm(const Geometry& g, const at::Tensor& a, const at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Fills dw_part [SPLIT, F, F] and/or db_part [SPLIT, F] (fp32, contiguous) from dY and x.
+// Fills dw_part [SPLIT, F, F] and/or db_part [SPLIT, F] (Acc<T>, contiguous) from dY and x.
 template <typename scalar_t>
 void launch_grad_weight(const Geometry& g, const at::Tensor& dy, const at::Tensor& x, int64_t rows_per_split,
                         at::Tensor* dw_part, at::Tensor* db_part) {
@@ -454,7 +475,7 @@ void launch_grad_weight(const Geometry& g, const at::Tensor& dy, const at::Tenso
   const int64_t split = (dw_part ? dw_part : db_part)->size(0);
   if (dw_part != nullptr) {
     const dim3 grid(static_cast<unsigned>(cdiv(g.F, kBM) * cdiv(g.F, kBN)), static_cast<unsigned>(split));
-    const auto args = std::make_tuple(ptr<T>(dy), ptr<T>(x), dw_part->mutable_data_ptr<float>(), g, sy, sx,
+    const auto args = std::make_tuple(ptr<T>(dy), ptr<T>(x), dw_part->mutable_data_ptr<Acc<T>>(), g, sy, sx,
                                       rows_per_split);
     bool done = false;
     if constexpr (std::is_same_v<T, float>) {
@@ -468,16 +489,18 @@ void launch_grad_weight(const Geometry& g, const at::Tensor& dy, const at::Tenso
   }
   if (db_part != nullptr) {
     const dim3 grid(static_cast<unsigned>(cdiv(g.F, kThreads)), static_cast<unsigned>(split));
-    grad_bias_kernel<T><<<grid, kThreads, 0, stream>>>(ptr<T>(dy), db_part->mutable_data_ptr<float>(), g, sy,
+    grad_bias_kernel<T><<<grid, kThreads, 0, stream>>>(ptr<T>(dy), db_part->mutable_data_ptr<Acc<T>>(), g, sy,
                                                        rows_per_split);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-// float / Half / BFloat16 only: fp64 was rejected by check_forward_args.
+// The storage types check_forward_args accepts.
 template <typename F>
 void dispatch_storage(at::ScalarType dtype, F&& f) {
   switch (dtype) {
+    case at::kDouble:
+      return f(double{});
     case at::kFloat:
       return f(float{});
     case at::kHalf:
@@ -498,7 +521,7 @@ void check_cuda(const at::Tensor& x) {
 at::Tensor morph_fc_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          int64_t segment_dim, const std::string& axis) {
   check_cuda(x);
-  const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis, /*allow_double=*/false);
+  const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (g.M == 0 || g.F == 0) return out;
@@ -512,7 +535,7 @@ std::vector<at::Tensor> morph_fc_cuda_backward(at::TensorList grads, const c10::
                                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                                int64_t segment_dim, const std::string& axis) {
   check_cuda(x);
-  const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis, /*allow_double=*/false);
+  const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis);
   const morph_fc::BackwardNeeds need = morph_fc::check_backward_args(grads, needs, x, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor& dy = grads[0];
@@ -533,7 +556,8 @@ std::vector<at::Tensor> morph_fc_cuda_backward(at::TensorList grads, const c10::
     return result;
   }
   const auto [split, rows_per_split] = grad_weight_split(g);
-  const auto part_options = x.options().dtype(at::kFloat);
+  // the partials are in the accumulator type, so fp64 sums stay fp64
+  const auto part_options = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor dw_part = need.weight ? at::empty({split, g.F, g.F}, part_options) : at::Tensor();
   at::Tensor db_part = need.bias ? at::empty({split, g.F}, part_options) : at::Tensor();
   dispatch_storage(x.scalar_type(), [&](auto tag) {

@@ -21,13 +21,11 @@ int axis_id(const std::string& axis) {
 }  // namespace
 
 Geometry check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            int64_t segment_dim, const std::string& axis, bool allow_double) {
+                            int64_t segment_dim, const std::string& axis) {
   const int id = axis_id(axis);
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
-                  (allow_double && dtype == at::kDouble),
-              "morph_fc: x must be float32, float16", allow_double ? ", bfloat16 or float64" : " or bfloat16",
-              allow_double ? "" : " (float64 runs on the torch and triton backends only)", ", got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "morph_fc: x must be float32, float16, bfloat16 or float64, got ", dtype);
   TORCH_CHECK(id == kAxisT ? x.dim() == 5 : (x.dim() == 4 || x.dim() == 5), "morph_fc: x must be ",
               id == kAxisT ? "[B, T, H, W, C] for axis 't'" : "[B, H, W, C] or [B, T, H, W, C]", ", got ", x.dim(),
               " dimensions");

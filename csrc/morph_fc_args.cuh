@@ -15,9 +15,9 @@ namespace mixops {
 namespace morph_fc {
 
 // Checks x, weight, bias, segment_dim, axis (device, dtype, ranks, shapes, divisibility) and
-// returns the map. `allow_double`: the CPU emulation accepts fp64, the CUDA kernels do not.
+// returns the map. Storage: fp32, fp16, bf16 or fp64 (both implementations take all four).
 Geometry check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            int64_t segment_dim, const std::string& axis, bool allow_double);
+                            int64_t segment_dim, const std::string& axis);
 
 // The backward's own inputs: one incoming grad of x's shape, dtype and device (any strides,
 // expanded included) and three flags (x, weight, bias); a bias flag needs a bias.

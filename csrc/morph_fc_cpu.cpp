@@ -84,7 +84,7 @@ void check_cpu(const at::Tensor& x) {
 at::Tensor morph_fc_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         int64_t segment_dim, const std::string& axis) {
   check_cpu(x);
-  const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis, /*allow_double=*/true);
+  const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis);
   at::Tensor out = at::empty(x.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "morph_fc_cpu",
                                   [&] { gathered_gemm<scalar_t>(g, x, weight, /*transpose_weight=*/true, bias, out); });
@@ -95,7 +95,7 @@ std::vector<at::Tensor> morph_fc_cpu_backward(at::TensorList grads, const c10::L
                                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                               int64_t segment_dim, const std::string& axis) {
   check_cpu(x);
-  const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis, /*allow_double=*/true);
+  const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis);
   const morph_fc::BackwardNeeds need = morph_fc::check_backward_args(grads, needs, x, bias);
   const at::Tensor& dy = grads[0];
   std::vector<at::Tensor> result;

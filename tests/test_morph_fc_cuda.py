@@ -210,7 +210,15 @@ STAGES = {
     "v3-t32": ((1, 16, 7, 7, 392), 14, "t"),
     "v3-w": ((1, 8, 14, 14, 392), 28, "w"),
 }
-HALF_TYPES = [torch.float32, torch.float16, torch.bfloat16]
+# fp64 runs the SIMT path with fp64 accumulators: it must meet the float64 tolerance (1e-10)
+GPU_DTYPES = [f64, torch.float32, torch.float16, torch.bfloat16]
+# tiny shapes for gradcheck (every wrap / group rule still taken: W=3 with L=2, T=3 with G=2)
+TINY = {
+    "w": ((1, 2, 2, 3, 4), 2, "w"),
+    "h": ((1, 2, 2, 3, 4), 2, "h"),
+    "hs": ((1, 2, 2, 3, 4), 2, "hs"),
+    "t": ((1, 3, 1, 2, 4), 2, "t"),
+}
 
 
 def _poison_cache(numel: int, dtype: torch.dtype) -> None:
@@ -221,7 +229,7 @@ def _poison_cache(numel: int, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("stage", list(STAGES) + list(CASES))
 def test_cuda_matches_reference(stage, dtype):
     shape, L, axis = STAGES.get(stage) or CASES[stage]
@@ -253,7 +261,7 @@ def test_cuda_fp32_tf32_when_torch_allows_it(stage, monkeypatch):
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("axis", ["w", "h", "hs", "t"])
 def test_cuda_strided_inputs_and_expanded_grad(axis, dtype):
     (B, T, H, W, C), L, _ = CASES[f"{axis}-wrap" if axis != "t" else "t-8"]
@@ -272,7 +280,7 @@ def test_cuda_strided_inputs_and_expanded_grad(axis, dtype):
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("stage", ["s1-h", "s4-hs", "v1-t"])
 def test_cuda_backward_deterministic(stage, dtype):
     """Large M, so dW/db are split over several row ranges: still bit-identical twice."""
@@ -298,12 +306,25 @@ def test_cuda_autograd_through_the_public_op():
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("axis", list(TINY))
+def test_cuda_gradcheck_fp64(axis, bias):
+    """The full Jacobian of the public op on the cuda backend (fp64 storage and accumulation),
+    so every backward path (dX, dW, db) is checked against finite differences on the GPU."""
+    shape, L, _ = TINY[axis]
+    x, w, b = (t if t is None else t.requires_grad_() for t in _make(shape, L, axis, f64, "cuda", bias))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: mixops.morph_fc(x, w, b, segment_dim=L, axis=axis, backend="cuda"), (x, w, b)
+    )
+
+
+@pytest.mark.needs_cuda
 def test_cuda_small_case_for_compute_sanitizer():
     """A few blocks with partial tiles on every edge; run this test alone under
     ``compute-sanitizer --tool memcheck`` (and ``--tool racecheck``) to check the kernels'
     masks and barriers."""
     shape, L, axis = CASES["w-wrap"]
-    for dtype in HALF_TYPES:
+    for dtype in GPU_DTYPES:
         x, w, b = _make(shape, L, axis, dtype, "cuda")
         g = torch.randn(shape, dtype=dtype, device="cuda")
         expect, grads = _reference_grads(x, w, b, g, L, axis)
@@ -316,7 +337,6 @@ def test_cuda_small_case_for_compute_sanitizer():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: _fwd(x=X.double().cuda(), w=W16.double().cuda()), "float64 runs on the torch and triton backends"),
         (lambda: _fwd(x=X.cuda(), w=W16), "weight must be on the device of x"),
         (lambda: _fwd(x=X.cuda(), w=W16.cuda(), b=B16), "bias must be on the device of x"),
         (lambda: _fwd(x=X, w=W16.cuda()), "x must be a CUDA tensor"),
