@@ -2,7 +2,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-
 #include <ATen/core/List.h>
 
 #include <optional>
@@ -40,5 +39,19 @@ std::vector<at::Tensor> atm_fc_backward_cpu(at::TensorList grads, const c10::Lis
                                             const at::Tensor& offset, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& bias, std::string_view axis,
                                             int64_t share);
+
+// MorphFC chunked token FC (morph_fc.cu; CPU emulation of the same index map in
+// morph_fc_cpu.cpp): the schema inputs of mixops::morph_fc, the backward returning the grads of
+// the tensors flagged in `needs` (x, weight, bias), in that order.
+at::Tensor morph_fc_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         int64_t segment_dim, const std::string& axis);
+std::vector<at::Tensor> morph_fc_backward_cuda(at::TensorList grads, const c10::List<bool>& needs, const at::Tensor& x,
+                                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                               int64_t segment_dim, const std::string& axis);
+at::Tensor morph_fc_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        int64_t segment_dim, const std::string& axis);
+std::vector<at::Tensor> morph_fc_backward_cpu(at::TensorList grads, const c10::List<bool>& needs, const at::Tensor& x,
+                                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                              int64_t segment_dim, const std::string& axis);
 
 }  // namespace mixops

@@ -2,8 +2,9 @@
 (``torch.ops.mixops._<op>_cuda`` and ``_<op>_cuda_backward``, ``csrc/``) are registered as the
 ``cuda`` implementation of their ops (``mixops.backend.register``).
 
-Nothing is registered when the extension is not built. The op schemas mirror the backend
-contract, so the registered callables are the ops themselves.
+Nothing is registered when the extension is not built or not loadable
+(``mixops.cuda_extension_status()`` says why). The schemas of the extension's ops mirror the
+backend contract, so the registered callables are the ops themselves.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from .._extension import cuda_extension_available
 from ..backend import register
 
 if cuda_extension_available():
-    # ATM (csrc/atm.cu). auto=False: compiled for sm_75..sm_90 and checked on CPU through the
-    # emulation of the same math (csrc/atm_cpu.cpp), but not yet run on a GPU; until it has,
-    # it runs only when asked for by name.
-    register("atm_sample", "cuda", forward=torch.ops.mixops._atm_sample_cuda,
-             backward=torch.ops.mixops._atm_sample_cuda_backward, auto=False)
-    register("atm_fc", "cuda", forward=torch.ops.mixops._atm_fc_cuda,
-             backward=torch.ops.mixops._atm_fc_cuda_backward, auto=False)
+    ops = torch.ops.mixops
+    # auto=False: these kernels compile for sm_75..sm_90a and the per-element math they share
+    # with the CPU emulation (csrc/*_cpu.cpp) passes the CPU tests, but they have not run on a
+    # GPU yet; until they have, they run only when asked for by name.
+    register("atm_sample", "cuda", forward=ops._atm_sample_cuda, backward=ops._atm_sample_cuda_backward, auto=False)
+    register("atm_fc", "cuda", forward=ops._atm_fc_cuda, backward=ops._atm_fc_cuda_backward, auto=False)
+    register("morph_fc", "cuda", forward=ops._morph_fc_cuda, backward=ops._morph_fc_cuda_backward, auto=False)

@@ -1,0 +1,108 @@
+// The MorphFC chunk index map, shared by the CUDA kernels (morph_fc.cu) and the CPU
+// implementation (morph_fc_cpu.cpp) so the CPU tests verify the exact index math the GPU runs.
+//
+// Every axis of mixops.morph_fc is one GEMM with M rows and F features whose element
+// (row, feature) lives at x[b, t, h, w, c] of a strided [B, T, H, W, C] tensor (an image
+// [B, H, W, C] is T = 1). The map is the one of kernels/morph_fc.py `_element_offsets`:
+//   spatial axes "w" / "h" / "hs" (L = segment_dim, D = C/L, NCH = H*W/L, F = C, M = B*T*H*W):
+//       row = ((b*T + t)*NCH + k)*L + g, feature = p*D + s, c = g*D + s, and the token of
+//       (chunk k, position p) is
+//           "w":  n = k*L + p on the row-major sequence n = h*W + w
+//           "h":  m = k*L + p on the column-major sequence m = w*H + h
+//           "hs": n = p*NCH + k (strided chunks) on the row-major sequence
+//   temporal axis "t" (G = segment_dim, D = C/G, F = T*D, M = B*H*W*G):
+//       row = ((b*H + h)*W + w)*G + g, feature = t*D + s, c = g*D + s.
+//
+// The offset is split into a row part and a feature part, each computed once per tile row /
+// column (the divisions live there), and an element only adds the two: the sequence index is
+// seq_row + seq_feat, and each side is already split into the (outer, inner) digits of the
+// sequence radix R (W row-major, H column-major), so the sum needs one carry at most.
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define MIXOPS_HD __host__ __device__ __forceinline__
+#else
+#define MIXOPS_HD inline
+#endif
+
+namespace mixops {
+namespace morph_fc {
+
+enum Axis : int { kAxisW = 0, kAxisH = 1, kAxisHS = 2, kAxisT = 3 };
+
+// The integer parameters of one call's map; the same for every tensor the call touches.
+struct Geometry {
+  int axis;
+  int64_t M;    // GEMM rows
+  int64_t F;    // GEMM features (= the FC width)
+  int64_t T, H, W;
+  int64_t L;    // chunk length (spatial) or channel-group count G ("t")
+  int64_t D;    // channels per group
+  int64_t NCH;  // chunks per frame H*W/L (spatial); 1 for "t"
+};
+
+// Strides (in elements) of one [B, T, H, W, C] tensor.
+struct Strides {
+  int64_t b, t, h, w, c;
+};
+
+// One side of an element offset: `off` is its share of the offset, `inner` its inner digit of
+// the sequence (0 on the temporal axis, which has no sequence).
+struct Part {
+  int64_t off;
+  int64_t inner;
+};
+
+// The sequence radix and the strides of its outer / inner digit: the row-major sequence
+// h*W + w for "w" and "hs", the column-major w*H + h for "h".
+MIXOPS_HD int64_t radix(const Geometry& g) { return g.axis == kAxisH ? g.H : g.W; }
+MIXOPS_HD int64_t outer_stride(const Geometry& g, const Strides& s) { return g.axis == kAxisH ? s.w : s.h; }
+MIXOPS_HD int64_t inner_stride(const Geometry& g, const Strides& s) { return g.axis == kAxisH ? s.h : s.w; }
+
+MIXOPS_HD Part row_part(const Geometry& g, const Strides& s, int64_t row) {
+  const int64_t grp = row % g.L;
+  int64_t r = row / g.L;
+  if (g.axis == kAxisT) {
+    const int64_t w = r % g.W;
+    r /= g.W;
+    const int64_t h = r % g.H;
+    const int64_t b = r / g.H;
+    return {b * s.b + h * s.h + w * s.w + grp * g.D * s.c, 0};
+  }
+  const int64_t k = r % g.NCH;
+  r /= g.NCH;
+  const int64_t t = r % g.T;
+  const int64_t b = r / g.T;
+  const int64_t seq = g.axis == kAxisHS ? k : k * g.L;
+  const int64_t R = radix(g);
+  const int64_t inner = seq % R;
+  return {b * s.b + t * s.t + grp * g.D * s.c + (seq / R) * outer_stride(g, s) + inner * inner_stride(g, s),
+          inner};
+}
+
+MIXOPS_HD Part feature_part(const Geometry& g, const Strides& s, int64_t feature) {
+  const int64_t q = feature / g.D;  // position p in the chunk, or frame t
+  const int64_t ch = feature % g.D;
+  if (g.axis == kAxisT) return {q * s.t + ch * s.c, 0};
+  const int64_t seq = g.axis == kAxisHS ? q * g.NCH : q;
+  const int64_t R = radix(g);
+  const int64_t inner = seq % R;
+  return {(seq / R) * outer_stride(g, s) + inner * inner_stride(g, s) + ch * s.c, inner};
+}
+
+// The inner digits sum to < 2R: a carry is one outer step forward and R inner steps back.
+MIXOPS_HD int64_t combine(const Geometry& g, const Strides& s, Part row, Part feature) {
+  const int64_t off = row.off + feature.off;
+  if (g.axis == kAxisT) return off;
+  const int64_t R = radix(g);
+  return row.inner + feature.inner >= R ? off + outer_stride(g, s) - R * inner_stride(g, s) : off;
+}
+
+MIXOPS_HD int64_t element_offset(const Geometry& g, const Strides& s, int64_t row, int64_t feature) {
+  return combine(g, s, row_part(g, s, row), feature_part(g, s, feature));
+}
+
+}  // namespace morph_fc
+}  // namespace mixops
