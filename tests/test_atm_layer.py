@@ -9,10 +9,6 @@ On CPU the Triton kernels run under the interpreter (tests/conftest.py sets TRIT
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,9 +21,10 @@ from mixops.kernels import atm_layer as KL  # noqa: E402
 from mixops.nn.atm import ActiveBlock, ATMLayer  # noqa: E402
 from mixops.ops import atm_layer as OL  # noqa: E402
 from mixops.reference import atm as R  # noqa: E402
+import sm90_compile  # noqa: E402
 from mixops_testing import assert_close, only_backends, skip_unless_runs  # noqa: E402
 from test_atm_cases import KINDS, away_from_integers, make_offset  # noqa: E402
-from test_atm_triton import _PTR, _STAGES, _canary, _ptxas_spills, _untouched  # noqa: E402
+from test_atm_triton import _PTR, _STAGES, _canary, _untouched  # noqa: E402
 
 MIX_INPUTS = ("x", "offset_w", "offset_h", "weight_w", "weight_h", "weight_c", "bias_w", "bias_h", "alpha")
 NAN = float("nan")
@@ -381,9 +378,6 @@ _BUILDS = {
 
 
 def _build(kernel, dtype, stage, needs):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     n, C, share = stage
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[dtype]
     compute = tl.float64 if dtype == "fp64" else tl.float32
@@ -409,41 +403,22 @@ def _build(kernel, dtype, stage, needs):
         name: "constexpr" if name in consts else ptr.get(name, _PTR[dtype]) if name.endswith("_ptr") else "i32"
         for name in fn.arg_names
     }
-    compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=options
-    )
-    return {"cubin": "cubin" in compiled.asm, "spills": _ptxas_spills(compiled.asm["ptx"]), "cfg": cfg}
+    return sm90_compile.compile_sm90(fn, signature, consts, options, cfg=cfg)
 
 
 def _build_all():
-    """Child-process entry point (no TRITON_INTERPRET: GPU block sizes, real compiler)."""
-    results = {}
-    for name, case in _BUILDS.items():
-        try:
-            results[name] = _build(*case)
-        except Exception as e:  # reported per case by the test
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-    print(json.dumps(results))
+    """Child-process entry point (sm90_compile.run_builds)."""
+    sm90_compile.build_all(_BUILDS, _build)
 
 
 @pytest.fixture(scope="module")
 def sm90_builds():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    run = subprocess.run(
-        [sys.executable, "-c", "import test_atm_layer as t; t._build_all()"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return sm90_compile.run_builds("test_atm_layer", timeout=900)
 
 
 @pytest.mark.parametrize("build", list(_BUILDS))
 def test_kernel_compiles_for_sm90(sm90_builds, build):
-    got = sm90_builds[build]
-    assert "error" not in got, got.get("error")
-    assert got["cubin"]
-    assert got["spills"] in (0, None), f"ptxas spills {got['spills']} bytes with {got['cfg']}"
+    sm90_compile.assert_built(sm90_builds[build])
 
 
 # --- GPU ---------------------------------------------------------------------------------------

@@ -11,13 +11,7 @@ On CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRIT
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
@@ -28,6 +22,7 @@ import triton.language as tl  # noqa: E402
 import mixops  # noqa: E402
 from mixops.kernels import atm as K  # noqa: E402
 from mixops.reference import atm as R  # noqa: E402
+import sm90_compile  # noqa: E402
 from mixops_testing import assert_close, skip_unless_runs  # noqa: E402
 from test_atm_cases import KINDS, official_atm_op, strided_inputs  # noqa: E402
 
@@ -419,26 +414,8 @@ _BUILDS = {
 }
 
 
-def _ptxas_spills(ptx):
-    """Bytes spilled by ptxas for sm_90a, from the ptxas bundled with triton (None if absent)."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        return None
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        run = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", src, "-o", os.devnull], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise RuntimeError(run.stderr)
-    return sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", run.stderr))
-
-
 def _build(kernel, dtype, stage, needs, unit_strides):
     """Compile one kernel for sm_90 with the block sizes the GPU heuristics choose."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     n, C, share = stage
     compute = tl.float64 if dtype == "fp64" else tl.float32
     options = {}
@@ -466,43 +443,22 @@ def _build(kernel, dtype, stage, needs, unit_strides):
         name: "constexpr" if name in consts else _PTR[dtype] if name.endswith("_ptr") else "i32"
         for name in fn.arg_names
     }
-    compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=consts),
-        target=GPUTarget("cuda", 90, 32),
-        options=options,
-    )
-    return {"cubin": "cubin" in compiled.asm, "spills": _ptxas_spills(compiled.asm["ptx"]), "cfg": cfg}
+    return sm90_compile.compile_sm90(fn, signature, consts, options, cfg=cfg)
 
 
 def _build_all():
-    """Child-process entry point: build every case of _BUILDS, print the results as JSON."""
-    results = {}
-    for name, case in _BUILDS.items():
-        try:
-            results[name] = _build(*case)
-        except Exception as e:  # reported per case by the test
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-    print(json.dumps(results))
+    """Child-process entry point (sm90_compile.run_builds)."""
+    sm90_compile.build_all(_BUILDS, _build)
 
 
 @pytest.fixture(scope="module")
 def sm90_builds():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    run = subprocess.run(
-        [sys.executable, "-c", "import test_atm_triton as t; t._build_all()"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return sm90_compile.run_builds("test_atm_triton", timeout=600)
 
 
 @pytest.mark.parametrize("build", list(_BUILDS))
 def test_kernel_compiles_for_sm90(sm90_builds, build):
-    got = sm90_builds[build]
-    assert "error" not in got, got.get("error")
-    assert got["cubin"]
-    assert got["spills"] in (0, None), f"ptxas spills {got['spills']} bytes with {got['cfg']}"
+    sm90_compile.assert_built(sm90_builds[build])
 
 
 # --- GPU ---------------------------------------------------------------------------------------
