@@ -19,3 +19,6 @@ if triton is not None:
     register("atm_sample", "triton", forward=_atm.forward, backward=_atm.backward, auto=False)
     register("atm_fc", "triton", forward=_atm.fc_forward, backward=_atm.fc_backward, auto=False)
     register("morph_fc", "triton", forward=_morph_fc.forward, backward=_morph_fc.backward, auto=False)
+    register(
+        "_morph_branch", "triton", forward=_morph_fc.branch_forward, backward=_morph_fc.branch_backward, auto=False
+    )

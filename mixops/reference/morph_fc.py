@@ -31,8 +31,6 @@ it is the oracle the ops and kernels are tested against.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +39,7 @@ from ._common import branch_weights, drop_path, mlp_forward
 __all__ = [
     "drop_path",
     "mlp_forward",
+    "morph_branch",
     "morph_fc",
     "morph_fc_s2_forward",
     "morph_fc_s_forward",
@@ -49,7 +48,7 @@ __all__ = [
 ]
 
 
-def _branch_w(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: int) -> torch.Tensor:
+def _branch_w(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, L: int) -> torch.Tensor:
     # MorphFC_S "W" branch: (k, p) splits the row-major token axis, (g, s) the channels.
     B, T, H, W, C = x.shape
     S = C // L
@@ -59,7 +58,7 @@ def _branch_w(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     return out.reshape(B, T, n, L, L, S).permute(0, 1, 2, 4, 3, 5).reshape(B, T, H, W, C)
 
 
-def _branch_h(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: int) -> torch.Tensor:
+def _branch_h(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, L: int) -> torch.Tensor:
     # MorphFC_S "H" branch: the W branch on the spatially transposed tensor (column-major).
     B, T, H, W, C = x.shape
     S = C // L
@@ -74,7 +73,7 @@ def _branch_h(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     return out.reshape(B, T, n, L, L, S).permute(0, 1, 2, 4, 3, 5).reshape(B, T, W, H, C).transpose(3, 2)
 
 
-def _branch_hs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: int) -> torch.Tensor:
+def _branch_hs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, L: int) -> torch.Tensor:
     # MorphFC_S2 "H" branch: the token axis splits as (p, k), so chunk k is strided by N/L.
     B, T, H, W, C = x.shape
     S = C // L
@@ -84,7 +83,7 @@ def _branch_hs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return out.reshape(B, T, L, n, L, S).permute(0, 1, 4, 3, 2, 5).reshape(B, T, H, W, C)
 
 
-def _branch_t(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], G: int) -> torch.Tensor:
+def _branch_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, G: int) -> torch.Tensor:
     # MorphFC_T: G channel groups; each (b, g, h, w) row is the whole clip, time-major.
     B, T, H, W, C = x.shape
     S = C // G
@@ -99,7 +98,7 @@ _BRANCHES = {"w": _branch_w, "h": _branch_h, "hs": _branch_hs, "t": _branch_t}
 def morph_fc(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     segment_dim: int,
     axis: str,
 ) -> torch.Tensor:
@@ -115,6 +114,25 @@ def morph_fc(
     # The official H branch leaves a transposed view here; the custom op makes its output
     # contiguous (mixops.ops._define), the official-baseline module forwards keep the view.
     return out.reshape(x.shape)
+
+
+def morph_branch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    segment_dim: int,
+    axis: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MorphFC branch and its token mean (the internal op ``mixops::_morph_branch``).
+
+    axis "w" / "h" / "hs" / "t" as :func:`morph_fc`; axis "c" is the channel FC ``mlp_c``
+    (``segment_dim`` unused). Returns ``(y, mean)``: y of x's shape and dtype, mean ``[B, C]``
+    over the T*H*W tokens of y, kept in fp32 (fp64 for fp64 inputs).
+    """
+    y = F.linear(x, weight, bias) if axis == "c" else morph_fc(x, weight, bias, segment_dim, axis)
+    y5 = y if y.dim() == 5 else y.unsqueeze(1)
+    acc = torch.promote_types(y.dtype, torch.float32)
+    return y, y5.mean(dim=(1, 2, 3), dtype=acc)
 
 
 def _clip_mean(y: torch.Tensor) -> torch.Tensor:
