@@ -25,6 +25,14 @@
 # backward dX 2*numel*e + F*F*e, dW/db 2*numel*e + F*(F+1)*e (read dY and x, write dW, db).
 # The deterministic reduction adds SPLIT*F*(F+1)*4 bytes of fp32 partials, written and re-read.
 #
+# Channel means (mixops::_morph_branch): the forward epilogue also writes fp32 partial sums --
+# token maps: per row the sum over chunk positions, [cdiv(F, BLOCK_N), M, D] (extra bytes
+# 2*4*M*D*cdiv(F, BLOCK_N) written + re-read, e.g. 29% of y's bf16 bytes at F = 112, D = 8,
+# BLOCK_N = 64); channel FC: per tile and batch item a column sum, ~4*F*cdiv(M, BLOCK_M) bytes --
+# reduced by one torch.sum (reduce_mean). Their gradient is added to dY in the dX / dW load
+# stage from a [B, C] fp32 tensor: no broadcast gradient in HBM.
+# Offsets are int32 unless a tensor's extent reaches 2**30 (IDX64, host-chosen).
+#
 # Grids: forward / dX GEMM: (cdiv(M, BLOCK_M) * cdiv(F, BLOCK_N),), with the F tiles of one row
 # block adjacent so its gathered rows are re-read from L2; dW/db: (cdiv(F, BLOCK_N) *
 # cdiv(F, BLOCK_F), SPLIT).
