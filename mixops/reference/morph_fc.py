@@ -45,6 +45,7 @@ __all__ = [
     "morph_fc_s_forward",
     "morph_fc_t_forward",
     "permutator_block_forward",
+    "reweighted_proj",
 ]
 
 
@@ -133,6 +134,29 @@ def morph_branch(
     y5 = y if y.dim() == 5 else y.unsqueeze(1)
     acc = torch.promote_types(y.dtype, torch.float32)
     return y, y5.mean(dim=(1, 2, 3), dtype=acc)
+
+
+def reweighted_proj(
+    b0: torch.Tensor,
+    b1: torch.Tensor,
+    b2: torch.Tensor | None,
+    alpha: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``proj`` of the reweighted branch sum (the internal op ``mixops::_reweighted_proj``).
+
+    b0, b1[, b2]: branches ``[B, ..., C]`` in the official add order ``((b0*a0 + b1*a1) +
+    b2*a2)``; alpha ``[B, C, K]`` in at least fp32 (one weight per batch item, channel and
+    branch). The sum is formed in alpha's precision and rounded to the branches' dtype before
+    the ``[C, C]`` Linear, as a fused kernel rounds its GEMM operand.
+    """
+    branches = [b0, b1] if b2 is None else [b0, b1, b2]
+    a = alpha.reshape(alpha.shape[0], *(1,) * (b0.dim() - 2), *alpha.shape[1:])
+    y = b0 * a[..., 0]
+    for k in range(1, len(branches)):
+        y = y + branches[k] * a[..., k]
+    return F.linear(y.to(b0.dtype), weight, bias)
 
 
 def _clip_mean(y: torch.Tensor) -> torch.Tensor:
