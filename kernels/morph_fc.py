@@ -171,14 +171,75 @@ def _grad_mean_offsets(rows, feats, L, ROWS_PER_B, D: tl.constexpr, ROWS_DIM: tl
 
 
 @triton.jit
+def _load_mixed(ptr, ptr1, ptr2, alpha_ptr, offs, rows, feats, mask, F, ROWS_PER_B,
+                NBR: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr):  # fmt: skip
+    """The [rows, feats] operand tile at offs: ptr's elements as stored (NBR == 1), or the
+    reweighted sum ((x0*a0 + x1*a1) + x2*a2) of NBR branches that share offs, in ACC_DTYPE,
+    with a_k = alpha[row // ROWS_PER_B, feat, k] from the [B, F, NBR] contiguous alpha_ptr
+    (mixops::_reweighted_proj: the weighted sum never reaches HBM)."""
+    v = tl.load(_vector_hint(ptr, offs, VEC, 1), mask=mask, other=0.0)
+    if NBR > 1:
+        al = alpha_ptr + ((rows // ROWS_PER_B) * (F * NBR))[:, None] + (feats * NBR)[None, :]
+        v = v.to(ACC_DTYPE) * tl.load(al, mask=mask, other=0.0).to(ACC_DTYPE)
+        x1 = tl.load(_vector_hint(ptr1, offs, VEC, 1), mask=mask, other=0.0).to(ACC_DTYPE)
+        v = v + x1 * tl.load(al + 1, mask=mask, other=0.0).to(ACC_DTYPE)
+        if NBR == 3:
+            x2 = tl.load(_vector_hint(ptr2, offs, VEC, 1), mask=mask, other=0.0).to(ACC_DTYPE)
+            v = v + x2 * tl.load(al + 2, mask=mask, other=0.0).to(ACC_DTYPE)
+    return v
+
+
+@triton.jit
+def _gemm_mainloop(
+    a_ptr, a1_ptr, a2_ptr, alpha_ptr, gm_ptr, b_ptr, rows, cols, row_ok, col_ok,
+    F, T, H, W, L, NCH, ROWS_PER_B, sa_b, sa_t, sa_h, sa_w, sa_c, sb_k, sb_n,
+    D: tl.constexpr, AXIS: tl.constexpr, NBR: tl.constexpr, GRAD_MEAN: tl.constexpr, VEC_A: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The [BLOCK_M, BLOCK_N] tile sum_f A_g[rows, f] * B[f, cols] (arguments as in
+    _gathered_gemm_kernel), A_g loaded through the map by _load_mixed (+ grad_mean)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, F, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < F
+        ak_ok = row_ok[:, None] & k_ok[None, :]
+        a_offs = _tile_offsets(rows, ks, T, H, W, L, NCH, sa_b, sa_t, sa_h, sa_w, sa_c, D, AXIS, 0)
+        a = _load_mixed(a_ptr, a1_ptr, a2_ptr, alpha_ptr, a_offs, rows, ks, ak_ok, F, ROWS_PER_B, NBR, VEC_A, ACC_DTYPE)
+        a = a.to(ACC_DTYPE)
+        if GRAD_MEAN:
+            gm_offs = _grad_mean_offsets(rows, ks, L, ROWS_PER_B, D, 0)
+            a += tl.load(gm_ptr + gm_offs, mask=ak_ok, other=0.0).to(ACC_DTYPE)
+        b = tl.load(b_ptr + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
+def _batch_colsums(val, rows, cols, row_ok, col_ok, M, ROWS_PER_B, part_ptr, pid_m, sp_0, sp_1,
+                   BLOCK_M: tl.constexpr):  # fmt: skip
+    """Deterministic per-batch-item partials of a tile of token rows: for each of the few
+    batch items b0 + j the tile spans, the column sum of val over its rows, stored at
+    part_ptr + pid_m*sp_0 + j*sp_1 + cols (b0 = the batch item of the tile's first row;
+    slots past the tile's last batch item are not written; batch_sums adds them up)."""
+    items = rows // ROWS_PER_B
+    b0 = (pid_m * BLOCK_M) // ROWS_PER_B
+    b_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // ROWS_PER_B
+    for j in range(b_last - b0 + 1):
+        mine = ((items == b0 + j) & row_ok)[:, None] & col_ok[None, :]
+        colsum = tl.sum(tl.where(mine, val, 0.0), axis=0)
+        tl.store(part_ptr + pid_m * sp_0 + j * sp_1 + cols, colsum.to(part_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def _gathered_gemm_kernel(
-    a_ptr, b_ptr, bias_ptr, c_ptr, gm_ptr, part_ptr,
+    a_ptr, a1_ptr, a2_ptr, alpha_ptr, b_ptr, bias_ptr, c_ptr, gm_ptr, part_ptr,
     M, T, H, W, L, NCH, ROWS_PER_B,
     sa_b, sa_t, sa_h, sa_w, sa_c,
     sb_k, sb_n, s_bias,
     sc_b, sc_t, sc_h, sc_w, sc_c,
     sp_0, sp_1,
-    D: tl.constexpr, AXIS: tl.constexpr, HAS_BIAS: tl.constexpr, GRAD_MEAN: tl.constexpr,
+    D: tl.constexpr, AXIS: tl.constexpr, NBR: tl.constexpr, HAS_BIAS: tl.constexpr, GRAD_MEAN: tl.constexpr,
     MEAN: tl.constexpr, MEAN_DP: tl.constexpr, IDX64: tl.constexpr,
     VEC_A: tl.constexpr, VEC_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -187,6 +248,9 @@ def _gathered_gemm_kernel(
     """C_g[m, n] = sum_f A_g[m, f] * B[f, n] (+ bias[n]), A_g / C_g gathered / scattered.
 
     a_ptr:    [B, T, H, W, C] input of the map (x forward, dY for dX), strides sa_b..sa_c
+    a1_ptr, a2_ptr, alpha_ptr: NBR > 1 only (mixops::_reweighted_proj): the other branches,
+              strides sa_b..sa_c as a_ptr, and alpha [B, F, NBR] contiguous; A_g is then the
+              reweighted branch sum (_load_mixed)
     b_ptr:    [F, F] matrix read as B[f, n] = b_ptr[f*sb_k + n*sb_n] (W^T forward, W for dX)
     bias_ptr: [F] bias indexed by GEMM feature, stride s_bias (unused unless HAS_BIAS)
     c_ptr:    [B, T, H, W, C] output (y forward, dX backward), strides sc_b..sc_c
@@ -220,18 +284,11 @@ def _gathered_gemm_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < F
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, F, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < F
-        ak_ok = row_ok[:, None] & k_ok[None, :]
-        a_offs = _tile_offsets(rows, ks, T, H, W, L, NCH, sa_b, sa_t, sa_h, sa_w, sa_c, D, AXIS, 0)
-        a = tl.load(_vector_hint(a_ptr, a_offs, VEC_A, 1), mask=ak_ok, other=0.0).to(ACC_DTYPE)
-        if GRAD_MEAN:
-            gm_offs = _grad_mean_offsets(rows, ks, L, ROWS_PER_B, D, 0)
-            a += tl.load(gm_ptr + gm_offs, mask=ak_ok, other=0.0).to(ACC_DTYPE)
-        b = tl.load(b_ptr + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    acc = _gemm_mainloop(
+        a_ptr, a1_ptr, a2_ptr, alpha_ptr, gm_ptr, b_ptr, rows, cols, row_ok, col_ok,
+        F, T, H, W, L, NCH, ROWS_PER_B, sa_b, sa_t, sa_h, sa_w, sa_c, sb_k, sb_n,
+        D, AXIS, NBR, GRAD_MEAN, VEC_A, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, ACC_DTYPE, PRECISION,
+    )  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * s_bias, mask=col_ok, other=0.0)
         acc += bias.to(ACC_DTYPE)[None, :]
@@ -247,24 +304,17 @@ def _gathered_gemm_kernel(
         p_offs = pid_n * sp_0 + rows[:, None] * sp_1 + ss[None, :]
         tl.store(part_ptr + p_offs, psum.to(part_ptr.dtype.element_ty), mask=row_ok[:, None] & (ss[None, :] < D))
     if MEAN == 2:
-        # the few batch items a tile of tokens spans, one masked column sum each
-        items = rows // ROWS_PER_B
-        b0 = (pid_m * BLOCK_M) // ROWS_PER_B
-        b_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // ROWS_PER_B
-        for j in range(b_last - b0 + 1):
-            mine = ((items == b0 + j) & row_ok)[:, None] & col_ok[None, :]
-            colsum = tl.sum(tl.where(mine, acc, 0.0), axis=0)
-            tl.store(part_ptr + pid_m * sp_0 + j * sp_1 + cols, colsum.to(part_ptr.dtype.element_ty), mask=col_ok)
+        _batch_colsums(acc, rows, cols, row_ok, col_ok, M, ROWS_PER_B, part_ptr, pid_m, sp_0, sp_1, BLOCK_M)
 
 
 @triton.jit
 def _grad_weight_kernel(
-    dy_ptr, x_ptr, gm_ptr, dw_ptr, db_ptr,
+    dy_ptr, x_ptr, x1_ptr, x2_ptr, alpha_ptr, gm_ptr, dw_ptr, db_ptr,
     M, T, H, W, L, NCH, ROWS_PER_B, ROWS_PER_SPLIT,
     sy_b, sy_t, sy_h, sy_w, sy_c,
     sx_b, sx_t, sx_h, sx_w, sx_c,
     sdw_s, sdw_n, sdw_f, sdb_s, sdb_n,
-    D: tl.constexpr, AXIS: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+    D: tl.constexpr, AXIS: tl.constexpr, NBR: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
     GRAD_MEAN: tl.constexpr, IDX64: tl.constexpr, VEC_Y: tl.constexpr, VEC_X: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -273,6 +323,8 @@ def _grad_weight_kernel(
 
     dy_ptr: [B, T, H, W, C] incoming gradient (may be expanded), strides sy_b..sy_c
     x_ptr:  [B, T, H, W, C] forward input, strides sx_b..sx_c (unused unless HAS_DW)
+    x1_ptr, x2_ptr, alpha_ptr: NBR > 1 only: X_g is the reweighted branch sum recomputed in
+            the load stage (_load_mixed; branches strided as x_ptr, alpha [B, F, NBR])
     gm_ptr: [B, C] contiguous, GRAD_MEAN only: added to dY at every element's (b, c)
     dw_ptr: [SPLIT, F, F] partials, dw[s, n, f] at s*sdw_s + n*sdw_n + f*sdw_f (if HAS_DW)
     db_ptr: [SPLIT, F] partials, db[s, n] at s*sdb_s + n*sdb_n (if HAS_DB; written by the
@@ -312,7 +364,8 @@ def _grad_weight_kernel(
             dy_t += tl.load(gm_ptr + gm_offs, mask=dy_ok, other=0.0).to(ACC_DTYPE)
         if HAS_DW:
             x_offs = _tile_offsets(ms, fs, T, H, W, L, NCH, sx_b, sx_t, sx_h, sx_w, sx_c, D, AXIS, 0)
-            xg = tl.load(_vector_hint(x_ptr, x_offs, VEC_X, 1), mask=m_ok[:, None] & f_ok[None, :], other=0.0)
+            xg = _load_mixed(x_ptr, x1_ptr, x2_ptr, alpha_ptr, x_offs, ms, fs, m_ok[:, None] & f_ok[None, :],
+                             F, ROWS_PER_B, NBR, VEC_X, ACC_DTYPE)  # fmt: skip
             acc = tl.dot(dy_t.to(DOT_DTYPE), xg.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if HAS_DB:
             db_acc += tl.sum(dy_t, axis=1)
@@ -501,6 +554,8 @@ def launch_gemm(
     transpose_weight: bool,
     grad_mean: torch.Tensor | None = None,
     mean_part: torch.Tensor | None = None,
+    more: tuple[torch.Tensor, ...] = (),
+    alpha: torch.Tensor | None = None,
 ) -> None:
     """out5 <- scatter(gather(a5 [+ grad_mean]) @ (weight^T if transpose_weight else weight)
     (+ bias)), and optionally the channel-mean partials of the output.
@@ -508,6 +563,8 @@ def launch_gemm(
     a5, out5: [B, T, H, W, C] of any strides (out5 must not overlap itself); weight [F, F].
     grad_mean: None or [B, C] contiguous, added at every element's (batch item, channel).
     mean_part: None or the buffer of mean_partials(geo, ...) for the output's channel means.
+    more, alpha: one or two further branches with a5's strides and alpha [B, F, 1 + len(more)]
+    contiguous: the GEMM operand is then the reweighted branch sum (_load_mixed).
     """
     if geo.M == 0:
         return
@@ -520,22 +577,31 @@ def launch_gemm(
         mean_strides = (slots * mean_part.stride(0), mean_part.stride(0))
     else:
         mean_strides = mean_part.stride()[:2] if mean_part is not None else (0, 0)
+    a1, a2 = _branch_pointers(a5, more)
     grid = (triton.cdiv(geo.M, blocks.m) * triton.cdiv(geo.F, blocks.n),)
     _gathered_gemm_kernel[grid](
-        a5, weight, bias if bias is not None else weight, out5,
+        a5, a1, a2, alpha if alpha is not None else a5, weight, bias if bias is not None else weight, out5,
         grad_mean if grad_mean is not None else weight, mean_part if mean_part is not None else weight,
         *geo.args,
         *_strides(a5),
         sb_k, sb_n, bias.stride(0) if bias is not None else 0,
         *_strides(out5),
         *mean_strides,
-        D=geo.D, AXIS=geo.axis, HAS_BIAS=bias is not None, GRAD_MEAN=grad_mean is not None,
-        MEAN=mean, MEAN_DP=_mean_dp(geo.D), IDX64=_needs_idx64(a5, out5, grad_mean, mean_part),
-        VEC_A=_vec(a5, geo.D), VEC_C=_vec(out5, geo.D),
+        D=geo.D, AXIS=geo.axis, NBR=1 + len(more), HAS_BIAS=bias is not None, GRAD_MEAN=grad_mean is not None,
+        MEAN=mean, MEAN_DP=_mean_dp(geo.D), IDX64=_needs_idx64(a5, *more, out5, grad_mean, mean_part),
+        VEC_A=min(_vec(t, geo.D) for t in (a5, *more)), VEC_C=_vec(out5, geo.D),
         BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k,
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
+
+
+def _branch_pointers(a5: torch.Tensor, more: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The a1 / a2 pointers of a launch with the extra branches ``more`` (a5 where absent);
+    the kernels address every branch with a5's strides."""
+    if any(_strides(t) != _strides(a5) for t in more):
+        raise ValueError("the reweighted branches must share one memory layout")
+    return (*more, a5, a5)[:2]
 
 
 def _mean_mode(geo: Geometry) -> int:
@@ -559,10 +625,31 @@ def mean_partials(geo: Geometry, dtype: torch.dtype, device) -> torch.Tensor:
     part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     if _mean_mode(geo) == 1:
         return torch.empty((triton.cdiv(geo.F, blocks.n), geo.M, geo.D), dtype=part_dtype, device=device)
+    return batch_partials(geo, blocks, geo.F, part_dtype, device)
+
+
+def batch_partials(geo: Geometry, blocks: Blocks, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The [tiles * slots + 1, width] buffer of _batch_colsums over the tiles of blocks.m
+    token rows: the kernel's [tiles, slots, width] partials plus one zero row that
+    batch_sums' padded gather reads."""
     rows = triton.cdiv(geo.M, blocks.m) * _mean_slots(geo, blocks)
-    part = torch.empty((rows + 1, geo.F), dtype=part_dtype, device=device)
+    part = torch.empty((rows + 1, width), dtype=dtype, device=device)
     part[rows].zero_()
     return part
+
+
+def batch_sums(part: torch.Tensor, geo: Geometry, batch: int, blocks: Blocks) -> torch.Tensor:
+    """[B, width] per-batch-item sums of batch_partials' buffer in a fixed order (a padded
+    gather, then one torch.sum): deterministic."""
+    slots = _mean_slots(geo, blocks)
+    # tiles overlapping batch item b: first..last; slot of b in tile t: b - (t*BLOCK_M) // rows_per_b
+    b = torch.arange(batch, device=part.device)
+    first = b * geo.rows_per_b // blocks.m
+    last = ((b + 1) * geo.rows_per_b - 1) // blocks.m
+    tiles = first[:, None] + torch.arange(triton.cdiv(geo.rows_per_b, blocks.m) + 1, device=part.device)
+    slot = b[:, None] - tiles * blocks.m // geo.rows_per_b
+    index = torch.where(tiles <= last[:, None], tiles * slots + slot, part.shape[0] - 1)
+    return part[index].sum(dim=1)
 
 
 def reduce_mean(part: torch.Tensor, geo: Geometry, batch: int, dtype: torch.dtype) -> torch.Tensor:
@@ -573,16 +660,7 @@ def reduce_mean(part: torch.Tensor, geo: Geometry, batch: int, dtype: torch.dtyp
     if _mean_mode(geo) == 1:
         sums = part.view(part.shape[0], batch, -1, geo.L, geo.D).sum(dim=(0, 2)).reshape(batch, geo.L * geo.D)
         return sums / tokens
-    blocks = gemm_blocks(geo.M, geo.F, dtype)
-    slots = _mean_slots(geo, blocks)
-    # tiles overlapping batch item b: first..last; slot of b in tile t: b - (t*BLOCK_M) // rows_per_b
-    b = torch.arange(batch, device=part.device)
-    first = b * geo.rows_per_b // blocks.m
-    last = ((b + 1) * geo.rows_per_b - 1) // blocks.m
-    tiles = first[:, None] + torch.arange(triton.cdiv(geo.rows_per_b, blocks.m) + 1, device=part.device)
-    slot = b[:, None] - tiles * blocks.m // geo.rows_per_b
-    index = torch.where(tiles <= last[:, None], tiles * slots + slot, part.shape[0] - 1)
-    return part[index].sum(dim=1) / tokens
+    return batch_sums(part, geo, batch, gemm_blocks(geo.M, geo.F, dtype)) / tokens
 
 
 def launch_grad_weight(
@@ -592,28 +670,32 @@ def launch_grad_weight(
     dw_part: torch.Tensor | None,
     db_part: torch.Tensor | None,
     grad_mean: torch.Tensor | None = None,
+    more: tuple[torch.Tensor, ...] = (),
+    alpha: torch.Tensor | None = None,
 ) -> None:
     """Fill the split partials dw_part [SPLIT, F, F] and/or db_part [SPLIT, F] (any strides;
     SPLIT from their first dimension) from dY (+ grad_mean [B, C] contiguous at every
-    element's batch item and channel) and x, both [B, T, H, W, C] of any strides."""
+    element's batch item and channel) and x, both [B, T, H, W, C] of any strides; with
+    ``more`` / ``alpha`` (as launch_gemm) X is the reweighted sum of x and ``more``."""
     part = dw_part if dw_part is not None else db_part
     split = part.shape[0]
     blocks = grad_weight_blocks(geo.M, geo.F, dy5.dtype)
     dot_dtype, acc_dtype, precision = _dot_dtypes(dy5.dtype)
     rows_per_split = triton.cdiv(triton.cdiv(geo.M, split), blocks.k) * blocks.k
     num_f = triton.cdiv(geo.F, blocks.n) if dw_part is not None else 1
+    x1, x2 = _branch_pointers(x5, more)
     grid = (triton.cdiv(geo.F, blocks.m) * num_f, split)
     _grad_weight_kernel[grid](
-        dy5, x5, grad_mean if grad_mean is not None else part,
+        dy5, x5, x1, x2, alpha if alpha is not None else x5, grad_mean if grad_mean is not None else part,
         part if dw_part is None else dw_part, part if db_part is None else db_part,
         *geo.args, rows_per_split,
         *_strides(dy5),
         *_strides(x5),
         *(dw_part.stride() if dw_part is not None else (0, 0, 0)),
         *(db_part.stride() if db_part is not None else (0, 0)),
-        D=geo.D, AXIS=geo.axis, HAS_DW=dw_part is not None, HAS_DB=db_part is not None,
-        GRAD_MEAN=grad_mean is not None, IDX64=_needs_idx64(dy5, x5, grad_mean),
-        VEC_Y=_vec(dy5, geo.D), VEC_X=_vec(x5, geo.D),
+        D=geo.D, AXIS=geo.axis, NBR=1 + len(more), HAS_DW=dw_part is not None, HAS_DB=db_part is not None,
+        GRAD_MEAN=grad_mean is not None, IDX64=_needs_idx64(dy5, x5, *more, grad_mean),
+        VEC_Y=_vec(dy5, geo.D), VEC_X=min(_vec(t, geo.D) for t in (x5, *more)),
         BLOCK_N=blocks.m, BLOCK_F=blocks.n, BLOCK_M=blocks.k,
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,

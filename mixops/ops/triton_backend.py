@@ -13,6 +13,7 @@ from ..backend import register
 if triton is not None:
     from ..kernels import atm as _atm
     from ..kernels import morph_fc as _morph_fc
+    from ..kernels import morph_fc_proj as _morph_fc_proj
 
     # auto=False: these kernels have passed the interpreter and compile for sm_90, but have not
     # run on a GPU yet; until they have, they run only when asked for by name.
@@ -21,4 +22,7 @@ if triton is not None:
     register("morph_fc", "triton", forward=_morph_fc.forward, backward=_morph_fc.backward, auto=False)
     register(
         "_morph_branch", "triton", forward=_morph_fc.branch_forward, backward=_morph_fc.branch_backward, auto=False
+    )
+    register(
+        "_reweighted_proj", "triton", forward=_morph_fc_proj.forward, backward=_morph_fc_proj.backward, auto=False
     )
