@@ -24,14 +24,19 @@ SHAPES = [
     ("w", (1, 1, 56, 56, 112), 14), ("h", (1, 1, 14, 14, 336), 28), ("hs", (1, 1, 7, 7, 784), 49),
     ("t", (1, 8, 14, 14, 392), 8), ("c", (1, 1, 7, 7, 784), 1),
 ]  # fmt: skip
+# (x shape, K): the reweighted proj of MorphFC_S stage 1 (three branches) and MorphFC_S2
+# stage 4 (two); three compiles each (forward, dA, dW)
+PROJ_SHAPES = [((1, 1, 56, 56, 112), 3), ((1, 1, 7, 7, 784), 2)]
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _launches():
     """(label, kernel, args, kwargs) of every launch the launchers make at SHAPES x DTYPES:
-    forward with the mean partials, dX with the mean gradient, dW/db with it."""
+    forward with the mean partials, dX with the mean gradient, dW/db with it; for the
+    reweighted proj its forward, dA (both epilogue outputs) and dW/db."""
     import torch
     from mixops.kernels import morph_fc as K
+    from mixops.kernels import morph_fc_proj as P
 
     calls = []
 
@@ -44,6 +49,7 @@ def _launches():
 
     K._gathered_gemm_kernel, gemm = Recorder(K._gathered_gemm_kernel), K._gathered_gemm_kernel
     K._grad_weight_kernel, gw = Recorder(K._grad_weight_kernel), K._grad_weight_kernel
+    P._proj_grad_kernel, pg = Recorder(P._proj_grad_kernel), P._proj_grad_kernel
     out = []
     try:
         for dtype_name in DTYPES:
@@ -63,8 +69,25 @@ def _launches():
                 for name, (kernel, args, kwargs) in zip(("fwd", "dx", "dw"), calls):
                     out.append((f"{name} {dtype_name} {axis} {'x'.join(map(str, shape))} L={L}", kernel, args, kwargs))
                 calls.clear()
+            for shape, nbr in PROJ_SHAPES:
+                geo = K.geometry(shape, 1, "c")
+                xs = [torch.empty(shape, dtype=dtype) for _ in range(nbr)]
+                alpha = torch.empty(shape[0], shape[-1], nbr, dtype=torch.float32)
+                w = torch.empty(geo.F, geo.F, dtype=dtype)
+                bias = torch.empty(geo.F, dtype=dtype)
+                K.launch_gemm(xs[0], w, bias, xs[0], geo, transpose_weight=True, more=tuple(xs[1:]), alpha=alpha)
+                blocks = K.gemm_blocks(geo.M, geo.F, dtype)
+                part = K.batch_partials(geo, blocks, nbr * geo.F, torch.float32, "cpu")
+                P.launch_proj_grad(xs[0], w, xs, alpha, geo, xs, part)
+                dw = torch.empty(1, geo.F, geo.F, dtype=torch.float32)
+                db = torch.empty(1, geo.F, dtype=torch.float32)
+                K.launch_grad_weight(xs[0], xs[0], geo, dw, db, more=tuple(xs[1:]), alpha=alpha)
+                for name, (kernel, args, kwargs) in zip(("proj-fwd", "proj-da", "proj-dw"), calls):
+                    out.append((f"{name} {dtype_name} K={nbr} {'x'.join(map(str, shape))} L=1", kernel, args, kwargs))
+                calls.clear()
     finally:
         K._gathered_gemm_kernel, K._grad_weight_kernel = gemm, gw
+        P._proj_grad_kernel = pg
     return out
 
 
@@ -132,7 +155,7 @@ def main() -> None:
         print(f"{label}: regs={regs} spills={spills} vector_loads={vector} scalar_loads={scalar}", flush=True)
 
 
-_LINE = re.compile(r"^(\w+) (\w+) (\w+) (\S+) L=(\d+): regs=(\d+) spills=(\d+) vector_loads=(\d+) scalar_loads=(\d+)$")
+_LINE = re.compile(r"^([\w-]+) (\w+) ([\w=]+) (\S+) L=(\d+): regs=(\d+) spills=(\d+) vector_loads=(\d+) scalar_loads=(\d+)$")
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +167,7 @@ def sm90_table():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [_LINE.match(line).groups() for line in proc.stdout.splitlines()]
-    assert len(rows) == 3 * len(DTYPES) * len(SHAPES)
+    assert len(rows) == 3 * len(DTYPES) * (len(SHAPES) + len(PROJ_SHAPES))
     return rows
 
 
