@@ -31,6 +31,10 @@
 # BLOCK_N = 64); channel FC: per tile and batch item a column sum, ~4*F*cdiv(M, BLOCK_M) bytes --
 # reduced by one torch.sum (reduce_mean). Their gradient is added to dY in the dX / dW load
 # stage from a [B, C] fp32 tensor: no broadcast gradient in HBM.
+# Reweighted operand (NBR = 2 or 3; mixops::_reweighted_proj, kernels/morph_fc_proj.py): the
+# forward GEMM's and the dW kernel's operand load forms sum_k alpha[b, f, k] * branch_k from
+# NBR branches of one layout, so the channel-FC map (L = 1) runs the proj without the summed
+# tensor in HBM.
 # Offsets are int32 unless a tensor's extent reaches 2**30 (IDX64, host-chosen).
 #
 # Grids: forward / dX GEMM: (cdiv(M, BLOCK_M) * cdiv(F, BLOCK_N),), with the F tiles of one row

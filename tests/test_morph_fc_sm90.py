@@ -139,11 +139,12 @@ def _ptxas_stats(ptx: str) -> tuple[int, int]:
 
 def _loads(ptx: str) -> tuple[int, int]:
     """(vector, scalar) global loads in the PTX: the pipelined operand loads are cp.async
-    copies (.cg moves 16 bytes; .ca 4, 8 or 16), the rest ld.global(.v2/.v4)."""
+    copies (.cg moves 16 bytes; .ca 4, 8 or 16; the size is printed in hex), the rest
+    ld.global(.v2/.v4)."""
     loads = re.findall(r"ld\.global[\w.]*", ptx)
-    copies = re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, (\d+)(?:, \w+)?;", ptx)
-    vector = sum(1 for op in loads if ".v2" in op or ".v4" in op) + sum(1 for n in copies if int(n) > 4)
-    scalar = len(loads) - sum(1 for op in loads if ".v2" in op or ".v4" in op) + sum(1 for n in copies if int(n) <= 4)
+    copies = [int(n, 0) for n in re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, (0x[0-9a-f]+|\d+)(?:, %?\w+)?;", ptx)]
+    vector = sum(1 for op in loads if ".v2" in op or ".v4" in op) + sum(1 for n in copies if n > 4)
+    scalar = len(loads) - sum(1 for op in loads if ".v2" in op or ".v4" in op) + sum(1 for n in copies if n <= 4)
     return vector, scalar
 
 
@@ -177,10 +178,22 @@ def test_no_register_spills_on_sm90(sm90_table):
     assert not spilled, "\n".join(spilled)
 
 
+def _channels_per_group(row) -> int:
+    """D of a table row: C // L (L = G for axis "t", 1 for the channel FC and the proj)."""
+    return int(row[3].split("x")[-1]) // int(row[4])
+
+
 @pytest.mark.slow
 def test_gathered_operands_load_as_vectors_on_sm90(sm90_table):
-    """Every launch moves some operand as vectors (cp.async of 8/16 bytes or ld.global.v*)."""
-    assert all(int(r[7]) > 0 for r in sm90_table), [r for r in sm90_table if int(r[7]) == 0]
+    """Every launch whose runs of D consecutive channels admit it moves some operand as
+    vectors (cp.async of 8/16 bytes or ld.global.v*). An odd D (axis "t" of MorphMLP-S stage 3:
+    392 / 8 = 49) leaves no aligned pair of channels to vectorize: those launches load only
+    scalars, and the test says so rather than skipping them."""
+    even = [r for r in sm90_table if _channels_per_group(r) % 2 == 0]
+    odd = [r for r in sm90_table if _channels_per_group(r) % 2 == 1]
+    assert even and odd
+    assert all(int(r[7]) > 0 for r in even), [r for r in even if int(r[7]) == 0]
+    assert all(int(r[7]) == 0 and int(r[8]) > 0 for r in odd), odd
 
 
 if __name__ == "__main__":
