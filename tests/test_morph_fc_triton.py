@@ -1,24 +1,21 @@
 """The Triton kernels of ``mixops.morph_fc`` (``mixops.kernels.morph_fc``), beyond the generic op
 tests: canary buffers around every output, tiles smaller than the shapes (several programs,
 several reduction steps, ragged edges), split-M weight gradients, ``needs`` handling, expanded
-incoming gradients, determinism, an sm_90 compile of every kernel with the GPU block sizes, and
-GPU accuracy tests (skipped without a GPU)."""
+incoming gradients, determinism, and GPU accuracy tests (skipped without a GPU); the sm_90 builds are in
+test_morph_fc_sm90.py."""
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from mixops.kernels import morph_fc as K
+from mixops_testing import assert_close, cpu_and_cuda
 
 import mixops
-from mixops.kernels import morph_fc as K
 from mixops.reference import morph_fc as ref
-from mixops_testing import assert_close, cpu_and_cuda
 
 f64 = torch.float64
 
@@ -215,74 +212,6 @@ def test_interpreter_heuristics_keep_test_launches_small():
         assert math.ceil(geo.M / b.m) * math.ceil(geo.F / b.n) <= 16
         g = K.grad_weight_blocks(geo.M, geo.F, torch.float32)
         assert math.ceil(geo.F / g.m) * math.ceil(geo.F / g.n) <= 16
-
-
-# Compiles every kernel for sm_90 with the block sizes the GPU heuristics choose, in a child
-# process without TRITON_INTERPRET (kernels decorated under the interpreter cannot be compiled).
-_COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import torch, triton, triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from mixops.kernels import morph_fc as K
-
-    PTR = {torch.float64: "*fp64", torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-    TARGET = GPUTarget("cuda", 90, 32)
-
-    def compile(kernel, ptrs, ints, consts, blocks):
-        sig = dict(ptrs)
-        sig.update({name: "i64" if name.startswith("s") else "i32" for name in ints})
-        sig.update({name: "constexpr" for name in consts})
-        src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
-        triton.compile(src, target=TARGET, options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages))
-
-    GEO = ["M", "F", "T", "H", "W", "L", "D", "NCH"]
-    X = ["b", "t", "h", "w", "c"]
-    # (dtype, axis, F, tf32, with bias / with dW)
-    CASES = [
-        (torch.bfloat16, "h", 784, False, True), (torch.bfloat16, "w", 112, False, True),
-        (torch.bfloat16, "t", 48, False, False), (torch.float16, "hs", 588, False, True),
-        (torch.float32, "w", 224, False, True), (torch.float32, "t", 448, True, False),
-        (torch.float64, "hs", 64, False, True),
-    ]
-    for dtype, axis, F, tf32, flag in CASES:
-        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
-        dot, acc, prec = K._dot_dtypes(dtype)
-        assert prec == ("tf32" if tf32 else "ieee")
-        part = PTR[torch.float64 if dtype == torch.float64 else torch.float32]
-        b = K.gemm_blocks(100_000, F, dtype)
-        compile(
-            K._gathered_gemm_kernel,
-            {"a_ptr": PTR[dtype], "b_ptr": PTR[dtype], "bias_ptr": PTR[dtype], "c_ptr": PTR[dtype]},
-            GEO + ["sa_" + s for s in X] + ["sb_k", "sb_n", "s_bias"] + ["sc_" + s for s in X],
-            dict(AXIS=K._AXIS_IDS[axis], HAS_BIAS=flag, BLOCK_M=b.m, BLOCK_N=b.n, BLOCK_K=b.k,
-                 DOT_DTYPE=dot, ACC_DTYPE=acc, PRECISION=prec),
-            b,
-        )
-        g = K.grad_weight_blocks(100_000, F, dtype)
-        compile(
-            K._grad_weight_kernel,
-            {"dy_ptr": PTR[dtype], "x_ptr": PTR[dtype], "dw_ptr": part, "db_ptr": part},
-            GEO + ["ROWS_PER_SPLIT"] + ["sy_" + s for s in X] + ["sx_" + s for s in X]
-            + ["sdw_s", "sdw_n", "sdw_f", "sdb_s", "sdb_n"],
-            dict(AXIS=K._AXIS_IDS[axis], HAS_DW=flag, HAS_DB=True, BLOCK_N=g.m, BLOCK_F=g.n, BLOCK_M=g.k,
-                 DOT_DTYPE=dot, ACC_DTYPE=acc, PRECISION=prec),
-            g,
-        )
-        print("compiled", dtype, axis, F, flush=True)
-    """
-)
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("compiled") == 7
 
 
 # ---------------------------------------------------------------------------------------------

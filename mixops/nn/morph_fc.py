@@ -7,6 +7,12 @@ temporal rule), so official state_dicts load with ``strict=True``. The chunked t
 through ``mixops.morph_fc`` (and so through the selected backend); the channel FC, reweighting
 and projections are plain torch.
 
+Fused layer path: when the backend ``mixops.morph_fc`` resolves to for x also implements the
+internal ops of ``mixops.ops.morph_fc_fused`` (torch, triton), ``MorphFC_S`` / ``MorphFC_S2``
+run branch ops that return each branch's fp32 token mean with it, the reweight MLP on those
+means, and ``_reweighted_proj`` (the weighted sum formed inside the proj GEMM). Otherwise (e.g.
+the ``cuda`` backend, which has ``morph_fc`` alone) the unfused path through the public op.
+
 Layout is channels-last: ``[B, T, H, W, C]`` (official video layout). ``MorphFC_S`` and
 ``MorphFC_S2`` also take images ``[B, H, W, C]`` (T = 1); ``MorphFC_T`` and
 ``PermutatorBlock`` need the clip axis T.
@@ -24,7 +30,9 @@ import torch
 import torch.nn as nn
 
 from .. import _validate as v
+from ..backend import available_backends, resolve
 from ..ops.morph_fc import morph_fc
+from ..ops.morph_fc_fused import morph_branch, reweighted_proj
 from ._layers import DropPath, Mlp, reweighted_sum
 
 __all__ = ["DropPath", "Mlp", "MorphFC_S", "MorphFC_S2", "MorphFC_T", "PermutatorBlock"]
@@ -37,6 +45,32 @@ def _check_input(module: nn.Module, x: torch.Tensor, dim: int, ranks) -> None:
     v.check_tensor("x", x, ndim=ranks)
     if x.shape[-1] != dim:
         raise ValueError(f"x must have {dim} channels (last axis) for this {name}, got shape {tuple(x.shape)}")
+
+
+_FUSED_OPS = ("_morph_branch", "_reweighted_proj")
+
+
+def _fused_backend(x: torch.Tensor) -> str | None:
+    """The backend ``mixops.morph_fc`` runs on for x when it also has the fused path's
+    internal ops, else None (the unfused path)."""
+    name = resolve("morph_fc", None, x)
+    return name if all(name in available_backends(op) for op in _FUSED_OPS) else None
+
+
+def _fused_layer(m: nn.Module, x5: torch.Tensor, branches, backend: str) -> torch.Tensor:
+    """proj(reweighted sum) of the branches ``(linear, axis)`` of m, in the official add order:
+    branch outputs with their fp32 token means (summed in branch order: the mean of the
+    branch sum), the reweight MLP on the mean rounded to x's dtype, as the official module
+    rounds it, the softmax over branches in fp32, then the fused weighted sum + proj."""
+    ys, mean = [], None
+    for lin, axis in branches:
+        y, mu = morph_branch(x5, lin.weight, lin.bias, segment_dim=m.segment_dim, axis=axis, backend=backend)
+        ys.append(y)
+        mean = mu if mean is None else mean + mu
+    B, C, K = x5.shape[0], x5.shape[-1], len(ys)
+    r = m.reweight(mean.to(ys[0].dtype))
+    alpha = r.reshape(B, C, K).to(mean.dtype).softmax(dim=2)
+    return reweighted_proj(ys, alpha, m.proj.weight, m.proj.bias, backend=backend)
 
 
 class MorphFC_S(nn.Module):
@@ -60,6 +94,10 @@ class MorphFC_S(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x, self.proj.in_features, (4, 5))
         x5 = x if x.dim() == 5 else x.unsqueeze(1)
+        backend = _fused_backend(x5)
+        if backend is not None:
+            y = _fused_layer(self, x5, [(self.mlp_h, "h"), (self.mlp_w, "w"), (self.mlp_c, "c")], backend)
+            return self.proj_drop(y).reshape(x.shape)
         L = self.segment_dim
         h = morph_fc(x5, self.mlp_h.weight, self.mlp_h.bias, segment_dim=L, axis="h")
         w = morph_fc(x5, self.mlp_w.weight, self.mlp_w.bias, segment_dim=L, axis="w")
@@ -87,6 +125,10 @@ class MorphFC_S2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x, self.proj.in_features, (4, 5))
         x5 = x if x.dim() == 5 else x.unsqueeze(1)
+        backend = _fused_backend(x5)
+        if backend is not None:
+            y = _fused_layer(self, x5, [(self.mlp_h, "hs"), (self.mlp_c, "c")], backend)
+            return self.proj_drop(y).reshape(x.shape)
         h = morph_fc(x5, self.mlp_h.weight, self.mlp_h.bias, segment_dim=self.segment_dim, axis="hs")
         c = self.mlp_c(x5)
         y = self.proj_drop(self.proj(reweighted_sum(self.reweight, [h, c])))
@@ -132,6 +174,10 @@ class MorphFC_T(nn.Module):
                 f"x must have T = {frames} frames (x.shape[1]) for this MorphFC_T (frames={self.frames}), "
                 f"got shape {tuple(x.shape)}"
             )
+        # No fused path: there is no reweighting (so no mean to accumulate), and proj cannot
+        # join the t-branch GEMM -- a t-GEMM row is one (token, channel group) over the whole
+        # clip while proj mixes all groups of one token, which sit in G different rows -- so
+        # the layer is the branch GEMM then one plain [C, C] GEMM either way.
         t = morph_fc(x, self.mlp_t.weight, self.mlp_t.bias, segment_dim=self.segment_dim, axis="t")
         return self.proj_drop(self.proj(t))
 

@@ -14,6 +14,7 @@ if triton is not None:
     from ..kernels import atm as _atm
     from ..kernels import atm_layer as _atm_layer
     from ..kernels import morph_fc as _morph_fc
+    from ..kernels import morph_fc_proj as _morph_fc_proj
 
     # auto=False: these kernels have passed the interpreter and compile for sm_90, but have not
     # run on a GPU yet; until they have, they run only when asked for by name.
@@ -23,3 +24,9 @@ if triton is not None:
     register("_atm_means", "triton", forward=_atm_layer.means_forward, backward=_atm_layer.means_backward, auto=False)
     register("_atm_mix", "triton", forward=_atm_layer.mix_forward, backward=_atm_layer.mix_backward, auto=False)
     register("morph_fc", "triton", forward=_morph_fc.forward, backward=_morph_fc.backward, auto=False)
+    register(
+        "_morph_branch", "triton", forward=_morph_fc.branch_forward, backward=_morph_fc.branch_backward, auto=False
+    )
+    register(
+        "_reweighted_proj", "triton", forward=_morph_fc_proj.forward, backward=_morph_fc_proj.backward, auto=False
+    )

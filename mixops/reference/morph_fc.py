@@ -31,8 +31,6 @@ it is the oracle the ops and kernels are tested against.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -41,15 +39,17 @@ from ._common import branch_weights, drop_path, mlp_forward
 __all__ = [
     "drop_path",
     "mlp_forward",
+    "morph_branch",
     "morph_fc",
     "morph_fc_s2_forward",
     "morph_fc_s_forward",
     "morph_fc_t_forward",
     "permutator_block_forward",
+    "reweighted_proj",
 ]
 
 
-def _branch_w(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: int) -> torch.Tensor:
+def _branch_w(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, L: int) -> torch.Tensor:
     # MorphFC_S "W" branch: (k, p) splits the row-major token axis, (g, s) the channels.
     B, T, H, W, C = x.shape
     S = C // L
@@ -59,7 +59,7 @@ def _branch_w(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     return out.reshape(B, T, n, L, L, S).permute(0, 1, 2, 4, 3, 5).reshape(B, T, H, W, C)
 
 
-def _branch_h(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: int) -> torch.Tensor:
+def _branch_h(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, L: int) -> torch.Tensor:
     # MorphFC_S "H" branch: the W branch on the spatially transposed tensor (column-major).
     B, T, H, W, C = x.shape
     S = C // L
@@ -74,7 +74,7 @@ def _branch_h(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     return out.reshape(B, T, n, L, L, S).permute(0, 1, 2, 4, 3, 5).reshape(B, T, W, H, C).transpose(3, 2)
 
 
-def _branch_hs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: int) -> torch.Tensor:
+def _branch_hs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, L: int) -> torch.Tensor:
     # MorphFC_S2 "H" branch: the token axis splits as (p, k), so chunk k is strided by N/L.
     B, T, H, W, C = x.shape
     S = C // L
@@ -84,7 +84,7 @@ def _branch_hs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return out.reshape(B, T, L, n, L, S).permute(0, 1, 4, 3, 2, 5).reshape(B, T, H, W, C)
 
 
-def _branch_t(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], G: int) -> torch.Tensor:
+def _branch_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, G: int) -> torch.Tensor:
     # MorphFC_T: G channel groups; each (b, g, h, w) row is the whole clip, time-major.
     B, T, H, W, C = x.shape
     S = C // G
@@ -99,7 +99,7 @@ _BRANCHES = {"w": _branch_w, "h": _branch_h, "hs": _branch_hs, "t": _branch_t}
 def morph_fc(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     segment_dim: int,
     axis: str,
 ) -> torch.Tensor:
@@ -115,6 +115,48 @@ def morph_fc(
     # The official H branch leaves a transposed view here; the custom op makes its output
     # contiguous (mixops.ops._define), the official-baseline module forwards keep the view.
     return out.reshape(x.shape)
+
+
+def morph_branch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    segment_dim: int,
+    axis: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MorphFC branch and its token mean (the internal op ``mixops::_morph_branch``).
+
+    axis "w" / "h" / "hs" / "t" as :func:`morph_fc`; axis "c" is the channel FC ``mlp_c``
+    (``segment_dim`` unused). Returns ``(y, mean)``: y of x's shape and dtype, mean ``[B, C]``
+    over the T*H*W tokens of y, kept in fp32 (fp64 for fp64 inputs).
+    """
+    y = F.linear(x, weight, bias) if axis == "c" else morph_fc(x, weight, bias, segment_dim, axis)
+    y5 = y if y.dim() == 5 else y.unsqueeze(1)
+    acc = torch.promote_types(y.dtype, torch.float32)
+    return y, y5.mean(dim=(1, 2, 3), dtype=acc)
+
+
+def reweighted_proj(
+    b0: torch.Tensor,
+    b1: torch.Tensor,
+    b2: torch.Tensor | None,
+    alpha: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``proj`` of the reweighted branch sum (the internal op ``mixops::_reweighted_proj``).
+
+    b0, b1[, b2]: branches ``[B, ..., C]`` in the official add order ``((b0*a0 + b1*a1) +
+    b2*a2)``; alpha ``[B, C, K]`` in at least fp32 (one weight per batch item, channel and
+    branch). The sum is formed in alpha's precision and rounded to the branches' dtype before
+    the ``[C, C]`` Linear, as a fused kernel rounds its GEMM operand.
+    """
+    branches = [b0, b1] if b2 is None else [b0, b1, b2]
+    a = alpha.reshape(alpha.shape[0], *(1,) * (b0.dim() - 2), *alpha.shape[1:])
+    y = b0 * a[..., 0]
+    for k in range(1, len(branches)):
+        y = y + branches[k] * a[..., k]
+    return F.linear(y.to(b0.dtype), weight, bias)
 
 
 def _clip_mean(y: torch.Tensor) -> torch.Tensor:
