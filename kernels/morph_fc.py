@@ -194,6 +194,23 @@ def _load_mixed(ptr, ptr1, ptr2, alpha_ptr, offs, rows, feats, mask, F, ROWS_PER
 
 
 @triton.jit
+def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr):
+    """This program's output tile of an [M, N] GEMM: rows, cols and their masks. The N tiles of
+    one row block are adjacent program ids, so the row block's gathered operand is re-read from
+    L2 rather than HBM."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    if IDX64:
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, pid_n, rows, cols, rows < M, cols < N
+
+
+@triton.jit
 def _gemm_mainloop(
     a_ptr, a1_ptr, a2_ptr, alpha_ptr, gm_ptr, b_ptr, rows, cols, row_ok, col_ok,
     F, T, H, W, L, NCH, ROWS_PER_B, sa_b, sa_t, sa_h, sa_w, sa_c, sb_k, sb_n,
@@ -277,17 +294,7 @@ def _gathered_gemm_kernel(
     tl.static_assert(BLOCK_N >= 16)
     # F from the constexpr D: its known divisibility lets the feature masks stay vector-wide
     F = T * D if AXIS == _AXIS_T else L * D
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(F, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    if IDX64:
-        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    else:
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < F
+    pid_m, pid_n, rows, cols, row_ok, col_ok = _output_tile(M, F, BLOCK_M, BLOCK_N, IDX64)
     acc = _gemm_mainloop(
         a_ptr, a1_ptr, a2_ptr, alpha_ptr, gm_ptr, b_ptr, rows, cols, row_ok, col_ok,
         F, T, H, W, L, NCH, ROWS_PER_B, sa_b, sa_t, sa_h, sa_w, sa_c, sb_k, sb_n,

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import morph_fc as _mfc
-from .morph_fc import _batch_colsums, _gemm_mainloop, _tile_offsets, _vector_hint
+from .morph_fc import _batch_colsums, _gemm_mainloop, _output_tile, _tile_offsets, _vector_hint
 
 
 @triton.jit
@@ -81,17 +81,7 @@ def _proj_grad_kernel(
     tl.static_assert(BLOCK_K >= 16)
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(C, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    if IDX64:
-        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    else:
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < C
+    pid_m, _, rows, cols, row_ok, col_ok = _output_tile(M, C, BLOCK_M, BLOCK_N, IDX64)
     # the channel FC: the "w" token map with L = 1 (one chunk per token), D = C
     NCH = H * W
     da = _gemm_mainloop(
