@@ -111,15 +111,47 @@ def _corner_values(x_line, k, N, sx_p, mask, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _lerp_gather(x_line, o_ptrs, q, N, sx_p, mask, COMPUTE: tl.constexpr):
-    """lerp0 of the line at ``q + offset``, in COMPUTE: the offsets are loaded from ``o_ptrs``
-    (a pointer tensor shaped like the tile), ``q`` (broadcastable to it) is the sample's own
-    position on the line, ``x_line`` points at position 0 of each element's line. Masked
-    elements are 0. The A-load stage of every ATM GEMM and the gather of atm_sample."""
-    o = tl.load(o_ptrs, mask=mask, other=0.0).to(COMPUTE)
-    k, f = _sample_position(q.to(COMPUTE) + o, N)
-    v0, v1 = _corner_values(x_line, k, N, sx_p, mask, COMPUTE)
-    return (1.0 - f) * v0 + f * v1
+def _lerp_gather(x_line, o_pix, q, c0, C, N, sx_p, sx_c, so_g, m_ok, SHARE: tl.constexpr,
+                 GROUPED: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[BLOCK_M, BLOCK_C] tile of lerp0 in COMPUTE: pixel i's line at q[i] + off[c // SHARE],
+    for the channels c = c0 + [0, BLOCK_C) (c0 a multiple of BLOCK_C); masked pixels and
+    channels >= C are 0. The A-load stage of every ATM GEMM and the gather of atm_sample.
+
+    x_line [BLOCK_M] pointers at channel 0 of position 0 of each pixel's line (position
+    stride sx_p, channel stride sx_c); o_pix [BLOCK_M] pointers at offset group 0 of each
+    pixel (group stride so_g); q [BLOCK_M] the pixels' own positions; m_ok [BLOCK_M] the valid
+    pixels.
+
+    With GROUPED and a power-of-2 SHARE the tile is worked as [BLOCK_M, GROUPS, LANES] (LANES = one group's
+    channels in the tile): the offsets, positions and weights exist once per group, and each
+    corner is a run of LANES channels at one position, which the compiler turns into vector
+    loads when sx_c is the constant 1. Otherwise a 2-D tile re-reads each group's offset per
+    channel, from L1: the path of non-power-of-2 shares, and of strided channels, where the
+    3-D tile's scalar 64-bit corner addresses spill on sm_90.
+    """
+    if GROUPED and (SHARE & (SHARE - 1)) == 0:
+        LANES: tl.constexpr = SHARE if SHARE < BLOCK_C else BLOCK_C
+        GROUPS: tl.constexpr = BLOCK_C // LANES
+        # the tile's groups: GROUPS consecutive ones, or the one group holding it (GROUPS = 1)
+        grp = c0 // SHARE + tl.arange(0, GROUPS)
+        o_ptrs = o_pix[:, None] + grp.to(tl.int64)[None, :] * so_g
+        o = tl.load(o_ptrs, mask=m_ok[:, None] & (grp < C // SHARE)[None, :], other=0.0).to(COMPUTE)
+        k, f = _sample_position(q.to(COMPUTE)[:, None] + o, N)
+        c = c0 + (tl.arange(0, GROUPS) * LANES)[:, None] + tl.arange(0, LANES)[None, :]  # [GROUPS, LANES]
+        mask = m_ok[:, None, None] & (c < C)[None, :, :]
+        x_run = x_line[:, None, None] + c.to(tl.int64)[None, :, :] * sx_c
+        v0, v1 = _corner_values(x_run, k[:, :, None], N, sx_p, mask, COMPUTE)
+        f = f[:, :, None]
+        out = tl.reshape((1.0 - f) * v0 + f * v1, [BLOCK_M, BLOCK_C])
+    else:
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = m_ok[:, None] & (c < C)[None, :]
+        o_ptrs = o_pix[:, None] + (c // SHARE).to(tl.int64)[None, :] * so_g
+        o = tl.load(o_ptrs, mask=mask, other=0.0).to(COMPUTE)
+        k, f = _sample_position(q.to(COMPUTE)[:, None] + o, N)
+        v0, v1 = _corner_values(x_line[:, None] + c.to(tl.int64)[None, :] * sx_c, k, N, sx_p, mask, COMPUTE)
+        out = (1.0 - f) * v0 + f * v1
+    return out
 
 
 @triton.jit
@@ -130,6 +162,7 @@ def _atm_sample_fwd_kernel(
     so_b, so_l, so_p, so_g,
     sy_b, sy_l, sy_p, sy_c,
     SHARE: tl.constexpr,
+    UNIT_C: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -141,27 +174,33 @@ def _atm_sample_fwd_kernel(
     off_ptr [B, L, N, C // SHARE] (x's dtype), strides so_b, so_l, so_p, so_g (offset group).
     out_ptr [B, L, N, C] (x's dtype), strides sy_b, sy_l, sy_p, sy_c.
     M = B·L·N pixels; L lines per image; N positions per line; C channels.
+    UNIT_C: sx_c == so_g == sy_c == 1 (checked by the launcher). The channel runs of x, the
+    offsets and out are then contiguous: the strides become the constant 1 and the gather
+    works per offset group (_lerp_gather), so the compiler vectorises the corner loads, the
+    offset loads and the stores across channels.
     COMPUTE: tl.float32, or tl.float64 for fp64 inputs (positions, weights, lerp).
     """
+    if UNIT_C:
+        sx_c = 1
+        so_g = 1
+        sy_c = 1
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # > 2^31 pixels stay exact
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = pid_c * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
     m_ok = m < M
-    c_ok = c < C
-    mask = m_ok[:, None] & c_ok[None, :]
     q = m % N
     line = m // N
     b = (line // L).to(tl.int64)
     l = (line % L).to(tl.int64)
-    c64 = c.to(tl.int64)[None, :]
 
-    o_ptrs = off_ptr + (b * so_b + l * so_l + q.to(tl.int64) * so_p)[:, None] + (c64 // SHARE) * so_g
-    x_line = x_ptr + (b * sx_b + l * sx_l)[:, None] + c64 * sx_c
-    out = _lerp_gather(x_line, o_ptrs, q[:, None], N, sx_p, mask, COMPUTE)
+    o_pix = off_ptr + b * so_b + l * so_l + q.to(tl.int64) * so_p
+    x_line = x_ptr + b * sx_b + l * sx_l
+    out = _lerp_gather(x_line, o_pix, q, c0, C, N, sx_p, sx_c, so_g, m_ok, SHARE, UNIT_C, COMPUTE, BLOCK_M, BLOCK_C)
 
-    y_ptrs = out_ptr + (b * sy_b + l * sy_l + q.to(tl.int64) * sy_p)[:, None] + c64 * sy_c
-    tl.store(y_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    y_ptrs = out_ptr + (b * sy_b + l * sy_l + q.to(tl.int64) * sy_p)[:, None] + c.to(tl.int64)[None, :] * sy_c
+    tl.store(y_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (c < C)[None, :])
 
 
 @triton.jit
@@ -309,18 +348,15 @@ def _atm_fc_fwd_kernel(
     b = (line // L).to(tl.int64)
     l = (line % L).to(tl.int64)
     q64 = q.to(tl.int64)
-    x_line = x_ptr + (b * sx_b + l * sx_l)[:, None]
-    o_pix = off_ptr + (b * so_b + l * so_l + q64 * so_p)[:, None]
+    x_line = x_ptr + b * sx_b + l * sx_l
+    o_pix = off_ptr + b * so_b + l * so_l + q64 * so_p
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
     for k0 in range(0, C, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
         c_ok = c < C
-        c64 = c.to(tl.int64)[None, :]
-        mask = m_ok[:, None] & c_ok[None, :]
-        # A tile: the sampled features of BLOCK_M pixels x BLOCK_K channels (the S channels
-        # of a group re-read one offset, from L1)
-        a = _lerp_gather(x_line + c64 * sx_c, o_pix + (c64 // SHARE) * so_g, q[:, None], N, sx_p, mask, COMPUTE)
+        # A tile: the sampled features of BLOCK_M pixels x BLOCK_K channels
+        a = _lerp_gather(x_line, o_pix, q, k0, C, N, sx_p, sx_c, so_g, m_ok, SHARE, True, COMPUTE, BLOCK_M, BLOCK_K)
         w_ptrs = w_ptr + n.to(tl.int64)[None, :] * sw_n + c.to(tl.int64)[:, None] * sw_k
         w = tl.load(w_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=COMPUTE)
@@ -440,6 +476,7 @@ def launch_forward(x: torch.Tensor, offset: torch.Tensor, out: torch.Tensor, axi
         *_line_strides(offset, axis),
         *_line_strides(out, axis),
         SHARE=share,
+        UNIT_C=x.stride(3) == 1 and offset.stride(3) == 1 and out.stride(3) == 1,
         COMPUTE=_compute_dtype(x),
         **cfg,
     )

@@ -68,23 +68,26 @@ __all__ = [
 
 @triton.jit
 def _gather_pixels(
-    x_ptr, off_ptr, b, i, j, c, mask, H, W,
+    x_ptr, off_ptr, b, i, j, c0, C, m_ok, H, W,
     sx_b, sx_h, sx_w, sx_c,
     so_b, so_h, so_w, so_g,
     SHARE: tl.constexpr,
     ALONG_H: tl.constexpr,
     COMPUTE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """The lerped features of pixels (b, i, j) (int64 [BLOCK_M]) and channels c (int64
-    [BLOCK_K]) of a [B,H,W,C] tensor (strides sx_*), sampled along H (the pixel's column) when
-    ALONG_H, else along W (its row), with compact offsets [B,H,W,C/SHARE] (strides so_*)."""
-    o_ptrs = off_ptr + (b * so_b + i * so_h + j * so_w)[:, None] + (c // SHARE)[None, :] * so_g
+    """The lerped features of pixels (b, i, j) (int64 [BLOCK_M], valid where m_ok) and the
+    channels c0 + [0, BLOCK_C) (c0 a multiple of BLOCK_C, < C) of a [B,H,W,C] tensor (strides
+    sx_*), sampled along H (the pixel's column) when ALONG_H, else along W (its row), with
+    compact offsets [B,H,W,C/SHARE] (strides so_*)."""
+    o_pix = off_ptr + b * so_b + i * so_h + j * so_w
     if ALONG_H:
-        x_line = x_ptr + (b * sx_b + j * sx_w)[:, None] + c[None, :] * sx_c
-        out = _lerp_gather(x_line, o_ptrs, i[:, None], H, sx_h, mask, COMPUTE)
+        x_line = x_ptr + b * sx_b + j * sx_w
+        out = _lerp_gather(x_line, o_pix, i, c0, C, H, sx_h, sx_c, so_g, m_ok, SHARE, True, COMPUTE, BLOCK_M, BLOCK_C)
     else:
-        x_line = x_ptr + (b * sx_b + i * sx_h)[:, None] + c[None, :] * sx_c
-        out = _lerp_gather(x_line, o_ptrs, j[:, None], W, sx_w, mask, COMPUTE)
+        x_line = x_ptr + b * sx_b + i * sx_h
+        out = _lerp_gather(x_line, o_pix, j, c0, C, W, sx_w, sx_c, so_g, m_ok, SHARE, True, COMPUTE, BLOCK_M, BLOCK_C)
     return out
 
 
@@ -112,7 +115,8 @@ def _atm_means_kernel(
     """
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = tl.program_id(2) * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
     c_ok = c < C
     c64 = c.to(tl.int64)
     HW = H * W
@@ -121,13 +125,14 @@ def _atm_means_kernel(
     acc_x = tl.zeros([BLOCK_M, BLOCK_C], dtype=COMPUTE)
     for m0 in range(s * BLOCK_M, HW, SPLIT * BLOCK_M):
         r = m0 + tl.arange(0, BLOCK_M)
-        mask = (r < HW)[:, None] & c_ok[None, :]
+        r_ok = r < HW
+        mask = r_ok[:, None] & c_ok[None, :]
         i = (r // W).to(tl.int64)
         j = (r % W).to(tl.int64)
-        acc_w += _gather_pixels(x_ptr, ow_ptr, b, i, j, c64, mask, H, W, sx_b, sx_h, sx_w, sx_c,
-                                sow_b, sow_h, sow_w, sow_g, SHARE, False, COMPUTE)
-        acc_h += _gather_pixels(x_ptr, oh_ptr, b, i, j, c64, mask, H, W, sx_b, sx_h, sx_w, sx_c,
-                                soh_b, soh_h, soh_w, soh_g, SHARE, True, COMPUTE)
+        acc_w += _gather_pixels(x_ptr, ow_ptr, b, i, j, c0, C, r_ok, H, W, sx_b, sx_h, sx_w, sx_c,
+                                sow_b, sow_h, sow_w, sow_g, SHARE, False, COMPUTE, BLOCK_M, BLOCK_C)
+        acc_h += _gather_pixels(x_ptr, oh_ptr, b, i, j, c0, C, r_ok, H, W, sx_b, sx_h, sx_w, sx_c,
+                                soh_b, soh_h, soh_w, soh_g, SHARE, True, COMPUTE, BLOCK_M, BLOCK_C)
         x_ptrs = x_ptr + (b * sx_b + i * sx_h + j * sx_w)[:, None] + c64[None, :] * sx_c
         acc_x += tl.load(x_ptrs, mask=mask, other=0.0).to(COMPUTE)
     part = part_ptr + ((b * SPLIT + s) * 3) * C + c64
@@ -199,12 +204,12 @@ def _atm_mix_kernel(
         c64 = c.to(tl.int64)
         mask = m_ok[:, None] & c_ok[None, :]
         w_mask = c_ok[:, None] & n_ok[None, :]
-        a = _gather_pixels(x_ptr, ow_ptr, b, i, j, c64, mask, H, W, sx_b, sx_h, sx_w, sx_c,
-                           sow_b, sow_h, sow_w, sow_g, SHARE, False, COMPUTE)
+        a = _gather_pixels(x_ptr, ow_ptr, b, i, j, k0, C, m_ok, H, W, sx_b, sx_h, sx_w, sx_c,
+                           sow_b, sow_h, sow_w, sow_g, SHARE, False, COMPUTE, BLOCK_M, BLOCK_K)
         wt = tl.load(ww_ptr + n64[None, :] * sww_n + c64[:, None] * sww_k, mask=w_mask, other=0.0)
         acc_w = tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc_w, input_precision=PRECISION, out_dtype=COMPUTE)
-        a = _gather_pixels(x_ptr, oh_ptr, b, i, j, c64, mask, H, W, sx_b, sx_h, sx_w, sx_c,
-                           soh_b, soh_h, soh_w, soh_g, SHARE, True, COMPUTE)
+        a = _gather_pixels(x_ptr, oh_ptr, b, i, j, k0, C, m_ok, H, W, sx_b, sx_h, sx_w, sx_c,
+                           soh_b, soh_h, soh_w, soh_g, SHARE, True, COMPUTE, BLOCK_M, BLOCK_K)
         wt = tl.load(wh_ptr + n64[None, :] * swh_n + c64[:, None] * swh_k, mask=w_mask, other=0.0)
         acc_h = tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc_h, input_precision=PRECISION, out_dtype=COMPUTE)
         # the channel branch: x itself, no lerp (storage dtype straight into the dot)

@@ -9,7 +9,9 @@ so each test module lists its builds and runs them in a child process without it
     @pytest.fixture(scope="module")
     def sm90_builds(): return sm90_compile.run_builds("test_module", timeout=600)
 
-``_build`` returns ``compile_sm90(...)``'s dict; ``assert_built`` checks one.
+``_build`` returns ``compile_sm90(...)``'s dict; ``assert_built`` checks one. ``jit_signature``
+specialises the arguments as the JIT does at launch (so the PTX has the vector widths a real
+launch gets), and ``compile_sm90`` reports the width of every global load and store.
 """
 from __future__ import annotations
 
@@ -40,18 +42,64 @@ def ptxas_spills(ptx: str) -> int | None:
     return sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", run.stderr))
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, options: dict | None = None, **extra) -> dict:
-    """Compile ``fn`` for sm_90: whether a cubin came out, ptxas's spill bytes, and ``extra``."""
+def jit_signature(fn, values: dict, constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of ``fn`` as the JIT specialises a launch: ``values`` maps
+    every runtime argument to a pointer type (``"*bf16"``: a torch allocation, 16-byte aligned),
+    an int value (1 becomes the constant 1, a multiple of 16 gets the divisibility-16 attribute)
+    or a type string (``"i32"``: nothing known)."""
+    signature, constexprs, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        v = values[name]
+        if isinstance(v, str):
+            signature[name] = v
+            if v.startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif v == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def global_access_bits(ptx: str, op: str) -> list[int]:
+    """Bits moved by each ``op`` ("ld" or "st") global instruction of ``ptx``: 16 for a scalar
+    bf16 load, 32 for ``ld.global.b32``, 128 for ``ld.global.v4.b32``, ..."""
+    bits = []
+    for suffix in re.findall(rf"\b{op}\.global((?:\.[\w:]+)+)", ptx):
+        parts = suffix.split(".")[1:]
+        lanes = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d+", p)), 1)
+        width = next(int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bsuf]\d+", p))
+        bits.append(lanes * width)
+    return bits
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, options: dict | None = None, attrs: dict | None = None,
+                 **extra) -> dict:
+    """Compile ``fn`` for sm_90: whether a cubin came out, ptxas's spill bytes, the bits of each
+    global load and store (``load_bits``, ``store_bits``), and ``extra``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", 90, 32),
         options=options or {},
     )
-    return {"cubin": "cubin" in compiled.asm, "spills": ptxas_spills(compiled.asm["ptx"]), **extra}
+    ptx = compiled.asm["ptx"]
+    return {
+        "cubin": "cubin" in compiled.asm,
+        "spills": ptxas_spills(ptx),
+        "load_bits": global_access_bits(ptx, "ld"),
+        "store_bits": global_access_bits(ptx, "st"),
+        **extra,
+    }
 
 
 def build_all(builds: dict[str, tuple], build: Callable[..., dict]) -> None:

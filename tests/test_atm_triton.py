@@ -390,7 +390,7 @@ def test_interpreter_grids_stay_small(monkeypatch):
 # process without it, where the heuristics also pick their GPU block sizes.
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64"}
-# channel / group strides, which triton specializes to 1 for contiguous tensors on the GPU
+# channel / group strides (1 for contiguous tensors, which triton specialises to the constant)
 _UNIT_STRIDES = ("sx_c", "so_g", "sy_c", "sg_c", "sgx_c", "sgo_g", "sw_k")
 # ActiveMLP-T/S/B stages (n = H = W, C, share)
 _STAGES = [(56, 64, 2), (28, 128, 4), (14, 320, 4), (7, 512, 8)]
@@ -414,14 +414,32 @@ _BUILDS = {
 }
 
 
+def _arg_values(fn, dtype, stage, unit_strides):
+    """The runtime arguments of a launch on ActiveMLP's contiguous [128, n, n, C] activations
+    (axis "w"), for sm90_compile.jit_signature; without unit_strides every channel stride is
+    an unknown run-time value (a strided view)."""
+    n, C, share = stage
+    x = torch.empty(128, n, n, C, device="meta")
+    off = torch.empty(128, n, n, C // share, device="meta")
+    values = dict(M=128 * n * n, L=n, N=n, C=C, G=C // share, C_OUT=C, sw_n=C, sw_k=1, s_bias=1)
+    for prefix, t in (("sx", x), ("sy", x), ("sg", x), ("sgx", x), ("so", off), ("sgo", off)):
+        last = "g" if t is off else "c"
+        values.update(zip((f"{prefix}_b", f"{prefix}_l", f"{prefix}_p", f"{prefix}_{last}"), K._line_strides(t, "w")))
+    if not unit_strides:
+        values.update({name: "i32" for name in _UNIT_STRIDES})
+    values.update({name: _PTR[dtype] for name in fn.arg_names if name.endswith("_ptr")})
+    return values
+
+
 def _build(kernel, dtype, stage, needs, unit_strides):
-    """Compile one kernel for sm_90 with the block sizes the GPU heuristics choose."""
+    """Compile one kernel for sm_90 with the block sizes the GPU heuristics choose, its
+    arguments specialised as the JIT specialises a launch on the stage's activations."""
     n, C, share = stage
     compute = tl.float64 if dtype == "fp64" else tl.float32
     options = {}
     if kernel == "fwd":
         fn, cfg = K._atm_sample_fwd_kernel, K.forward_blocks(128 * n * n, C)
-        consts = dict(SHARE=share, COMPUTE=compute)
+        consts = dict(SHARE=share, UNIT_C=unit_strides, COMPUTE=compute)
     elif kernel == "fc":
         torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[dtype]
         fn, cfg = K._atm_fc_fwd_kernel, K.fc_blocks(128 * n * n, C, C, torch_dtype)
@@ -437,13 +455,8 @@ def _build(kernel, dtype, stage, needs, unit_strides):
         consts = dict(SHARE=share, COMPUTE=compute, NEED_GX=needs[0], NEED_GOFF=needs[1])
     options["num_warps"] = cfg.pop("num_warps")
     consts.update(cfg)
-    if unit_strides:
-        consts.update({name: 1 for name in _UNIT_STRIDES if name in fn.arg_names})
-    signature = {
-        name: "constexpr" if name in consts else _PTR[dtype] if name.endswith("_ptr") else "i32"
-        for name in fn.arg_names
-    }
-    return sm90_compile.compile_sm90(fn, signature, consts, options, cfg=cfg)
+    signature, consts, attrs = sm90_compile.jit_signature(fn, _arg_values(fn, dtype, stage, unit_strides), consts)
+    return sm90_compile.compile_sm90(fn, signature, consts, options, attrs, cfg=cfg)
 
 
 def _build_all():
@@ -459,6 +472,24 @@ def sm90_builds():
 @pytest.mark.parametrize("build", list(_BUILDS))
 def test_kernel_compiles_for_sm90(sm90_builds, build):
     sm90_compile.assert_built(sm90_builds[build])
+
+
+_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp64": 64}
+
+
+@pytest.mark.parametrize("dtype", list(_PTR))
+def test_forward_gather_vectorises_unit_channel_runs(sm90_builds, dtype):
+    """With unit channel strides (stage 1: share 2) every global load of the forward gather --
+    the group offsets and both lerp corners of each group's channel run -- and every store is
+    a vector wider than one element; the strided build (channel strides unknown) keeps to
+    element-wide accesses, i.e. no contiguity is assumed that a view could break."""
+    bits = _BITS[dtype]
+    unit = sm90_builds[f"fwd-{dtype}"]
+    assert unit["load_bits"] and min(unit["load_bits"]) > bits, unit["load_bits"]
+    assert min(unit["store_bits"]) > bits, unit["store_bits"]
+    if dtype == "fp32":
+        strided = sm90_builds["fwd-fp32-strided"]
+        assert set(strided["load_bits"]) == {bits} and set(strided["store_bits"]) == {bits}
 
 
 # --- GPU ---------------------------------------------------------------------------------------
