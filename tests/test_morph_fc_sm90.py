@@ -13,9 +13,10 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import pytest
+
+import sm90_compile
 
 # (axis, x shape [B, T, H, W, C], segment_dim): every axis once, D = 8, 12, 14, 16 and the
 # channel FC (D = C) among them -- MorphMLP-S / -T stages (spec 10), B = 1. Each case costs
@@ -120,23 +121,6 @@ def _compile(kernel, args, kwargs):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 
-def _ptxas_stats(ptx: str) -> tuple[int, int]:
-    """(registers, spill bytes stored + loaded) from ``ptxas -v`` for sm_90a."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        log = subprocess.run(
-            [get_ptxas(90).path, "-v", "--gpu-name=sm_90a", path, "-o", os.path.join(d, "k.cubin")],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    spills = sum(int(n) for n in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
-    return regs, spills
-
-
 def _loads(ptx: str) -> tuple[int, int]:
     """(vector, scalar) global loads in the PTX: the pipelined operand loads are cp.async
     copies (.cg moves 16 bytes; .ca 4, 8 or 16; the size is printed in hex), the rest
@@ -151,7 +135,7 @@ def _loads(ptx: str) -> tuple[int, int]:
 def main() -> None:
     for label, kernel, args, kwargs in _launches():
         ptx = _compile(kernel, args, kwargs)
-        regs, spills = _ptxas_stats(ptx)
+        regs, spills = sm90_compile.ptxas_stats(ptx)
         vector, scalar = _loads(ptx)
         print(f"{label}: regs={regs} spills={spills} vector_loads={vector} scalar_loads={scalar}", flush=True)
 
