@@ -285,3 +285,29 @@ def test_gpu_int64_offsets():
     tail = out[-1:].to(f64).cpu()
     del out
     assert_close(tail, ref.morph_fc(x[-1:].to(f64).cpu(), w.to(f64).cpu(), b.to(f64).cpu(), L, "hs"), torch.bfloat16)
+
+
+# MorphMLP-T image stages 1-4 (spec 10.1): C and L as in the config, one small frame whose H*W
+# L divides (chunks of 2 rows / columns at stages 2-3), B = 2, so every official D (6, 6, 12, 12)
+# and F (84, 168, 336, 588) runs through forward and backward
+OFFICIAL_T = [
+    ("w", (2, 2, 7, 84), 14), ("h", (2, 4, 7, 168), 28),
+    ("w", (2, 7, 4, 336), 28), ("hs", (2, 7, 7, 588), 49),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("axis, shape, L", OFFICIAL_T, ids=[f"{a}-C{s[-1]}" for a, s, _ in OFFICIAL_T])
+def test_official_channel_counts(axis, shape, L):
+    """C not a power of two with its official L: forward and all gradients vs float64."""
+    x = torch.randn(shape, dtype=f64).float()
+    C = shape[-1]
+    w = (torch.randn(C, C, dtype=f64) / math.sqrt(C)).float()
+    b = torch.randn(C, dtype=f64).float()
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    out = mixops.morph_fc(*leaves, segment_dim=L, axis=axis, backend="triton")
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    want_out = ref.morph_fc(x.double(), w.double(), b.double(), L, axis)
+    assert_close(out, want_out, torch.float32, name="y")
+    for name, a, e in zip(("x", "weight", "bias"), got, _reference_grads(x, w, b, L, axis, g)):
+        assert_close(a, e, torch.float32, name=name)
