@@ -557,7 +557,7 @@ __global__ void __launch_bounds__(kThreads)
     if (tid < kTileK) pixels[tid] = pixel_row(p0 + tid < p_end ? p0 + tid : M, M, L, n, sx, so, sg);
     __syncthreads();
     const int64_t j = j0 + lane, c = c0 + lane;
-#pragma unroll 2
+#pragma unroll 2  // 4 makes ptxas spill the FMA-tile variants on sm_90a
     for (int i = 0; i < kTileK / kKStep; ++i) {
       const int k = k_first + i * kKStep;
       const PixelRow& px = pixels[k];

@@ -8,7 +8,8 @@ against the float64 reference and torchvision's deform_conv2d, for every offset 
 share, axis, awkward sizes, strided and expanded inputs, the ``needs`` subsets and the argument
 checks. The ``needs_cuda`` tests run the kernels themselves (tiling, shared memory, tensor
 cores): dtypes, the ActiveMLP-T stage shapes, a prime batch, determinism, a line long enough
-for the opt-in shared memory, and a small compute-sanitizer case.
+for the opt-in shared memory, and a small compute-sanitizer case. One test reads the built
+device code (cuobjdump, no GPU): tensor-core MMAs in the sm_80+ bf16/TF32 GEMMs, no sm_90a spills.
 """
 from __future__ import annotations
 
