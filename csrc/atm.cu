@@ -276,11 +276,17 @@ struct SimtTile {
   }
 };
 
+// bf16 and TF32 WMMA exist on sm_80+ only. (mma.h's own __CUDA_AMPERE_MMA__ cannot serve as the
+// guard: the header #undefs it at its end.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define MIXOPS_ATM_AMPERE_WMMA 1
+#endif
+
 // TF32 fragments are loaded from fp32 and rounded in place (the conversion exists on sm_80+ only;
 // older device passes never instantiate a TF32 tile).
 template <typename Frag>
 __device__ __forceinline__ void round_to_tf32(Frag& frag) {
-#ifdef __CUDA_AMPERE_MMA__
+#ifdef MIXOPS_ATM_AMPERE_WMMA
   for (int e = 0; e < frag.num_elements; ++e) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
 #endif
 }
@@ -345,18 +351,6 @@ struct TileSmem {
   static constexpr size_t kBytes = kOperands > kAcc ? kOperands : kAcc;
 };
 
-// Stands in for an Ampere-only tile in the device passes of older architectures: the host never
-// launches it there (math_for checks the device), so reaching it is a bug and traps.
-template <typename smem_type>
-struct UnsupportedTile {
-  using acc_t = float;
-  using smem_t = smem_type;
-  static constexpr int kLd = kTileK + 8;
-  __device__ void zero() {}
-  __device__ void step(const smem_t*, const smem_t*) { __trap(); }
-  __device__ void store(float*) const { __trap(); }
-};
-
 template <typename scalar_t, Math kMath>
 struct TileFor {
   using type = SimtTile<acc_type<scalar_t>>;  // fp32 IEEE, fp64, and bf16 before sm_80
@@ -365,7 +359,7 @@ template <>
 struct TileFor<c10::Half, Math::kWmma> {
   using type = WmmaTile<__half, c10::Half, __half, 16>;  // sm_70+
 };
-#ifdef __CUDA_AMPERE_MMA__  // bf16 and TF32 WMMA: sm_80+ (and the host pass)
+#ifdef MIXOPS_ATM_AMPERE_WMMA
 template <>
 struct TileFor<c10::BFloat16, Math::kWmma> {
   using type = WmmaTile<__nv_bfloat16, c10::BFloat16, __nv_bfloat16, 16>;
@@ -374,16 +368,10 @@ template <>
 struct TileFor<float, Math::kTf32> {
   using type = WmmaTile<wmma::precision::tf32, float, float, 8>;
 };
-#else
-template <>
-struct TileFor<c10::BFloat16, Math::kWmma> {
-  using type = UnsupportedTile<c10::BFloat16>;
-};
-template <>
-struct TileFor<float, Math::kTf32> {
-  using type = UnsupportedTile<float>;
-};
 #endif
+// Elsewhere bf16 and TF32 fall back to the FMA tile (same results as Math::kSimt): math_for never
+// picks them before sm_80, but code JIT-compiled from sm_75 PTX on a newer GPU would, and stays
+// correct. The host pass reads no tile (the kernels' signatures use acc_type, not Tile::acc_t).
 
 // The tile math for storage dtype `dtype` on the current device: tensor cores for fp16 (sm_75+),
 // bf16 (sm_80+), and fp32 only where torch allows TF32 for its own fp32 matmuls (so the drop-in
@@ -461,15 +449,19 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   // loads: lanes along k (channels: contiguous in NHWC x and in W's rows)
+  // (trip counts fixed at compile time: a loop from a runtime start would need remainder code)
   const int kk = tid % kTileK, r0 = tid / kTileK;
   constexpr int kRowStep = kThreads / kTileK;
   for (int64_t k0 = 0; k0 < C; k0 += kTileK) {
     const int64_t c = k0 + kk;
 #pragma unroll 4
-    for (int r = r0; r < kTileM; r += kRowStep)
+    for (int i = 0; i < kTileM / kRowStep; ++i) {
+      const int r = r0 + i * kRowStep;
       As[r * kLd + kk] = operand<scalar_t, smem_t>(gathered<acc_t>(x, off, rows[r], c, C, n, share, sx, so));
+    }
 #pragma unroll 4
-    for (int r = r0; r < kTileN; r += kRowStep) {
+    for (int i = 0; i < kTileN / kRowStep; ++i) {
+      const int r = r0 + i * kRowStep;
       const int64_t j = n0 + r;
       const acc_t v = (j < C_out && c < C) ? static_cast<acc_t>(w[j * sw_n + c * sw_k]) : acc_t(0);
       Bs[r * kLd + kk] = operand<scalar_t, smem_t>(v);
@@ -534,12 +526,13 @@ void launch_fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::
 template <typename scalar_t, Math kMath>
 __global__ void __launch_bounds__(kThreads)
     atm_fc_dw_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                     const scalar_t* __restrict__ off, typename TileFor<scalar_t, kMath>::type::acc_t* __restrict__ partial, int64_t M, int64_t L, int64_t n,
+                     const scalar_t* __restrict__ off, acc_type<scalar_t>* __restrict__ partial, int64_t M, int64_t L, int64_t n,
                      int64_t C, int64_t C_out, int64_t share, int64_t chunk, LineStrides sg, LineStrides sx,
                      LineStrides so) {
   using Tile = typename TileFor<scalar_t, kMath>::type;
   using smem_t = typename Tile::smem_t;
   using acc_t = typename Tile::acc_t;
+  static_assert(std::is_same_v<acc_t, acc_type<scalar_t>>, "partial holds the tile's accumulators");
   constexpr int kLd = Tile::kLd;
   __shared__ __align__(32) unsigned char smem[TileSmem<Tile>::kBytes];
   smem_t* As = reinterpret_cast<smem_t*>(smem);
@@ -564,8 +557,9 @@ __global__ void __launch_bounds__(kThreads)
     if (tid < kTileK) pixels[tid] = pixel_row(p0 + tid < p_end ? p0 + tid : M, M, L, n, sx, so, sg);
     __syncthreads();
     const int64_t j = j0 + lane, c = c0 + lane;
-#pragma unroll 4
-    for (int k = k_first; k < kTileK; k += kKStep) {
+#pragma unroll 2  // 4 makes ptxas spill the FMA-tile variants on sm_90a
+    for (int i = 0; i < kTileK / kKStep; ++i) {
+      const int k = k_first + i * kKStep;
       const PixelRow& px = pixels[k];
       const acc_t gv = (px.q >= 0 && j < C_out) ? static_cast<acc_t>(g[px.other + j * sg.c]) : acc_t(0);
       As[lane * kLd + k] = operand<scalar_t, smem_t>(gv);
@@ -601,7 +595,7 @@ at::Tensor fc_weight_grad_t(const at::Tensor& g, const at::Tensor& x, const at::
   const int64_t chunk = dw_chunk(M, tiles);
   const int64_t splits = (M + chunk - 1) / chunk;
   TORCH_CHECK(tiles <= INT32_MAX && splits <= 65535, "_atm_fc_cuda_backward: weight too large for the grid");
-  using acc_t = typename TileFor<scalar_t, kMath>::type::acc_t;
+  using acc_t = acc_type<scalar_t>;  // the tile's accumulator type
   auto partial = at::empty({splits, c_out, sh.C}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   atm_fc_dw_kernel<scalar_t, kMath>
       <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)), kThreads, 0,
