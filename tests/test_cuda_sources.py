@@ -2,13 +2,12 @@
 
 CI builds the extension for sm_90a only (two cores compile slowly), so this compiles each kernel
 file once more, object only, for sm_75 (the oldest CUDA 13 targets: fp16 tensor cores, no bf16/
-TF32 ones) and sm_80 (bf16/TF32 tensor cores), with the flags the CMake build uses, and checks
-that ptxas spills no registers to local memory on either.
+TF32 ones) and sm_80 (bf16/TF32 tensor cores), with the flags the CMake build uses. (Register
+spills are checked on the sm_90a build itself, in the family's CUDA tests.)
 """
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sysconfig
@@ -48,16 +47,14 @@ def test_every_kernel_source_is_checked():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", SOURCES)
-def test_compiles_for_sm75_and_sm80_without_spills(source, tmp_path):
+def test_compiles_for_sm75_and_sm80(source, tmp_path):
     includes = [str(CSRC), *_cuda_library_include(), sysconfig.get_paths()["include"],
                 *cpp_extension.include_paths(device_type="cuda")]
     cmd = [
         _nvcc(), "-c", str(CSRC / source), "-o", str(tmp_path / "k.o"),
         "-gencode", "arch=compute_75,code=sm_75", "-gencode", "arch=compute_80,code=sm_80",
-        "-std=c++20", "-O3", "-DNDEBUG", "-Xcompiler=-fPIC", "--expt-relaxed-constexpr", "-Xptxas", "-v",
+        "-std=c++20", "-O3", "-DNDEBUG", "-Xcompiler=-fPIC", "--expt-relaxed-constexpr",
         *(f"-I{d}" for d in includes),
     ]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
-    spills = [line for line in run.stderr.splitlines() if re.search(r"[1-9]\d* bytes spill (stores|loads)", line)]
-    assert not spills, "\n".join(spills)
