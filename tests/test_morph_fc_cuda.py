@@ -8,6 +8,7 @@ tests.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -245,19 +246,42 @@ def test_cuda_matches_reference(stage, dtype):
         assert_close(a, e, dtype, name=name)
 
 
+@contextlib.contextmanager
+def _fp32_matmul(api: str, value):
+    """torch.backends.cuda.matmul.<api> = value for the block, then both the legacy precision and
+    fp32_precision restored (monkeypatch cannot: the flags live behind the module's __getattr__,
+    and reading the legacy flag raises while the two APIs disagree)."""
+    matmul = torch.backends.cuda.matmul
+    legacy, precision = torch.get_float32_matmul_precision(), matmul.fp32_precision
+    setattr(matmul, api, value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(legacy)
+        matmul.fp32_precision = precision
+
+
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("api,value", [("allow_tf32", True), ("fp32_precision", "tf32")])
 @pytest.mark.parametrize("stage", ["s1-w", "s4-hs", "v3-t32"])
-def test_cuda_fp32_tf32_when_torch_allows_it(stage, monkeypatch):
-    """With TF32 allowed for matmuls the fp32 path runs on TF32 tensor cores (10-bit mantissa,
-    the precision of fp16), like torch's own fp32 Linear; IEEE fp32 otherwise (the test above)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+def test_cuda_fp32_tf32_when_torch_allows_it(stage, api, value):
+    """With TF32 allowed for matmuls -- by the legacy flag, or by the fp32_precision API alone,
+    which leaves the legacy flag disagreeing -- the fp32 path runs on TF32 tensor cores (10-bit
+    mantissa, the precision of fp16), like torch's own fp32 Linear: within the fp16 tolerance and
+    not bit-equal to the IEEE fp32 result (db is a plain column sum either way)."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("TF32 tensor cores need sm_80+; sm_75 runs IEEE fp32 either way")
     shape, L, axis = STAGES[stage]
     x, w, b = _make(shape, L, axis, torch.float32, "cuda")
     g = torch.randn(shape, device="cuda")
     expect, grads = _reference_grads(x, w, b, g, L, axis)
-    assert_close(torch.ops.mixops._morph_fc_cuda(x, w, b, L, axis), expect, torch.float16)
-    for a, e in zip(_ops_grads(x, w, b, g, L, axis), grads):
-        assert_close(a, e, torch.float16)
+    with _fp32_matmul("fp32_precision", "ieee"):
+        ieee = [torch.ops.mixops._morph_fc_cuda(x, w, b, L, axis), *_ops_grads(x, w, b, g, L, axis)]
+    with _fp32_matmul(api, value):
+        tf32 = [torch.ops.mixops._morph_fc_cuda(x, w, b, L, axis), *_ops_grads(x, w, b, g, L, axis)]
+    for name, a, e, i in zip(("output", "grad x", "grad weight", "grad bias"), tf32, (expect, *grads), ieee):
+        assert_close(a, e, torch.float16, name=name)
+        assert name == "grad bias" or not torch.equal(a, i), f"{name}: TF32 was allowed but not used"
 
 
 @pytest.mark.needs_cuda
