@@ -51,6 +51,7 @@
 #include "atm_host.cuh"
 #include "atm_math.cuh"
 #include "ops.h"
+#include "tf32.h"
 
 namespace mixops {
 
@@ -381,7 +382,7 @@ Math math_for(at::ScalarType dtype) {
   if (dtype == at::kDouble) return Math::kSimt;
   if (dtype == at::kHalf) return Math::kWmma;
   if (dtype == at::kBFloat16) return ampere ? Math::kWmma : Math::kSimt;
-  return ampere && at::globalContext().allowTF32CuBLAS() ? Math::kTf32 : Math::kSimt;
+  return ampere && tf32_allowed() ? Math::kTf32 : Math::kSimt;
 }
 
 // A gathered operand value, rounded to the storage dtype and stored as the tile's smem_t.

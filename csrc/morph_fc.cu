@@ -47,6 +47,7 @@
 
 #include "morph_fc_args.cuh"
 #include "ops.h"
+#include "tf32.h"
 
 namespace mixops {
 
@@ -416,17 +417,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Heuristics and host launchers
 // ---------------------------------------------------------------------------------------------
-
-// fp32 runs on TF32 tensor cores only where torch's own fp32 matmuls may, so the drop-in
-// matches the official op under the same settings: the test ATen's cuBLAS calls make. The
-// legacy allowTF32CuBLAS() would throw once the fp32_precision API and the legacy flags
-// disagree (e.g. torch.backends.cuda.matmul.fp32_precision = "tf32" alone), and it ignores
-// NoTF32Guard.
-bool tf32_allowed() {
-  return !at::NoTF32Guard::should_disable_tf32() &&
-         at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
-             at::Float32Precision::TF32;
-}
 
 // How many fixed row ranges dW/db are split into: about two blocks per SM over the dW tiles (a
 // function of the shape and the device only, so the sum is reproducible), at least one K step

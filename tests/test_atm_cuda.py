@@ -14,13 +14,11 @@ device code (cuobjdump, no GPU): tensor-core MMAs in the sm_80+ bf16/TF32 GEMMs,
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
+import cuda_sass
 from mixops_testing import assert_close
 from test_atm_cases import KINDS, away_from_integers, official_atm_op, strided_inputs
 
@@ -302,47 +300,13 @@ def test_fc_and_grad_checks():
 # --- the device code of the build (no GPU needed) ---------------------------------------------
 
 
-def _cuobjdump() -> str | None:
-    """cuobjdump of the toolkit, else the one Triton bundles."""
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        from triton.backends.nvidia import __file__ as nvidia_backend
-    except ImportError:
-        return None
-    bundled = os.path.join(os.path.dirname(nvidia_backend), "bin", "cuobjdump")
-    return bundled if os.path.exists(bundled) else None
-
-
-def _atm_sass() -> dict[tuple[str, str], str]:
-    """(arch, demangled-ish kernel name) -> SASS of every ATM kernel in the built extension."""
-    import mixops._C as ext
-
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (toolkit or Triton's bundle) to read the device code with")
-    dump = subprocess.run([tool, "-sass", ext.__file__], capture_output=True, text=True, check=True).stdout
-    kernels, arch = {}, None
-    for block in re.split(r"\n(?=arch = |\s+Function : )", dump):
-        if block.startswith("arch = "):
-            arch = block.split()[2]
-        elif "Function : " in block and "atm" in block.split("Function : ")[1].split()[0]:
-            kernels[(arch, block.split("Function : ")[1].split()[0])] = block
-    return kernels
-
-
 def test_build_has_tensor_core_tiles_and_no_spills():
     """In each sm_80+ code of the build, the bf16 WMMA and the TF32 GEMMs (forward and weight
     gradient) run tensor-core MMAs, not the FMA fallback or a trap (a wrong arch guard once
     selected a trapping stand-in); on sm_90a, the spill-free target, no ATM kernel touches local
     memory (register spills)."""
-    kernels = _atm_sass()
-    archs = {arch for arch, _ in kernels}
-    ampere = sorted(a for a in archs if int(re.sub(r"\D", "", a)) >= 80)
-    if not ampere:
-        pytest.skip(f"the build has no sm_80+ code: {sorted(archs)}")
-    for arch in ampere:
+    kernels = cuda_sass.extension_sass("atm")
+    for arch in cuda_sass.ampere_or_newer(kernels):
         tiles = [k for a, k in kernels if a == arch and
                  re.search(r"atm_fc_(fwd|dw)_kernelI(N3c108BFloat16ELNS0_4MathE1|fLNS0_4MathE2)E", k)]
         assert len(tiles) == 4, (arch, tiles)
@@ -350,7 +314,7 @@ def test_build_has_tensor_core_tiles_and_no_spills():
             assert "HMMA" in kernels[(arch, name)] and "BPT.TRAP" not in kernels[(arch, name)], (arch, name)
     for (arch, name), sass in kernels.items():
         if arch == "sm_90a":
-            assert not re.search(r"\b(STL|LDL)\b", sass), f"{name} spills on {arch}"
+            assert not cuda_sass.spills(sass), f"{name} spills on {arch}"
 
 
 # --- the CUDA kernels (GPU) -------------------------------------------------------------------

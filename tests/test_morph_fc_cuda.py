@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ import torch
 import mixops
 from mixops.reference import morph_fc as ref
 from mixops_testing import assert_close
+
+import cuda_sass
 
 f64 = torch.float64
 
@@ -191,6 +194,22 @@ def _bwd(grads=(X,), needs=(True, True, False), x=X, w=W16, b=None, L=8, axis="w
 def test_bad_input_raises_torch_check(call, match):
     with pytest.raises(RuntimeError, match=match):
         call()
+
+
+def test_build_has_tensor_core_gemms_and_no_spills():
+    """The device code of the build (no GPU needed): in each sm_80+ code, the bf16 and TF32
+    GEMMs (forward/dX and dW) run tensor-core MMAs, never a trap; fp16 does from sm_75; on
+    sm_90a no kernel touches local memory (register spills)."""
+    kernels = cuda_sass.extension_sass("morph_fc")
+    for arch in cuda_sass.ampere_or_newer(kernels):
+        tiles = [k for a, k in kernels if a == arch and
+                 re.search(r"(gathered_gemm|grad_weight)_kernelI(13__nv_bfloat16Lb0|6__halfLb0|fLb1)E", k)]
+        assert len(tiles) == 6, (arch, tiles)
+        for name in tiles:
+            assert "HMMA" in kernels[(arch, name)] and "BPT.TRAP" not in kernels[(arch, name)], (arch, name)
+    for (arch, name), sass in kernels.items():
+        if arch == "sm_90a":
+            assert not cuda_sass.spills(sass), f"{name} spills on {arch}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""The device code of the built extension, read without a GPU: ``cuobjdump -sass`` of
+``mixops._C``, split into one SASS listing per (architecture, kernel)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump of the toolkit, else the one Triton bundles."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        from triton.backends.nvidia import __file__ as nvidia_backend
+    except ImportError:
+        return None
+    bundled = os.path.join(os.path.dirname(nvidia_backend), "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else None
+
+
+def extension_sass(family: str) -> dict[tuple[str, str], str]:
+    """(arch, mangled kernel name) -> SASS of every kernel of ``csrc/<family>.cu`` in the build
+    (skips the test when there is no extension or no cuobjdump)."""
+    ext = pytest.importorskip("mixops._C", reason="the CUDA extension is not built")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (toolkit or Triton's bundle) to read the device code with")
+    dump = subprocess.run([tool, "-sass", ext.__file__], capture_output=True, text=True, check=True).stdout
+    kernels, arch = {}, None
+    for block in re.split(r"\n(?=arch = |\s+Function : )", dump):
+        if block.startswith("arch = "):
+            arch = block.split()[2]
+        elif "Function : " in block:
+            name = block.split("Function : ")[1].split()[0]
+            if f"_{family}_cu_" in name:
+                kernels[(arch, name)] = block
+    return kernels
+
+
+def ampere_or_newer(kernels: dict[tuple[str, str], str]) -> list[str]:
+    """The sm_80+ architectures of the build (skips the test when there are none)."""
+    archs = sorted({a for a, _ in kernels if int(re.sub(r"\D", "", a)) >= 80})
+    if not archs:
+        pytest.skip(f"the build has no sm_80+ code: {sorted({a for a, _ in kernels})}")
+    return archs
+
+
+def spills(sass: str) -> bool:
+    """Whether the kernel touches local memory (register spills)."""
+    return bool(re.search(r"\b(STL|LDL)\b", sass))
