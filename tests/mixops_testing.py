@@ -1,6 +1,8 @@
 """Helpers shared by the tests: per-dtype tolerances, a verbose closeness check, devices."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -63,3 +65,20 @@ def only_backends(monkeypatch, op: str, *names: str) -> None:
 def cpu_and_cuda():
     """Parametrize values for a ``device`` argument: cpu always, cuda marked needs_cuda."""
     return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
+
+
+@contextlib.contextmanager
+def fp32_matmul(api: str = "fp32_precision", value="tf32"):
+    """``torch.backends.cuda.matmul.<api> = value`` inside the block (``allow_tf32`` = True, the
+    legacy flag, or ``fp32_precision`` = "tf32" alone, which leaves the legacy flag disagreeing),
+    then both the legacy precision and fp32_precision restored. monkeypatch cannot do this: the
+    flags live behind the module's ``__getattr__``, and reading the legacy flag raises while the
+    two APIs disagree."""
+    matmul = torch.backends.cuda.matmul
+    legacy, precision = torch.get_float32_matmul_precision(), matmul.fp32_precision
+    setattr(matmul, api, value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(legacy)
+        matmul.fp32_precision = precision

@@ -19,7 +19,7 @@ import re
 import pytest
 import torch
 import cuda_sass
-from mixops_testing import assert_close
+from mixops_testing import assert_close, fp32_matmul
 from test_atm_cases import KINDS, away_from_integers, official_atm_op, strided_inputs
 
 import mixops
@@ -378,18 +378,21 @@ def test_gpu_fc_matches_reference(axis, share, dtype):
 
 
 @needs_cuda
-def test_gpu_fc_tf32_when_torch_allows_it():
-    """fp32 with TF32 allowed takes the tensor-core path: within TF32's ~fp16 accuracy."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        x, off = strided_inputs((3, 5, 11, 72), 2, "w", "normal1", torch.float32, "cuda")
-        w, b = _fc_params(72, 70, torch.float32, "cuda")
+@pytest.mark.parametrize("api,value", [("allow_tf32", True), ("fp32_precision", "tf32")])
+def test_gpu_fc_tf32_when_torch_allows_it(api, value):
+    """fp32 with TF32 allowed for torch's matmuls -- by the legacy flag, or by fp32_precision
+    alone -- takes the tensor-core path: within TF32's ~fp16 accuracy, and not bit-equal to the
+    IEEE fp32 result (so the test fails if TF32 never ran)."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("TF32 tensor cores need sm_80+")
+    x, off = strided_inputs((3, 5, 11, 72), 2, "w", "normal1", torch.float32, "cuda")
+    w, b = _fc_params(72, 70, torch.float32, "cuda")
+    ieee = mixops.atm_fc(x, off, w, b, axis="w", share=2, backend="cuda")
+    with fp32_matmul(api, value):
         out = mixops.atm_fc(x, off, w, b, axis="w", share=2, backend="cuda")
-        ref = R.atm_fc_lerp(*(t.double().cpu() for t in (x, off, w, b)), "w", 2)
-        assert_close(out, ref, torch.float16, name="tf32 out")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    ref = R.atm_fc_lerp(*(t.double().cpu() for t in (x, off, w, b)), "w", 2)
+    assert_close(out, ref, torch.float16, name="tf32 out")
+    assert not torch.equal(out, ieee), "TF32 allowed, yet the result is the IEEE fp32 one"
 
 
 # ActiveMLP-T stages (spec 11.1): H = W, C, share

@@ -8,7 +8,6 @@ tests.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import re
@@ -18,7 +17,7 @@ import torch
 
 import mixops
 from mixops.reference import morph_fc as ref
-from mixops_testing import assert_close
+from mixops_testing import assert_close, fp32_matmul
 
 import cuda_sass
 
@@ -265,21 +264,6 @@ def test_cuda_matches_reference(stage, dtype):
         assert_close(a, e, dtype, name=name)
 
 
-@contextlib.contextmanager
-def _fp32_matmul(api: str, value):
-    """torch.backends.cuda.matmul.<api> = value for the block, then both the legacy precision and
-    fp32_precision restored (monkeypatch cannot: the flags live behind the module's __getattr__,
-    and reading the legacy flag raises while the two APIs disagree)."""
-    matmul = torch.backends.cuda.matmul
-    legacy, precision = torch.get_float32_matmul_precision(), matmul.fp32_precision
-    setattr(matmul, api, value)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(legacy)
-        matmul.fp32_precision = precision
-
-
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("api,value", [("allow_tf32", True), ("fp32_precision", "tf32")])
 @pytest.mark.parametrize("stage", ["s1-w", "s4-hs", "v3-t32"])
@@ -294,9 +278,9 @@ def test_cuda_fp32_tf32_when_torch_allows_it(stage, api, value):
     x, w, b = _make(shape, L, axis, torch.float32, "cuda")
     g = torch.randn(shape, device="cuda")
     expect, grads = _reference_grads(x, w, b, g, L, axis)
-    with _fp32_matmul("fp32_precision", "ieee"):
+    with fp32_matmul("fp32_precision", "ieee"):
         ieee = [torch.ops.mixops._morph_fc_cuda(x, w, b, L, axis), *_ops_grads(x, w, b, g, L, axis)]
-    with _fp32_matmul(api, value):
+    with fp32_matmul(api, value):
         tf32 = [torch.ops.mixops._morph_fc_cuda(x, w, b, L, axis), *_ops_grads(x, w, b, g, L, axis)]
     for name, a, e, i in zip(("output", "grad x", "grad weight", "grad bias"), tf32, (expect, *grads), ieee):
         assert_close(a, e, torch.float16, name=name)

@@ -5,14 +5,13 @@ incoming gradients, determinism, and GPU accuracy tests (skipped without a GPU);
 test_morph_fc_sm90.py."""
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
 import pytest
 import torch
 from mixops.kernels import morph_fc as K
-from mixops_testing import assert_close, cpu_and_cuda
+from mixops_testing import assert_close, cpu_and_cuda, fp32_matmul
 
 import mixops
 from mixops.reference import morph_fc as ref
@@ -181,22 +180,10 @@ def test_empty_batch():
     assert dx.shape == x.shape and not dw.any() and not db.any()
 
 
-@contextlib.contextmanager
-def _tf32_matmuls():
-    """PyTorch's fp32 matmuls allowed to use TF32 inside the block (the torch >= 2.9 API)."""
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
-
-
 def test_fp32_dots_follow_torch_tf32_setting():
     """fp32 dots are full fp32 unless PyTorch allows TF32 for its own matmuls."""
     assert K._dot_dtypes(torch.float32)[2] == "ieee"
-    with _tf32_matmuls():
+    with fp32_matmul():
         assert K._dot_dtypes(torch.float32)[2] == "tf32"
         assert K._dot_dtypes(f64)[2] == "ieee"
 
@@ -267,7 +254,7 @@ def test_gpu_channels_last_view_and_tf32(axis):
     expect = ref.morph_fc(x, w, b, L, axis)
     out = K.forward(x.to("cuda", torch.float32), w.float().cuda(), b.float().cuda(), L, axis)
     assert_close(out, expect, torch.float32)
-    with _tf32_matmuls():
+    with fp32_matmul():
         out = K.forward(x.to("cuda", torch.float32), w.float().cuda(), b.float().cuda(), L, axis)
     assert_close(out, expect, torch.bfloat16)
 
