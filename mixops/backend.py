@@ -148,6 +148,15 @@ def resolve(op: str, backend: Optional[str], like: torch.Tensor) -> str:
     return name
 
 
+def fused_backend(op: str, internal_ops: tuple[str, ...], like: torch.Tensor) -> Optional[str]:
+    """The backend ``mixops.<op>`` resolves to for ``like`` when it also implements every op of
+    ``internal_ops`` (a module's fused path), else None: the module then runs its unfused
+    sequence of public ops on that backend. Resolving raises for an unavailable choice, as
+    every op call does."""
+    name = resolve(op, None, like)
+    return name if all(name in available_backends(o) for o in internal_ops) else None
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the ops inside the block with backend ``name`` unless a call says otherwise."""

@@ -70,7 +70,7 @@ def test_fused_path_is_taken_where_the_backend_has_the_internal_ops(monkeypatch)
     x = torch.randn(1, 2, 4, 6, 16, dtype=f64)
     for name in ("torch", "triton"):
         with mixops.use_backend(name):
-            assert nn_morph._fused_backend(x) == name
+            assert mixops.backend.fused_backend("morph_fc", nn_morph._FUSED_OPS, x) == name
     # a backend with morph_fc alone (as the cuda extension is) runs the unfused path
     only_backends(monkeypatch, "_reweighted_proj", "torch")
     axes = []
@@ -78,7 +78,7 @@ def test_fused_path_is_taken_where_the_backend_has_the_internal_ops(monkeypatch)
     monkeypatch.setattr(nn_morph, "morph_fc", lambda *a, **k: axes.append(k["axis"]) or unfused(*a, **k))
     m = _random_state(MorphFC_S(16, segment_dim=8)).double()
     with mixops.use_backend("triton"):
-        assert nn_morph._fused_backend(x) is None
+        assert mixops.backend.fused_backend("morph_fc", nn_morph._FUSED_OPS, x) is None
         out = m(x)
     assert axes == ["h", "w"]
     assert_close(out, ref.morph_fc_s_forward(m, x))

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .. import _validate as v
-from ..backend import available_backends, resolve
+from ..backend import fused_backend
 from ..ops.morph_fc import morph_fc
 from ..ops.morph_fc_fused import morph_branch, reweighted_proj
 from ._layers import DropPath, Mlp, reweighted_sum
@@ -50,13 +50,6 @@ def _check_input(module: nn.Module, x: torch.Tensor, dim: int, ranks) -> None:
 _FUSED_OPS = ("_morph_branch", "_reweighted_proj")
 
 
-def _fused_backend(x: torch.Tensor) -> str | None:
-    """The backend ``mixops.morph_fc`` runs on for x when it also has the fused path's
-    internal ops, else None (the unfused path)."""
-    name = resolve("morph_fc", None, x)
-    return name if all(name in available_backends(op) for op in _FUSED_OPS) else None
-
-
 def _fused_layer(m: nn.Module, x5: torch.Tensor, branches, backend: str) -> torch.Tensor:
     """proj(reweighted sum) of the branches ``(linear, axis)`` of m, in the official add order:
     branch outputs with their fp32 token means (summed in branch order: the mean of the
@@ -71,6 +64,25 @@ def _fused_layer(m: nn.Module, x5: torch.Tensor, branches, backend: str) -> torc
     r = m.reweight(mean.to(ys[0].dtype))
     alpha = r.reshape(B, C, K).to(mean.dtype).softmax(dim=2)
     return reweighted_proj(ys, alpha, m.proj.weight, m.proj.bias, backend=backend)
+
+
+def _spatial_forward(m: nn.Module, x: torch.Tensor, branches) -> torch.Tensor:
+    """MorphFC_S / MorphFC_S2 forward over the branches ``(linear, axis)`` (axis "c": the
+    channel FC), in the official branch order: the fused path when the backend ``morph_fc``
+    resolves to has its internal ops, else the public ops then the reweighted sum and proj."""
+    _check_input(m, x, m.proj.in_features, (4, 5))
+    x5 = x if x.dim() == 5 else x.unsqueeze(1)
+    backend = fused_backend("morph_fc", _FUSED_OPS, x5)
+    if backend is not None:
+        y = _fused_layer(m, x5, branches, backend)
+    else:
+        ys = [
+            lin(x5) if axis == "c"
+            else morph_fc(x5, lin.weight, lin.bias, segment_dim=m.segment_dim, axis=axis)
+            for lin, axis in branches
+        ]
+        y = m.proj(reweighted_sum(m.reweight, ys))
+    return m.proj_drop(y).reshape(x.shape)
 
 
 class MorphFC_S(nn.Module):
@@ -92,18 +104,7 @@ class MorphFC_S(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x, self.proj.in_features, (4, 5))
-        x5 = x if x.dim() == 5 else x.unsqueeze(1)
-        backend = _fused_backend(x5)
-        if backend is not None:
-            y = _fused_layer(self, x5, [(self.mlp_h, "h"), (self.mlp_w, "w"), (self.mlp_c, "c")], backend)
-            return self.proj_drop(y).reshape(x.shape)
-        L = self.segment_dim
-        h = morph_fc(x5, self.mlp_h.weight, self.mlp_h.bias, segment_dim=L, axis="h")
-        w = morph_fc(x5, self.mlp_w.weight, self.mlp_w.bias, segment_dim=L, axis="w")
-        c = self.mlp_c(x5)
-        y = self.proj_drop(self.proj(reweighted_sum(self.reweight, [h, w, c])))
-        return y.reshape(x.shape)
+        return _spatial_forward(self, x, [(self.mlp_h, "h"), (self.mlp_w, "w"), (self.mlp_c, "c")])
 
 
 class MorphFC_S2(nn.Module):
@@ -123,16 +124,7 @@ class MorphFC_S2(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x, self.proj.in_features, (4, 5))
-        x5 = x if x.dim() == 5 else x.unsqueeze(1)
-        backend = _fused_backend(x5)
-        if backend is not None:
-            y = _fused_layer(self, x5, [(self.mlp_h, "hs"), (self.mlp_c, "c")], backend)
-            return self.proj_drop(y).reshape(x.shape)
-        h = morph_fc(x5, self.mlp_h.weight, self.mlp_h.bias, segment_dim=self.segment_dim, axis="hs")
-        c = self.mlp_c(x5)
-        y = self.proj_drop(self.proj(reweighted_sum(self.reweight, [h, c])))
-        return y.reshape(x.shape)
+        return _spatial_forward(self, x, [(self.mlp_h, "hs"), (self.mlp_c, "c")])
 
 
 def temporal_groups(dim: int, frames: int) -> tuple[int, int]:

@@ -57,13 +57,8 @@ atm_mix = define_op(
 
 
 def fused_backend(x: torch.Tensor) -> Optional[str]:
-    """The backend the public ``atm_fc`` resolves to for ``x``, when it also implements both
-    internal ops of the fused path; else None. Resolving raises for an unavailable choice,
-    as every op does."""
-    name = _backend.resolve("atm_fc", None, x)
-    if all(name in _backend.available_backends(op) for op in _INTERNAL):
-        return name
-    return None
+    """The backend ``atm_fc`` runs on for ``x`` when it also has both internal ops, else None."""
+    return _backend.fused_backend("atm_fc", _INTERNAL, x)
 
 
 def atm_layer_mix(
