@@ -57,14 +57,17 @@ class Impl:
 _registry: dict[str, dict[str, Impl]] = {}
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1,
+    set by the tests before anything imports triton). Read at every call, so a test may set or
+    clear the variable."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # Where each backend can run unless its registration says otherwise.
 _DEFAULT_SUPPORTS: dict[str, Callable[[torch.Tensor], bool]] = {
     "torch": lambda t: True,
-    "triton": lambda t: t.is_cuda or (t.device.type == "cpu" and _interpreting()),
+    "triton": lambda t: t.is_cuda or (t.device.type == "cpu" and interpreting()),
     "cuda": lambda t: t.is_cuda,
 }
 

@@ -8,13 +8,18 @@ try:
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
 
-from ..backend import register
+from .. import backend
 
 if triton is not None:
     from ..kernels import atm as _atm
     from ..kernels import atm_layer as _atm_layer
     from ..kernels import morph_fc as _morph_fc
     from ..kernels import morph_fc_proj as _morph_fc_proj
+    from ..kernels._common import on_input_device
+
+    def register(op, name, *, forward, backward, auto):
+        """Every Triton entry point runs under its inputs' CUDA device (on_input_device)."""
+        backend.register(op, name, forward=on_input_device(forward), backward=on_input_device(backward), auto=auto)
 
     # auto=False: these kernels have passed the interpreter and compile for sm_90, but have not
     # run on a GPU yet; until they have, they run only when asked for by name.

@@ -1,0 +1,179 @@
+# What every Triton family of mixops needs, written once: the interpreter switch, the dtype rules
+# of the GEMMs and reductions, launch configurations, the program-id -> output-tile map, the
+# int32/int64 offset rule and the deterministic split rule. A family file imports from here and
+# never from another family's module.
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# interpreting(): under TRITON_INTERPRET=1 every program and loop step costs ~1 ms whatever its
+# size, so launch configurations take few large tiles there
+from ..backend import interpreting  # noqa: F401  (re-exported for the family files)
+
+# ---------------------------------------------------------------------------------------------
+# dtype rules
+# ---------------------------------------------------------------------------------------------
+
+
+def tf32_allowed() -> bool:
+    """Whether PyTorch's own fp32 matmuls may use TF32, so a drop-in matches the official op
+    under the same settings. ``fp32_precision`` (torch >= 2.9) follows the legacy flags and the
+    global setting too, and reading the legacy flags raises once the new API was used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of accumulators, partial sums and statistics for storage ``dtype``:
+    fp64 for fp64 (gradcheck), fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_dtype(dtype: torch.dtype):
+    """accumulate_dtype as the tl dtype a kernel's elementwise math runs in (COMPUTE)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_dtypes(dtype: torch.dtype):
+    """(DOT_DTYPE, ACC_DTYPE, PRECISION) of a tl.dot over operands stored as ``dtype``: fp64
+    exact; fp32 in IEEE fp32 unless torch allows TF32; fp16/bf16 in their dtype with fp32
+    accumulation on a GPU, upcast to fp32 under the interpreter (its bf16 dot is wrong)."""
+    if dtype == torch.float64:
+        return tl.float64, tl.float64, "ieee"
+    if dtype == torch.float32:
+        return tl.float32, tl.float32, "tf32" if tf32_allowed() else "ieee"
+    if interpreting():
+        return tl.float32, tl.float32, "ieee"
+    return (tl.float16 if dtype == torch.float16 else tl.bfloat16), tl.float32, "ieee"
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch options of one GEMM-shaped launch: m x n output tile, k the
+    reduction step (each kernel's docstring says which of its axes they name)."""
+
+    m: int
+    n: int
+    k: int
+    num_warps: int
+    num_stages: int
+
+
+def pow2_between(n: int, lo: int, hi: int) -> int:
+    """The next power of 2 >= n, clamped to [lo, hi]."""
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def pow2_floor(n: int) -> int:
+    """The largest power of 2 <= n (n >= 1)."""
+    return 1 << (n.bit_length() - 1)
+
+
+def interpreter_gemm_blocks(M: int, N: int, K: int) -> Blocks:
+    """The tiles every GEMM takes under the interpreter, where programs and loop steps are what
+    costs: the whole reduction (up to 256) in one step, up to 256 columns, and as many rows as
+    keep a tile <= 64K elements, so the test shapes run in a handful of programs."""
+    n = pow2_between(N, 16, 256)
+    k = pow2_between(K, 16, 256)
+    return Blocks(m=pow2_between(M, 16, max(16, 65536 // max(n, k))), n=n, k=k, num_warps=4, num_stages=1)
+
+
+# Deterministic reductions split a long axis into fixed ranges, each program writing one partial
+# that a fixed-order torch.sum adds up. The number of ranges is a function of the shapes alone,
+# so gradients are bit-identical on every GPU model (not only from run to run): enough programs
+# to fill ~2 waves of a 132-SM H100, whichever GPU runs it.
+SPLIT_TARGET_PROGRAMS = 256
+
+
+def deterministic_split(length: int, step: int, tiles: int) -> int:
+    """How many fixed ranges a reduction over ``length`` rows (consumed ``step`` rows at a
+    time) is split into when ``tiles`` programs already cover the output: the shapes alone
+    decide, never the device. One range under the interpreter, where programs are what costs."""
+    if interpreting():
+        return 1
+    return max(1, min(SPLIT_TARGET_PROGRAMS // max(tiles, 1), triton.cdiv(max(length, 1), step), 1024))
+
+
+# ---------------------------------------------------------------------------------------------
+# Offsets
+# ---------------------------------------------------------------------------------------------
+
+# int32 offsets are safe below this extent: a kernel may add two offsets of one tensor before
+# masking (e.g. the carry-free row + feature sum of a gathered tile), which stays below 2**31
+INT32_EXTENT = 2**30
+
+
+def strides(t: torch.Tensor) -> tuple[int, ...]:
+    """t's strides with those of size-1 dimensions zeroed: they are never used, and a huge one
+    (as torch gives expanded or sliced views) would only push the offsets to int64."""
+    return tuple(s if n > 1 else 0 for n, s in zip(t.shape, t.stride()))
+
+
+def needs_idx64(*tensors: torch.Tensor | None) -> bool:
+    """Whether any tensor's largest element offset needs int64 arithmetic (a kernel's IDX64)."""
+    return any(
+        t is not None and sum((n - 1) * s for n, s in zip(t.shape, strides(t))) >= INT32_EXTENT for t in tensors
+    )
+
+
+@triton.jit
+def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr):
+    """This program's tile of an [M, N] output: (pid_m, pid_n, rows, cols, row mask, col mask).
+    The N tiles of one row block are adjacent program ids, so a row block's gathered operand is
+    re-read from L2 rather than HBM. Rows are int64 when IDX64."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    if IDX64:
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, pid_n, rows, cols, rows < M, cols < N
+
+
+# ---------------------------------------------------------------------------------------------
+# Device
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_tensor(args) -> torch.Tensor | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)):
+            t = _first_tensor(a)
+            if t is not None:
+                return t
+    return None
+
+
+def on_input_device(fn):
+    """``fn`` run with its first tensor argument's CUDA device current. A Triton launch uses
+    the current device and its current stream, so without this guard tensors on cuda:1 while
+    cuda:0 is current would be read by a kernel on the wrong GPU (an illegal address). Every
+    Triton entry point is registered through it (mixops/ops/triton_backend.py)."""
+
+    @functools.wraps(fn)
+    def guarded(*args):
+        t = _first_tensor(args)
+        if t is None or t.device.type != "cuda":
+            return fn(*args)
+        with torch.cuda.device(t.device):
+            return fn(*args)
+
+    return guarded
