@@ -1,6 +1,6 @@
 // CUDA backend of mixops.atm_sample (ActiveMLP's per-channel 1-D zero-padded lerp gather) and
-// mixops.atm_fc (that gather fused into the following FC GEMM, the official ATMOp); spec
-// shared/specs/atm.md sections 3-5 and 12. The per-element rules (positions in fp32, corners,
+// mixops.atm_fc (that gather fused into the following FC GEMM, the official ATMOp); see
+// docs/atm.md sections 3-5 and 12. The per-element rules (positions in fp32, corners,
 // zero padding, the right-hand slope at integers, the owner-computes walk) live in
 // atm_math.cuh, shared with the CPU emulation (atm_cpu.cpp) that the CPU tests check.
 //
@@ -14,7 +14,7 @@
 //   the offsets once, write out; the corners of a line are re-read from L1/L2).
 //   Grid (cdiv(M, pixels per block), cdiv(C, channel lanes)): lanes over channels, so NHWC
 //   loads and stores coalesce.
-// - atm_sample backward (deterministic, no atomics; spec 12.6 option 1): ~8 FLOP per element;
+// - atm_sample backward (deterministic, no atomics; docs/atm.md section 12.6 option 1): ~8 FLOP per element;
 //   minimal traffic (3 + 2/share)·N·e (read g, x, offsets; write gX, gOffset). One thread owns
 //   one (line, offset group) and walks the line in order, accumulating gX in a private fp32
 //   shared-memory slab (lanes over groups: conflict-free banks) and summing the group's offset

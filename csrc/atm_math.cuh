@@ -1,4 +1,4 @@
-// Per-element math of ActiveMLP's ATM gather (spec shared/specs/atm.md sections 3-4), shared by
+// Per-element math of ActiveMLP's ATM gather (docs/atm.md sections 3-4), shared by
 // the CUDA kernels (atm.cu) and the CPU emulation (atm_cpu.cpp), so the position, corner, zero-
 // padding and gradient rules that the GPU runs are the ones the CPU tests verify. They are the
 // Triton kernel's rules (kernels/atm.py: _sample_position, _corner_values, the backward walk).
@@ -79,7 +79,7 @@ MIXOPS_HD acc_t slope(const Load& load, const Corners<acc_t>& s, int64_t n) {
   return value_at<acc_t>(load, s.k + 1, n) - value_at<acc_t>(load, s.k, n);
 }
 
-// Owner-computes backward of one line for one offset group of `share` channels (spec 12.6
+// Owner-computes backward of one line for one offset group of `share` channels (docs/atm.md section 12.6
 // option 1): walks the positions q = 0..n-1 in this fixed order, so the result is bit-identical
 // run to run, with no atomics:
 //   goff(q) = sum over the group's channels s = 0..share-1 (in order) of g(q,s)·slope, and

@@ -1,7 +1,7 @@
 """Triton backend of ``mixops.atm_sample`` (ActiveMLP's per-channel 1-D zero-padded lerp gather)
 and ``mixops.atm_fc`` (that gather fused into the following FC GEMM, the official ATMOp).
 
-What it computes (spec ``shared/specs/atm.md`` sections 3-4), on channels-last ``x [B,H,W,C]``
+What it computes (``docs/atm.md`` sections 3-4), on channels-last ``x [B,H,W,C]``
 with compact offsets ``off [B,H,W,G]``, ``G = C / S`` (channel c uses offset ``c // S``):
 
     axis "w": out[b,i,j,c] = lerp0(x[b,i,:,c], j + off[b,i,j,c//S])     (same row)
@@ -13,12 +13,12 @@ kernels see ``[B, L lines, n positions, C]`` through strides. Positions and weig
 (fp64 for fp64 inputs) whatever the storage dtype; p <= -1 and p >= n give exact zeros and an
 exact integer p returns x[p] exactly.
 
-Backward (deterministic, no atomics; spec 12.6 option 1, "owner computes"): one program owns one
+Backward (deterministic, no atomics; docs/atm.md section 12.6 option 1, "owner computes"): one program owns one
 line and a block of channel groups. It walks the line's positions in a fixed order and
 
 - writes gOff[q, grp] = sum over the S channels of the group of g·(V(k+1) - V(k)) (the
   right-hand slope at integers, x[0] at p = -1, 0 for p < -1 and p >= n), summed in registers;
-- then pulls gX block by block of targets (spec 12.6 option 2 with a run-time bound): a sample
+- then pulls gX block by block of targets (docs/atm.md section 12.6 option 2 with a run-time bound): a sample
   at q adds g·(1-f) to target k and g·f to target k+1 (in-range targets only), and
   |k - q| <= R = ceil(max |offset|) over the program's samples (found in the first walk), so
   each target visits only the 2R + 2 positions that can reach it, in a fixed order.
@@ -34,7 +34,7 @@ Cost, N = B·H·W·C elements, element size e bytes:
   the re-read g and offsets come from L1); minimal HBM traffic (3 + 2/S)·N·e (read g, x,
   offsets; write gX, gOff).
 
-atm_fc (spec 6, 12.5): out[m, n] = sum_c S[m, c]·W[n, c] + bias[n] over the M = B·H·W pixels,
+atm_fc (docs/atm.md sections 6, 12.5): out[m, n] = sum_c S[m, c]·W[n, c] + bias[n] over the M = B·H·W pixels,
 S = the gather above. The gather is the GEMM's A-load stage: each A tile (pixels x input
 channels) is lerped in registers from x and the offsets (the helpers _sample_position and
 _corner_values are shared with the atm_sample kernels), so S never reaches HBM. Backward is

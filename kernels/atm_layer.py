@@ -1,4 +1,4 @@
-"""Triton backend of the fused ATMLayer path (spec ``shared/specs/atm.md`` section 6): the
+"""Triton backend of the fused ATMLayer path (``docs/atm.md`` section 6): the
 internal ops ``mixops::_atm_means`` and ``mixops::_atm_mix``.
 
 ATMLayer's reweighting needs the token mean of ``w + h + c`` before the weighted sum, but the

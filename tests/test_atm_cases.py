@@ -1,4 +1,4 @@
-"""Input generators shared by the ATM tests (offset distributions of spec 11.2), and checks
+"""Input generators shared by the ATM tests (offset distributions of docs/atm.md section 11.2), and checks
 that they produce what the other tests rely on."""
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def away_from_integers(shape, dtype=torch.float64) -> torch.Tensor:
 
 
 def official_atm_op(input, offset, weight, bias, dimension):
-    """The official ATMOp body (spec 5), written from the spec: NCHW input, offset [B,C,H,W]."""
+    """The official ATMOp body (docs/atm.md section 5), written from that section: NCHW input, offset [B,C,H,W]."""
     from torchvision.ops import deform_conv2d
 
     B, C, H, W = input.shape

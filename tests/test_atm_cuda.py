@@ -395,7 +395,7 @@ def test_gpu_fc_tf32_when_torch_allows_it(api, value):
     assert not torch.equal(out, ieee), "TF32 allowed, yet the result is the IEEE fp32 one"
 
 
-# ActiveMLP-T stages (spec 11.1): H = W, C, share
+# ActiveMLP-T stages (docs/atm.md section 11.1): H = W, C, share
 STAGES = [(56, 64, 2), (28, 128, 4), (14, 320, 4), (7, 512, 8)]
 
 

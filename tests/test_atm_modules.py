@@ -15,7 +15,7 @@ OP = "atm_fc"  # the op every ATM module runs through (ATMOp, ATMLayer, ActiveBl
 
 
 def _atm_layer_keys(prefix: str, C: int) -> list[tuple[str, tuple]]:
-    # spec 9, in registration order
+    # docs/atm.md section 9, in registration order
     return [
         (f"{prefix}atm_c.weight", (C, C)),
         (f"{prefix}atm_h.weight", (C, C, 1, 1)),
@@ -32,7 +32,7 @@ def _atm_layer_keys(prefix: str, C: int) -> list[tuple[str, tuple]]:
 
 
 def _block_keys(C: int, r: int, S: int, C_next: int) -> list[tuple[str, tuple]]:
-    """An ActiveBlock with downsample and offset_layer (spec 2.3 order, spec 9 keys)."""
+    """An ActiveBlock with downsample and offset_layer (docs/atm.md section 2.3 order, section 9 keys)."""
     return (
         [("norm1.weight", (C,)), ("norm1.bias", (C,))]
         + _atm_layer_keys("atm.", C)

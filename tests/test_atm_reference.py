@@ -1,7 +1,7 @@
-"""The ATM reference (mixops.reference.atm) against formulations written here from the spec:
-a per-element loop over the table of spec 4.1, hand-worked gradient conventions (spec 4.2-4.3),
-torchvision's deform_conv2d driven as the official ATMOp (spec 5), the fusion identity (spec 6)
-and the offset schedule (spec 7)."""
+"""The ATM reference (mixops.reference.atm) against formulations written here from docs/atm.md:
+a per-element loop over the table of section 4.1, hand-worked gradient conventions (sections 4.2-4.3),
+torchvision's deform_conv2d driven as the official ATMOp (section 5), the fusion identity (section 6)
+and the offset schedule (section 7)."""
 from __future__ import annotations
 
 import math
@@ -18,7 +18,7 @@ from test_atm_cases import KINDS, away_from_integers, make_offset, official_atm_
 SHARES = (1, 2, 4, 8)
 
 
-# --- independent formulation: the table of spec 4.1, one element at a time -------------------
+# --- independent formulation: the table of docs/atm.md 4.1, one element at a time -------------------
 
 
 def _lerp0_table(v: list[float], p: float) -> float:
@@ -61,7 +61,7 @@ def test_lerp_matches_table_loop(kind, axis, share):
 
 @pytest.mark.parametrize("axis", ["h", "w"])
 def test_gradient_conventions_by_hand(axis):
-    """Spec 4.2/4.3 on the row v = [1, 4, 9]: right-hand slope at integers, x[0] at p = -1,
+    """docs/atm.md sections 4.2/4.3 on the row v = [1, 4, 9]: right-hand slope at integers, x[0] at p = -1,
     zero at p = n and beyond, value gradient only to k at exact integers."""
     v = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)
     ps = [-1.5, -1.0, -0.5, 0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]
@@ -279,7 +279,7 @@ def test_make_offset_repeat_interleave_and_split(share):
 
 def test_fusion_identity_spec6():
     """mean_HW(w + h + c) from the means of the sampled features, and the layer as one GEMM
-    with K = 3C and per-sample scaled weights (spec 6)."""
+    with K = 3C and per-sample scaled weights (docs/atm.md section 6)."""
     B, H, W, C = 2, 5, 6, 8
     m = ATMLayer(C).double()
     for p in m.parameters():

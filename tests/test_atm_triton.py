@@ -176,7 +176,7 @@ def test_huge_offsets_give_exact_zeros(axis, dtype):
 @on_cpu
 @pytest.mark.parametrize("axis", AXES)
 def test_half_storage_keeps_fp32_positions(axis):
-    """fp16 resolves only 1/32 px at p ~ 32-64 (spec 4.1): on a 61-long line, positions must be
+    """fp16 resolves only 1/32 px at p ~ 32-64 (docs/atm.md section 4.1): on a 61-long line, positions must be
     formed in fp32 from the fp16 offset to meet the fp16 tolerance."""
     shape = (1, 61, 61, 4) if axis == "h" else (1, 2, 61, 4)
     n = 61

@@ -1,5 +1,5 @@
 """Drop-in DynaMixerOp / DynaMixerBlock: official state_dict keys, loading, forward and gradients
-against the reference module forwards, the spec section 8 linearity identities, error paths.
+against the reference module forwards, the docs/dynamixer.md section 8 linearity identities, error paths.
 
 The forward/backward comparisons take a ``backend`` argument: they run the module under
 ``mixops.use_backend`` once per backend registered for ``dynamixer_mix`` (tests/conftest.py),
@@ -28,7 +28,7 @@ OP_KEYS = [
     "generate.weight",
     "generate.bias",
 ]
-# spec section 5, network.{k}.{j}.attn.* (qkv_bias=False: mlp_c has no bias)
+# docs/dynamixer.md section 5, network.{k}.{j}.attn.* (qkv_bias=False: mlp_c has no bias)
 BLOCK_KEYS = (
     [f"mix_h.{k}" for k in OP_KEYS]
     + [f"mix_w.{k}" for k in OP_KEYS]
@@ -45,7 +45,7 @@ BLOCK_KEYS = (
 
 
 def official_block_shapes(C, N, S, d):
-    """Spec section 5 shapes of one block's attn.* tensors."""
+    """docs/dynamixer.md section 5 shapes of one block's attn.* tensors."""
     op = {
         "out.weight": (C, C), "out.bias": (C,),
         "compress.weight": (S * d, C), "compress.bias": (S * d,),
@@ -81,7 +81,7 @@ def test_block_state_dict_keys_under_attn():
 
 @pytest.mark.parametrize("C, N, S, d", [(192, 32, 8, 2), (384, 16, 16, 2), (512, 16, 16, 8)])
 def test_block_shapes_of_official_configs(C, N, S, d):
-    """dynamixer_s stage 1 and stages 2-4, dynamixer_l stages 2-4 (spec sections 4 and 5)."""
+    """dynamixer_s stage 1 and stages 2-4, dynamixer_l stages 2-4 (docs/dynamixer.md sections 4 and 5)."""
     m = DynaMixerBlock(C, resolution=N, num_head=S, reduced_dim=d)
     got = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert got == official_block_shapes(C, N, S, d)
@@ -174,7 +174,7 @@ def test_modules_route_through_the_selected_backend(monkeypatch):
 
 
 def test_mean_of_out_is_out_of_mean():
-    """Spec section 8: mean over tokens of out(y) = out.weight . mean(y) + out.bias."""
+    """docs/dynamixer.md section 8: mean over tokens of out(y) = out.weight . mean(y) + out.bias."""
     m = DynaMixerOp(12, 5, 3).double()
     x = torch.randn(4, 5, 12, dtype=torch.float64)
     y = mixops.dynamixer_mix(x, m.compress.weight, m.compress.bias, m.generate.weight,
@@ -183,7 +183,7 @@ def test_mean_of_out_is_out_of_mean():
 
 
 def test_block_two_pass_folding():
-    """Spec section 8 for the whole block: pass 1 needs only per-(b, c) means of the mixed
+    """docs/dynamixer.md section 8 for the whole block: pass 1 needs only per-(b, c) means of the mixed
     features of both ops and of x; pass 2 is one K = 3C GEMM with per-sample scaled weights."""
     B, N, C, S = 2, 4, 16, 4
     m = DynaMixerBlock(C, resolution=N, num_head=S).double()

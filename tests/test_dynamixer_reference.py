@@ -1,4 +1,4 @@
-"""The DynaMixer reference against formulations written here from the spec (section 3), float64.
+"""The DynaMixer reference against formulations written here from docs/dynamixer.md (section 3), float64.
 
 The loop formulation follows the pseudo-code one sequence, one segment and one output token at a
 time, with an explicit softmax over the source token; the index formulation gathers by the flat
@@ -29,7 +29,7 @@ def make_inputs(bp, n, c, s, d, dtype=torch.float64, logit_scale=1.0):
 
 
 def loop_mix(x, cw, cb, gw, gb, num_head, reduced_dim):
-    """Spec section 3, one (sequence b, segment s, output token q) at a time."""
+    """docs/dynamixer.md section 3, one (sequence b, segment s, output token q) at a time."""
     bp, n, c = x.shape
     S, d, e = num_head, reduced_dim, c // num_head
     out = []
@@ -51,7 +51,7 @@ def loop_mix(x, cw, cb, gw, gb, num_head, reduced_dim):
 
 
 def index_mix(x, cw, cb, gw, gb, num_head, reduced_dim):
-    """Spec section 3.2 index maps, gathered with explicit index tensors."""
+    """docs/dynamixer.md section 3.2 index maps, gathered with explicit index tensors."""
     bp, n, c = x.shape
     S, d, e = num_head, reduced_dim, c // num_head
     r = x @ cw.T + cb  # [B', N, S*d]
@@ -121,7 +121,7 @@ def test_each_output_token_is_a_convex_combination_of_its_segment():
 
 
 def test_compress_is_dense_over_all_channels():
-    """Changing only segment 1's channels changes segment 0's mixing (spec gotcha 3)."""
+    """Changing only segment 1's channels changes segment 0's mixing (docs/dynamixer.md section 6 item 3)."""
     bp, n, c, s, d = 1, 5, 6, 3, 2
     x, cw, cb, gw, gb = make_inputs(bp, n, c, s, d, logit_scale=3.0)
     x2 = x.clone()
@@ -132,7 +132,7 @@ def test_compress_is_dense_over_all_channels():
 
 
 def spec_block(m, x):
-    """Spec section 3 DynaMixerBlock, with the index-form mixing and index-form reweighting."""
+    """docs/dynamixer.md section 3 DynaMixerBlock, with the index-form mixing and index-form reweighting."""
     B, H, W, C = x.shape
 
     def op(mod, seqs):

@@ -13,7 +13,7 @@ from mixops_testing import assert_close, only_backends, skip_unless_runs
 
 f64 = torch.float64
 
-# spec 7.1, one block, expanded in registration order
+# docs/morph_fc.md section 7.1, one block, expanded in registration order
 BLOCK_KEYS_S = [
     "norm1.weight", "norm1.bias",
     "t_norm1.weight", "t_norm1.bias",
@@ -47,7 +47,7 @@ TOKEN_FC_BIASES = {"t_fc.mlp_t.bias", "fc.mlp_h.bias", "fc.mlp_w.bias", "fc.mlp_
 
 
 def _shapes(C, ratio, K, width_t):
-    """Parameter shapes of spec 4.1 / 5 / 6 / 7 for a block of width C."""
+    """Parameter shapes of docs/morph_fc.md sections 4.1 / 5 / 6 / 7 for a block of width C."""
     hid = int(C * ratio)
     s = {"t_fc.mlp_t.weight": (width_t, width_t), "t_fc.mlp_t.bias": (width_t,)}
     for n in ("norm1", "t_norm1", "norm2"):

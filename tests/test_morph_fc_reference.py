@@ -1,7 +1,7 @@
-"""The MorphFC reference against loop-level restatements of the spec (morph_fc.md sections
+"""The MorphFC reference against loop-level restatements of docs/morph_fc.md (sections
 4.2, 4.3, 5, 6, 7, 11), in float64.
 
-The loops below use only the spec's index formulas (token of chunk k at position p, feature
+The loops below use only that page's index formulas (token of chunk k at position p, feature
 ``p*D + s``), never a reshape of the official code, so they are an independent oracle.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ GEOMETRIES = [(4, 6, 8, 16), (3, 8, 4, 8), (6, 4, 8, 16), (2, 7, 14, 84)]
 
 
 def token(axis: str, k: int, p: int, H: int, W: int, L: int) -> tuple[int, int]:
-    """(h, w) of position p of chunk k (spec 4.2 and 5)."""
+    """(h, w) of position p of chunk k (docs/morph_fc.md sections 4.2 and 5)."""
     if axis == "w":
         return divmod(k * L + p, W)  # row-major n = h*W + w
     if axis == "h":
@@ -34,7 +34,7 @@ def token(axis: str, k: int, p: int, H: int, W: int, L: int) -> tuple[int, int]:
 
 
 def loop_spatial(x, weight, bias, L, axis):
-    """Spec 4.2 / 5, one (b, t, k, g) FC row at a time. x: [B, T, H, W, C]."""
+    """docs/morph_fc.md sections 4.2 / 5, one (b, t, k, g) FC row at a time. x: [B, T, H, W, C]."""
     B, T, H, W, C = x.shape
     D = C // L
     y = torch.full_like(x, math.nan)
@@ -52,7 +52,7 @@ def loop_spatial(x, weight, bias, L, axis):
 
 
 def loop_temporal(x, weight, bias, G):
-    """Spec 6, one (b, h, w, g) clip row at a time. x: [B, T, H, W, C]."""
+    """docs/morph_fc.md section 6, one (b, h, w, g) clip row at a time. x: [B, T, H, W, C]."""
     B, T, H, W, C = x.shape
     Dt = C // G
     y = torch.full_like(x, math.nan)
@@ -136,7 +136,7 @@ def test_bias_indexed_by_chunk_position_and_group_channel(axis):
 @pytest.mark.parametrize("geom", [(4, 6, 8, 16), (6, 4, 8, 16)])
 @pytest.mark.parametrize("axis", ["w", "h", "hs"])
 def test_branch_mean_identity(axis, geom):
-    """Spec 11: mean_{T,H,W}(branch)[g*D+s] = (1/N_tot) sum_p (Wt @ Xbar_g)[p*D+s]
+    """docs/morph_fc.md section 11: mean_{T,H,W}(branch)[g*D+s] = (1/N_tot) sum_p (Wt @ Xbar_g)[p*D+s]
     + (1/L) sum_p bias[p*D+s], with Xbar_g[p*D+s] = sum over t, k of x[t, tok(k, p), g*D+s]."""
     H, W, L, C = geom
     B, T = 2, 3
@@ -154,7 +154,7 @@ def test_branch_mean_identity(axis, geom):
 
 
 def _reweighted(m, branches):
-    """Spec 4.3 / 5 written per channel: alpha[b, c, k] = softmax_k r[b, K*c + k]."""
+    """docs/morph_fc.md sections 4.3 / 5 written per channel: alpha[b, c, k] = softmax_k r[b, K*c + k]."""
     K = len(branches)
     a = sum(branches[1:], branches[0]).mean(dim=(1, 2, 3))
     r = F.linear(F.gelu(F.linear(a, m.reweight.fc1.weight, m.reweight.fc1.bias)), m.reweight.fc2.weight, m.reweight.fc2.bias)
@@ -189,7 +189,7 @@ def test_spatial_module_reference_matches_spec(cls):
 
 @pytest.mark.parametrize("mlp_fn", [MorphFC_S, MorphFC_S2])
 def test_block_reference_skip_residual(mlp_fn):
-    """Spec 7: xt feeds only the spatial MorphFC; the stream continues from x."""
+    """docs/morph_fc.md section 7: xt feeds only the spatial MorphFC; the stream continues from x."""
     m = PermutatorBlock(16, 8, mlp_ratio=3, qkv_bias=True, mlp_fn=mlp_fn).double().eval()
     x = torch.randn(2, 8, 4, 6, 16, dtype=f64)  # 16-frame rule: G = 8 needs T = 8
     with torch.no_grad():

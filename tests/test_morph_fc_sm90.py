@@ -19,7 +19,7 @@ import pytest
 import sm90_compile
 
 # (axis, x shape [B, T, H, W, C], segment_dim): every axis once, D = 8, 12, 14, 16 and the
-# channel FC (D = C) among them -- MorphMLP-S / -T stages (spec 10), B = 1. Each case costs
+# channel FC (D = C) among them -- MorphMLP-S / -T stages (docs/morph_fc.md section 10), B = 1. Each case costs
 # three sm_90 compiles (~5 s each on 2 cores).
 SHAPES = [
     ("w", (1, 1, 56, 56, 112), 14), ("h", (1, 1, 14, 14, 336), 28), ("hs", (1, 1, 7, 7, 784), 49),

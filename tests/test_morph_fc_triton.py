@@ -205,7 +205,7 @@ def test_interpreter_heuristics_keep_test_launches_small():
 # GPU: accuracy against the float64 reference at MorphMLP shapes (skipped without a GPU)
 # ---------------------------------------------------------------------------------------------
 
-# (x shape, segment_dim, axis): MorphMLP-S stages (spec 10.1 / 10.2), B = 2, plus a wrap-around
+# (x shape, segment_dim, axis): MorphMLP-S stages (docs/morph_fc.md sections 10.1 / 10.2), B = 2, plus a wrap-around
 GPU_CASES = [
     ((2, 1, 56, 56, 112), 14, "w"),
     ((2, 1, 56, 56, 112), 14, "h"),
@@ -274,7 +274,7 @@ def test_gpu_int64_offsets():
     assert_close(tail, ref.morph_fc(x[-1:].to(f64).cpu(), w.to(f64).cpu(), b.to(f64).cpu(), L, "hs"), torch.bfloat16)
 
 
-# MorphMLP-T image stages 1-4 (spec 10.1): C and L as in the config, one small frame whose H*W
+# MorphMLP-T image stages 1-4 (docs/morph_fc.md section 10.1): C and L as in the config, one small frame whose H*W
 # L divides (chunks of 2 rows / columns at stages 2-3), B = 2, so every official D (6, 6, 12, 12)
 # and F (84, 168, 336, 588) runs through forward and backward
 OFFICIAL_T = [

@@ -20,7 +20,7 @@ from mixops_testing import assert_close, only_backends, skip_unless_runs
 
 F64 = torch.float64
 
-# spec section 2, C = 8, S = 2, h = w = 4 (hw = 16), reparam_conv_k = (1, 3), reduce 4
+# docs/repmlp.md section 2, C = 8, S = 2, h = w = 4 (hw = 16), reparam_conv_k = (1, 3), reduce 4
 TRAIN_KEYS = [
     ("gp.fc1.weight", (2, 8, 1, 1)),
     ("gp.fc1.bias", (2,)),

@@ -1,4 +1,4 @@
-"""The RepMLP reference against independent loop-level models of the spec (float64)."""
+"""The RepMLP reference against independent loop-level models of docs/repmlp.md (float64)."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +12,7 @@ F64 = torch.float64
 
 
 def _native_model(x, weight, bias, S, h, w):
-    """Spec 3.1: out[n, c] = reshape(W_{c%S} @ vec(x[n, c]) + b_{c%S}), one partition per map."""
+    """docs/repmlp.md section 3.1: out[n, c] = reshape(W_{c%S} @ vec(x[n, c]) + b_{c%S}), one partition per map."""
     N, C = x.shape[:2]
     hw = h * w
     out = torch.empty_like(x)
@@ -26,7 +26,7 @@ def _native_model(x, weight, bias, S, h, w):
 
 
 def _scramble_model(x, weight, bias, S, h, w):
-    """Spec 3.2: the official output map of the partition round trip, element by element.
+    """docs/repmlp.md section 3.2: the official output map of the partition round trip, element by element.
 
     Row (n, i, j, q) carries channel q*S + s of partition (i, j) in share-set s; its FC output
     lands in channel c_o = (rho // (hp*wp))*S + s at partition (i', j'), rho = (i*wp + j)*Q + q.
@@ -89,7 +89,7 @@ def test_partition_fc_scramble_formula(N, C, S, h, w, hp, wp):
     weight, b = _fc(S, h, w)
     out = ref.partition_fc(x, weight, b, (h, w), S)
     expected = _scramble_model(x, weight, b, S, h, w)
-    assert not torch.isnan(expected).any(), "the spec map must write every output element"
+    assert not torch.isnan(expected).any(), "the docs/repmlp.md 3.2 map must write every output element"
     assert_close(out, expected)
     # the scramble is real here: the in-place (paper) mapping gives another answer
     assert not torch.allclose(out, _unscrambled_model(x, weight, b, S, h, w))
@@ -104,7 +104,7 @@ def test_partition_fc_no_scramble_when_one_channel_per_shareset():
 
 
 def _closed_form_fc(kernel, h, w):
-    """Spec 4.3: W_s[q, p] = kernel_s[py - qy + K//2, px - qx + K//2] inside the kernel, else 0."""
+    """docs/repmlp.md section 4.3: W_s[q, p] = kernel_s[py - qy + K//2, px - qx + K//2] inside the kernel, else 0."""
     S, _, K, _ = kernel.shape
     hw = h * w
     out = torch.zeros(S * hw, hw, dtype=kernel.dtype)

@@ -24,7 +24,7 @@ HEADS, D = 2, 8
 C = HEADS * D
 LN6 = partial(nn.LayerNorm, eps=1e-6)  # what the official backbones pass
 
-# official key lists (spec §2.2: pos_embed, norm1, attn.qkv, attn.proj, norm2, mlp), in order
+# official key lists (docs/window_attention.md section 2.2: pos_embed, norm1, attn.qkv, attn.proj, norm2, mlp), in order
 KEYS = [
     "pos_embed.weight", "pos_embed.bias",
     "norm1.weight", "norm1.bias",
@@ -104,7 +104,7 @@ def test_global_checkpoint_loads_into_windowed_block():
 
 
 def test_hybrid_stage_from_global_checkpoint():
-    """Spec §2.2: a hybrid stage 3 built per stage3_block_types loads a global stage unchanged."""
+    """docs/window_attention.md section 2.2: a hybrid stage 3 built per stage3_block_types loads a global stage unchanged."""
     types = ref.stage3_block_types(8, windows=False, hybrid=True)
     glob = nn.ModuleList(SABlock(C, HEADS, qkv_bias=True, norm_layer=LN6) for _ in types)
     hybrid = nn.ModuleList(

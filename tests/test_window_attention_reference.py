@@ -1,13 +1,13 @@
-"""The window-attention reference against independent formulations written from the spec.
+"""The window-attention reference against independent formulations written from docs/window_attention.md.
 
-- padding="bias": per-window loop over the real tokens only, with the spec's *virtual key*
+- padding="bias": per-window loop over the real tokens only, with the *virtual key* of section 2.6
   (k = b_k, v = b_v, logit scale*q.b_k + ln(n_pad)) standing in for the n_pad padded keys
-  (spec §2.6); gradients too (spec §2.7);
+  (section 2.6); gradients too (section 2.7);
 - padding="bias" on a module: the literal official flow (zero-pad the LayerNorm output, then
   the qkv Linear) against qkv computed on the unpadded map plus bias rows;
 - padding="mask": the same loop with the padded keys simply dropped;
 - global (2-D and video): a per-query loop over every key;
-- the window index maps of spec §2.5 and the stage-3 block choice of spec §2.2.
+- the window index maps of section 2.5 and the stage-3 block choice of section 2.2.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def loop_windows(qkv, heads, ws, scale, bias, mode):
     """Independent per-window loop over real tokens only.
 
     mode "virtual": the padded keys of an edge window collapse into one key k = b_k, v = b_v
-    whose logit is scale*q.b_k + ln(n_pad) (spec §2.6); mode "drop": padded keys are ignored.
+    whose logit is scale*q.b_k + ln(n_pad) (docs/window_attention.md section 2.6); mode "drop": padded keys are ignored.
     """
     B, H, W, C3 = qkv.shape
     c = C3 // 3
@@ -128,14 +128,14 @@ def test_mask_padding_equals_dropped_keys(B, ws, H, W, bias):
 
 @pytest.mark.parametrize("H, W, ws", [(17, 15, 14), (50, 20, 14), (32, 42, 32)])
 def test_official_window_sizes(H, W, ws):
-    """ws = 14 (detection) on a non-divisible map, and ws = 32 on ADE20K's 32x42 (spec §2.11)."""
+    """ws = 14 (detection) on a non-divisible map, and ws = 32 on ADE20K's 32x42 (docs/window_attention.md section 2.11)."""
     qkv, b = _rand_qkv(1, H, W)
     out = ref.window_attention(qkv, HEADS, ws, D ** -0.5, "bias", b)
     assert_same(out, loop_windows(qkv, HEADS, ws, D ** -0.5, b, "virtual"))
 
 
 def test_bias_and_mask_differ_on_padded_maps():
-    """Not masking matters (the spec measured 3.3 at C = 64); only edge windows change."""
+    """Not masking matters (docs/window_attention.md section 2.6 reports 3.3 at C = 64); only edge windows change."""
     qkv, b = _rand_qkv(1, 7, 5)
     biased = ref.window_attention(qkv, HEADS, 3, D ** -0.5, "bias", b)
     masked = ref.window_attention(qkv, HEADS, 3, D ** -0.5, "mask", b)
@@ -144,7 +144,7 @@ def test_bias_and_mask_differ_on_padded_maps():
 
 
 def test_virtual_key_gradients():
-    """Spec §2.7: same dqkv / dbias as the virtual-key form; b_q gets nothing from the padding."""
+    """docs/window_attention.md section 2.7: same dqkv / dbias as the virtual-key form; b_q gets nothing from the padding."""
     qkv, b = _rand_qkv(2, 5, 7)
     qkv.requires_grad_(True)
     b.requires_grad_(True)
@@ -181,7 +181,7 @@ def test_bias_rows_equal_zero_padded_layernorm_output(H, W, ws, qkv_bias):
 
 @pytest.mark.parametrize("padding", ["bias", "mask"])
 def test_single_full_window_equals_global(padding):
-    """H = W = ws: one window, no padding, identical to global attention (spec §2.11 item 3)."""
+    """H = W = ws: one window, no padding, identical to global attention (docs/window_attention.md section 2.11 item 3)."""
     qkv, b = _rand_qkv(2, 5, 5)
     win = ref.window_attention(qkv, HEADS, 5, 0.2, padding, b)
     assert_same(win, ref.window_attention(qkv, HEADS, None, 0.2, padding, b))
@@ -206,7 +206,7 @@ def test_global_equals_loop(shape):
 
 
 def test_window_partition_index_map():
-    """Spec §2.5: window w = b*nH*nW + i*nW + j, token t = r*ws + c, pixel (i*ws + r, j*ws + c)."""
+    """docs/window_attention.md section 2.5: window w = b*nH*nW + i*nW + j, token t = r*ws + c, pixel (i*ws + r, j*ws + c)."""
     B, Hp, Wp, ws = 2, 6, 9, 3
     x = torch.arange(B * Hp * Wp, dtype=torch.float64).reshape(B, Hp, Wp, 1)
     win = ref.window_partition(x, ws).view(-1, ws * ws)
@@ -221,7 +221,7 @@ def test_window_partition_index_map():
 
 
 def test_stage3_block_types():
-    """Spec §2.2: Small (8) and Base (20) hybrid patterns; windows overrides hybrid."""
+    """docs/window_attention.md section 2.2: Small (8) and Base (20) hybrid patterns; windows overrides hybrid."""
     small = ref.stage3_block_types(8, windows=False, hybrid=True)
     assert [i for i, t in enumerate(small) if t == "global"] == [3, 7]
     assert [i for i, t in enumerate(small) if t == "window"] == [0, 1, 2, 4, 5, 6]

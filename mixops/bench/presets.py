@@ -1,11 +1,11 @@
-"""Benchmark presets: the stage shapes of the model configs in the specs, per family.
+"""Benchmark presets: the stage shapes of the model configs in docs/, per family.
 
 A preset is a list of cases; a case builds, on a device and dtype, the official computation
 (the reference, i.e. the official code's own sequence of ops), the mixops path (the drop-in
 module or op, which runs on whatever backend is selected) and their inputs. FLOPs are the
 forward GEMM/attention FLOPs of the layer (2 per multiply-add).
 
-Batch sizes: the model's training batch per GPU (B = 128 unless the spec says otherwise), a
+Batch sizes: the model's training batch per GPU (B = 128 unless the family's docs page says otherwise), a
 prime batch where the official code degrades on one (ATM: torchvision chunks the batch by its
 largest divisor <= 32), and B = 1 on CPUs, where the large batches would take minutes.
 """
@@ -58,7 +58,7 @@ def _module(m: torch.nn.Module, device, dtype) -> torch.nn.Module:
     return m.to(device=device, dtype=dtype).eval()
 
 
-# --- MorphMLP: MorphFC layers (spec morph_fc.md 10.1) ------------------------------------
+# --- MorphMLP: MorphFC layers (docs/morph_fc.md 10.1) ------------------------------------
 
 _MORPH = {
     "morphmlp-t": [(56, 84, 14), (28, 168, 28), (14, 336, 28), (7, 588, 49)],
@@ -116,7 +116,7 @@ def _morph_branch_case(preset, stage, hw, c, seg, batch):
     return Case(preset, f"s{stage} {axis} {hw}x{hw} C{c} L{seg}", batch, ("morph_fc",), build)
 
 
-# --- ActiveMLP: ATMLayer (spec atm.md 11.1) ------------------------------------------------
+# --- ActiveMLP: ATMLayer (docs/atm.md 11.1) ------------------------------------------------
 
 _ATM = {"activemlp-t": [(56, 64, 2), (28, 128, 4), (14, 320, 4), (7, 512, 8)]}
 
@@ -156,7 +156,7 @@ def _atm_gather_case(preset, stage, hw, c, share, batch):
     return Case(preset, f"s{stage} {hw}x{hw} C{c} S{share}", batch, ("atm_sample",), build)
 
 
-# --- DynaMixer: DynaMixerBlock (spec dynamixer.md 7.1) -------------------------------------
+# --- DynaMixer: DynaMixerBlock (docs/dynamixer.md 7.1) -------------------------------------
 
 _DYNA = {"dynamixer-s": [(32, 192, 8, 2), (16, 384, 16, 2)]}
 
@@ -173,7 +173,7 @@ def _dyna_case(preset, stage, n, c, heads, d, batch):
     return Case(preset, f"s{stage} {n}x{n} C{c} S{heads} d{d}", batch, ("dynamixer_mix",), build)
 
 
-# --- UniFormer: window attention, stage 3 (spec window_attention.md 2.10) ------------------
+# --- UniFormer: window attention, stage 3 (docs/window_attention.md 2.10) ------------------
 
 _WINDOWS = {"uniformer-s-win": [(50, 84, 14), (32, 32, 14), (32, 32, 32)]}
 
@@ -196,7 +196,7 @@ def _window_case(preset, h, w, ws, batch, c=320, heads=5):
     return Case(preset, f"{h}x{w} ws{ws} C{c}", batch, ("window_attention",), build)
 
 
-# --- RepMLPNet: deploy RepMLPBlock (spec repmlp.md 8) --------------------------------------
+# --- RepMLPNet: deploy RepMLPBlock (docs/repmlp.md 8) --------------------------------------
 
 _REPMLP = {
     "repmlp-t224": [(56, 64, 1), (28, 128, 4), (14, 256, 16), (7, 512, 128)],

@@ -4,7 +4,7 @@ Same class names, constructor arguments, child names and registration order as
 ``ziyuwwang/DynaMixer`` ``models/dynamixer.py`` and ``models/utils.py``, so an official
 state_dict loads with ``strict=True``. The token mixing runs through ``mixops.dynamixer_mix``
 (and therefore through the selected backend); the Linears, reweighting and dropout are plain
-torch. Semantics: ``shared/specs/dynamixer.md``.
+torch. Semantics: ``docs/dynamixer.md``.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ the locality injection through ``mixops.locality_injection``, so the selected ba
 
 Train mode: ``mixops.partition_fc`` (no bias) gives fc3's output already un-partitioned. That
 un-partition is a permutation that keeps every element in its share-set (output channel
-``c_o`` has ``c_o % S == s``, also in the scrambled case, spec 3.2), so ``fc3_bn`` applied to
+``c_o`` has ``c_o % S == s``, also in the scrambled case, docs/repmlp.md section 3.2), so ``fc3_bn`` applied to
 the ``[N, S, C/S, H*W]`` share-set view sees exactly the values the official
 ``BatchNorm2d(S)`` on ``[rows, S, h, w]`` sees: same batch statistics, same running-statistics
 update. The local-perceptron convs need the partition maps themselves (zero padding at the
@@ -176,7 +176,7 @@ class RepMLPBlock(nn.Module):
 
     def local_inject(self) -> None:
         """Switch to deploy mode: fc3 becomes the biased equivalent FC, fc3_bn an Identity,
-        the ``repconv{k}`` branches are removed (spec 4.4). The block then has the children and
+        the ``repconv{k}`` branches are removed (docs/repmlp.md section 4.4). The block then has the children and
         state_dict keys of ``RepMLPBlock(..., deploy=True)``."""
         if self.deploy:
             raise RuntimeError(

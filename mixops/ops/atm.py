@@ -3,7 +3,7 @@ and ``mixops.atm_fc`` (the gather fused with the following 1x1 FC, i.e. the offi
 
 Both take channels-last ``x [B,H,W,C]`` and COMPACT offsets ``[B,H,W,C/share]`` (channel ``c``
 uses offset ``c // share``, as ``repeat_interleave``), in pixels, unbounded, zero padding
-outside the image (spec ``shared/specs/atm.md`` sections 3-5).
+outside the image (``docs/atm.md`` sections 3-5).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fused ATMLayer path (spec ``shared/specs/atm.md`` section 6) and its two internal ops.
+"""The fused ATMLayer path (``docs/atm.md`` section 6) and its two internal ops.
 
 ``mixops::_atm_means(x, offset_w, offset_h, share) -> [B, 3, C]``: token means of the W- and
 H-sampled features and of x (fp32; fp64 for fp64 inputs).

@@ -2,7 +2,7 @@
 
 The custom op ``mixops::dynamixer_mix`` (+ ``_backward``) is defined by ``define_op``; its
 ``torch`` backend is ``mixops.reference.dynamixer.dynamixer_mix``. Semantics:
-``shared/specs/dynamixer.md`` section 3.
+``docs/dynamixer.md`` section 3.
 """
 from __future__ import annotations
 

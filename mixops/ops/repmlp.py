@@ -2,7 +2,7 @@
 
 ``mixops.partition_fc`` is the deploy-mode fc3 of a RepMLPBlock (without the global-perceptron
 gate); ``mixops.locality_injection`` folds a depthwise conv branch into such an FC. Semantics:
-``mixops.reference.repmlp`` and spec ``repmlp.md``.
+``mixops.reference.repmlp`` and ``docs/repmlp.md``.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def partition_fc(
     Returns:
         ``[N, C, H, W]``. With one partition per map (``H == h``, ``W == w``) or ``S == C``,
         ``out[n, c] = W_{c%S} @ vec(x[n, c]) + b_{c%S}`` per partition; otherwise the output
-        carries the official channel/partition scramble (spec 3.2), reproduced on purpose.
+        carries the official channel/partition scramble (docs/repmlp.md section 3.2), reproduced on purpose.
         The module multiplies this by the global-perceptron gate.
     """
     x, weight, bias = autocast_args("lower", x, weight, bias)

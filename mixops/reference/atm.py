@@ -2,7 +2,7 @@
 
 Restates ``microsoft/ActiveMLP@fb44035e219b:models/activemlp.py``: ``Mlp`` (L23-39), ``ATMOp``
 (L42-96), ``ATMLayer`` (L99-132), ``ActiveBlock`` (L141-189), ``Downsample`` (L192-204), ``PEG``
-(L207-229) and ``ActiveMLP.forward_blocks`` (L331-343). Spec: ``shared/specs/atm.md``.
+(L207-229) and ``ActiveMLP.forward_blocks`` (L331-343). Semantics: ``docs/atm.md``.
 
 Shapes: ``x [B,H,W,C]`` channels-last; a *compact* offset is ``[B,H,W,C/share]`` where channel
 ``c`` uses offset ``c // share`` (``repeat_interleave``); offsets are in pixels, unbounded.
@@ -18,12 +18,12 @@ signature as the op schemas, no validation):
   lazily: it is not a dependency.
 - ``atm_sample(x, offset, axis, share)`` -> ``[B,H,W,C]``: the gather alone. It always uses the
   1-D lerp (``atm_sample_lerp``): there is no official gather-only call, the lerp is bit-exact to
-  deform_conv2d with an identity 1x1 weight (spec 1, tested), and it avoids a C x C identity GEMM.
+  deform_conv2d with an identity 1x1 weight (docs/atm.md section 1, tested), and it avoids a C x C identity GEMM.
 
 Module level (the ``official`` baseline and the oracle of the module tests; read parameters from
 a module, call only the functions here and torch): ``atm_op_forward``, ``atm_layer_forward``,
 ``mlp_forward``, ``make_offset``, ``peg_forward``, ``downsample_forward``,
-``active_block_forward``, ``forward_blocks``; and ``offset_schedule`` (spec 7).
+``active_block_forward``, ``forward_blocks``; and ``offset_schedule`` (docs/atm.md section 7).
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ _AXIS_DIM = {"h": 1, "w": 2}  # the dimension of [B,H,W,C] that each axis sample
 
 
 # ---------------------------------------------------------------------------------------------
-# 1-D lerp formulation (spec 3 "lerp0" and 4)
+# 1-D lerp formulation (docs/atm.md section 3 "lerp0" and 4)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -69,10 +69,10 @@ def atm_sample_lerp(x: torch.Tensor, offset: torch.Tensor, axis: str, share: int
     ``x [B,H,W,C]``, ``offset [B,H,W,C/share]`` -> ``[B,H,W,C]`` in ``x.dtype``. For axis 'w',
     ``out[b,i,j,c] = lerp0(x[b,i,:,c], j + offset[b,i,j,c // share])``; 'h' samples the column.
     Positions and weights are computed in fp32 (fp64 for fp64 inputs), whatever the storage
-    dtype: fp16 alone resolves only ~1/32 px at p ~ 32-64 (spec 4.1).
+    dtype: fp16 alone resolves only ~1/32 px at p ~ 32-64 (docs/atm.md section 4.1).
 
     ``floor`` makes autograd give the floor-based offset gradient ``V(k+1) - V(k)``: the
-    right-hand slope at integers, ``x[0]`` at p = -1, zero for p < -1 and p >= n (spec 4.2).
+    right-hand slope at integers, ``x[0]`` at p = -1, zero for p < -1 and p >= n (docs/atm.md section 4.2).
     """
     dim = _AXIS_DIM[axis]
     n = x.shape[dim]
@@ -116,7 +116,7 @@ def atm_fc_lerp(
 
 
 # ---------------------------------------------------------------------------------------------
-# The official drive of torchvision.ops.deform_conv2d (spec 5)
+# The official drive of torchvision.ops.deform_conv2d (docs/atm.md section 5)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -248,14 +248,14 @@ def atm_fc(
 
 
 # ---------------------------------------------------------------------------------------------
-# Internal ops of the fused ATMLayer (spec 6): the torch backend of mixops::_atm_means / _atm_mix
+# Internal ops of the fused ATMLayer (docs/atm.md section 6): the torch backend of mixops::_atm_means / _atm_mix
 # ---------------------------------------------------------------------------------------------
 
 
 def atm_means(x: torch.Tensor, offset_w: torch.Tensor, offset_h: torch.Tensor, share: int) -> torch.Tensor:
     """Token means of the W-sampled features, the H-sampled features and x itself:
     ``x [B,H,W,C]``, compact offsets ``[B,H,W,C/share]`` -> ``[B, 3, C]`` (k = w, h, x) in fp32
-    (fp64 for fp64 inputs). The branch means of ATMLayer follow by linearity (spec 6)."""
+    (fp64 for fp64 inputs). The branch means of ATMLayer follow by linearity (docs/atm.md section 6)."""
     acc = torch.promote_types(x.dtype, torch.float32)
     xa = x.to(acc)
     sw = atm_sample_lerp(xa, offset_w.to(acc), "w", share)
@@ -385,7 +385,7 @@ def forward_blocks(blocks, pos_blocks, intv: int, x: torch.Tensor) -> torch.Tens
     """Official ``ActiveMLP.forward_blocks``: ``x [B,H,W,C]`` -> ``[B, H'W', C']``.
 
     ``blocks[i][j]`` are ActiveBlocks, ``pos_blocks[i]`` the stage's PEG. An offset-generating
-    block (spec 7) first applies the stage's shared PEG and makes a new offset; every other
+    block (docs/atm.md section 7) first applies the stage's shared PEG and makes a new offset; every other
     block reuses the stage's latest offset.
     """
     for i in range(len(blocks)):

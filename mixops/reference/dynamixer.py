@@ -2,7 +2,7 @@
 
 Restates ``ziyuwwang/DynaMixer`` @ 038b73b2f700, ``models/dynamixer.py`` (DynaMixerOp.forward,
 L8-29; DynaMixerBlock.forward, L32-58) and ``models/utils.py`` (Mlp.forward, L20-36), in the
-official sequence of operations. See ``shared/specs/dynamixer.md`` section 3.
+official sequence of operations. See ``docs/dynamixer.md`` section 3.
 
 Shapes (S = num_head, d = reduced_dim, N = sequence length, C = channels):
 

@@ -11,11 +11,11 @@ Restates ``DingXiaoH/RepMLP`` @ 3eff13fa0257, ``repmlpnet.py``:
 - ``locality_injection``              -> ``_convert_conv_to_fc`` (L167-172) plus the final
                                          sum of ``get_equivalent_fc3``
 
-Notation (spec ``repmlp.md``): input ``x [N, C, H, W]``, partition ``(h, w)``, ``hw = h*w``,
+Notation (``docs/repmlp.md``): input ``x [N, C, H, W]``, partition ``(h, w)``, ``hw = h*w``,
 ``S`` share-sets (channel ``c`` belongs to share-set ``c % S``), ``Q = C // S``,
 ``hp, wp = H // h, W // w``. fc3 is a grouped 1x1 conv ``[S*hw, hw, 1, 1]``: one ``hw x hw``
 FC per share-set. The partition round trip is the official one, including its channel /
-partition scramble when ``hp*wp > 1`` and ``S < C`` (spec 3.2); it is reproduced, not fixed.
+partition scramble when ``hp*wp > 1`` and ``S < C`` (docs/repmlp.md section 3.2); it is reproduced, not fixed.
 
 Everything here is dtype-generic (float64 for the oracle) and does no argument checking.
 """
@@ -47,7 +47,7 @@ def _unpartition(z: torch.Tensor, shape: torch.Size, S: int, h: int, w: int, hp:
     """The tail of ``RepMLPBlock.forward``: rows of ``[S, h, w]`` maps back to ``shape``.
 
     The reshape to ``(-1, hp, wp, S, h, w)`` does not undo the partition's ``[.., C, ..]``
-    grouping when ``hp*wp > 1`` and ``S < C``: this is the official scramble (spec 3.2).
+    grouping when ``hp*wp > 1`` and ``S < C``: this is the official scramble (docs/repmlp.md section 3.2).
     """
     z = z.reshape(-1, hp, wp, S, h, w)
     z = z.permute(0, 3, 1, 4, 2, 5)  # N, O, h_parts, out_h, w_parts, out_w

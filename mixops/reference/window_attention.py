@@ -1,6 +1,6 @@
 """UniFormer MHRA (global and windowed self-attention), restated literally in PyTorch.
 
-Restates ``Sense-X/UniFormer`` @ 52a0415e4e0d (spec ``window_attention.md`` §2):
+Restates ``Sense-X/UniFormer`` @ 52a0415e4e0d (``docs/window_attention.md`` section 2):
 
 - ``object_detection/mmdet/models/backbones/uniformer.py`` (OD): ``Attention`` (L84-109),
   ``SABlock`` (L112-135), ``window_partition`` / ``window_reverse`` (L138-165),
@@ -200,7 +200,7 @@ def sablock_forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def sablock_windows_forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Official ``SABlock_Windows.forward`` (spec §2.4): ``x: [B, C, H, W]`` -> ``[B, C, H, W]``.
+    """Official ``SABlock_Windows.forward`` (docs/window_attention.md section 2.4): ``x: [B, C, H, W]`` -> ``[B, C, H, W]``.
 
     The LayerNorm output is zero-padded bottom/right to multiples of ``m.window_size`` *before*
     the qkv Linear, so padded tokens carry the qkv bias; nothing is masked.
@@ -243,7 +243,7 @@ def video_sablock_forward(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def stage3_block_types(depth: int, windows: bool, hybrid: bool) -> list[str]:
-    """``"window"`` / ``"global"`` for each of the ``depth`` stage-3 blocks (spec §2.2).
+    """``"window"`` / ``"global"`` for each of the ``depth`` stage-3 blocks (docs/window_attention.md section 2.2).
 
     ``windows`` is tested first and overrides ``hybrid``; with ``hybrid`` block i is global
     when ``(i + 1) % 4 == 0``; with neither, every block is global.
