@@ -17,7 +17,7 @@ def test_every_preset_case_builds_and_matches_official():
             b = built.mixops(*built.inputs)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{name} {case.name}")
         # only the bare gather is pure data movement
-        assert built.flops > 0 or name.endswith("-gather"), name
+        assert built.flops > 0 or case.preset.endswith("-gather"), name
         if built.peer is not None:  # the peer does the same amount of work as the case
             with torch.no_grad():
                 assert built.peer.fn(*built.peer.inputs).numel() == a.numel()
@@ -73,3 +73,51 @@ def test_list_and_bad_arguments(capsys):
     assert cli.main(["no-such-preset", "--smoke"]) == 2
     with pytest.raises(SystemExit):
         cli.main(["--backends", "official,fastest"])
+
+
+def test_smoke_reports_no_percent_of_ceiling(tmp_path):
+    """Smoke-sized ceilings fit in the caches: they are no ceiling, so no '% of' is derived from them."""
+    assert cli.main(["activemlp-t-gather", "--smoke", "--out", str(tmp_path), "--backends", "official"]) == 0
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert data["meta"]["ceilings"]["is_ceiling"] is False
+    assert all(r["pct_copy"] is None and r["pct_matmul"] is None for r in data["results"])
+
+
+def test_results_are_written_after_every_case(tmp_path, monkeypatch):
+    """A run stopped part way (a time limit) leaves the cases it finished, marked incomplete."""
+    real = cli.run_case
+    done = []
+
+    def second_case_never_ends(case, *args):
+        if done:
+            raise KeyboardInterrupt
+        done.append(case)
+        return real(case, *args)
+
+    monkeypatch.setattr(cli, "run_case", second_case_never_ends)
+    monkeypatch.setenv("MIXOPS_COMMIT", "0123abc")
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["morphmlp-s", "--smoke", "--max-cases", "2", "--out", str(tmp_path), "--backends", "official"])
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert data["meta"]["complete"] is False and data["meta"]["commit"] == "0123abc"
+    assert {r["case"] for r in data["results"]} == {done[0].name}
+    assert next(tmp_path.glob("*.md")).exists() and not list(tmp_path.glob("*.png"))
+
+
+def test_headline_preset_is_the_design_targets():
+    gpu = presets.presets(torch.device("cuda"))
+    by_preset = {}
+    for c in gpu["headline"]:
+        by_preset.setdefault(c.preset, set()).add((c.name, c.batch))
+        # each headline case is its own preset's case
+        assert (c.name, c.batch) in {(o.name, o.batch) for o in gpu[c.preset]}
+    assert {p: {b for _, b in cases} for p, cases in by_preset.items()} == {
+        "morphmlp-s": {128}, "morphmlp-s-branch": {128}, "activemlp-t": {128, 127}, "activemlp-t-gather": {128},
+    }
+    assert all(len(cases) == 4 * (2 if p == "activemlp-t" else 1) for p, cases in by_preset.items())
+    assert [c.batch for c in gpu["headline"]][-4:] == [127] * 4  # the slowest cases last
+    assert {c.batch for c in presets.presets(torch.device("cuda"), [64])["headline"]} == {64}
+    cpu = presets.presets(torch.device("cpu"))["headline"]
+    assert [(c.preset, c.name[:2], c.batch) for c in cpu] == [
+        ("morphmlp-s", "s4", 1), ("activemlp-t", "s4", 1), ("morphmlp-s-branch", "s4", 1), ("activemlp-t-gather", "s4", 1),
+    ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -56,6 +57,10 @@ def _parse(argv):
 
 
 def _git_commit() -> str:
+    """MIXOPS_COMMIT when set (a copy of the tree without .git, e.g. on a lent GPU machine,
+    gets the commit from its caller), else the checkout's HEAD."""
+    if os.environ.get("MIXOPS_COMMIT"):
+        return os.environ["MIXOPS_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
@@ -146,6 +151,7 @@ def run_case(case, device, dtype, args) -> list[dict]:
     with torch.no_grad():
         reference_out = built.official(*built.inputs)
     grad_out = torch.randn_like(reference_out)
+    ceil = args.ceil if args.ceil["is_ceiling"] else None
     io_bytes = _nbytes(built.inputs), _nbytes(built.params), _nbytes([reference_out])
     rows = []
     for mode in args.modes:
@@ -180,10 +186,10 @@ def run_case(case, device, dtype, args) -> list[dict]:
                 **row, "status": "ok", "median_ms": ms, "rel_err_vs_official": err,
                 "speedup": official_ms / ms if official_ms else None,
                 "GBps": moved / (ms * 1e-3) / 1e9,
-                "pct_copy": 100 * moved / (ms * 1e-3) / 1e9 / args.ceil["copy_GBps"],
+                "pct_copy": 100 * moved / (ms * 1e-3) / 1e9 / ceil["copy_GBps"] if ceil else None,
                 # a pure data-movement case (flops 0) has no FLOP rate
                 "TFLOPs": flops / (ms * 1e-3) / 1e12 if flops else None,
-                "pct_matmul": 100 * flops / (ms * 1e-3) / 1e12 / args.ceil["matmul_TFLOPs"] if flops else None,
+                "pct_matmul": 100 * flops / (ms * 1e-3) / 1e12 / ceil["matmul_TFLOPs"] if flops and ceil else None,
                 "pct_peer": 100 * peer_ms / ms if peer_ms else None,
                 "peak_MB": peak,
             })
@@ -205,8 +211,8 @@ def main(argv=None) -> int:
     if args.list:
         for name, cases in table.items():
             print(f"{name}{'  (default)' if name in presets.DEFAULT else ''}")
-            for c in cases:
-                print(f"    {c.name}  B={c.batch}")
+            for c in cases:  # a case borrowed from another preset (headline) names it
+                print(f"    {c.name}  B={c.batch}" + (f"  ({c.preset})" if c.preset != name else ""))
         return 0
     chosen = args.presets or presets.DEFAULT
     unknown = [n for n in chosen if n not in table]
@@ -220,7 +226,9 @@ def main(argv=None) -> int:
     args.ceil = ceilings.measure(device, dtype, smoke=args.smoke)
     meta = _meta(device, dtype, args, args.ceil)
     print(f"device: {meta['device_name']}  dtype: {meta['dtype']}  torch {meta['torch']}  "
-          f"copy {args.ceil['copy_GBps']:.1f} GB/s  matmul {args.ceil['matmul_TFLOPs']:.2f} TFLOP/s")
+          f"copy {args.ceil['copy_GBps']:.1f} GB/s  matmul {args.ceil['matmul_TFLOPs']:.2f} TFLOP/s"
+          + ("" if args.ceil["is_ceiling"] else "  (smoke sizes fit in cache: no % of ceiling reported)"))
+    stem = meta["date"].replace(":", "")  # e.g. 2026-11-22T024501Z: runs never overwrite each other
     rows = []
     for name in chosen:
         cases = table[name][: args.max_cases] if args.max_cases else table[name]
@@ -228,10 +236,11 @@ def main(argv=None) -> int:
             new = run_case(case, device, dtype, args)
             rows += new
             print(report.format_text(new).split("\n", 2)[-1])
+            # rewritten after every case, so a run cut short (a time limit) keeps what it measured
+            report.write(Path(args.out), stem, {**meta, "complete": False}, rows, plot=False)
     print()
     print(report.format_text(rows))
-    stem = meta["date"].replace(":", "")  # e.g. 2026-11-22T024501Z: runs never overwrite each other
-    for path in report.write(Path(args.out), stem, meta, rows):
+    for path in report.write(Path(args.out), stem, {**meta, "complete": True}, rows):
         print(f"wrote {path}")
     return 0
 

@@ -241,7 +241,30 @@ def presets(device: torch.device, batches: list[int] | None = None) -> dict[str,
         out[name] = [_window_case(name, *s, b) for b in bs(2, 1) for s in shapes]
     for name, stages in _REPMLP.items():
         out[name] = [_repmlp_case(name, i + 1, *s, b) for b in bs(128, 1) for i, s in enumerate(stages)]
+    out["headline"] = _headline(gpu, batches)
     return out
+
+
+def _headline(gpu: bool, batches: list[int] | None) -> list[Case]:
+    """The cases of the DESIGN.md targets that have kernels (what benchmarks/gpu_check.sh times),
+    each under its own preset's name: on a GPU every stage at the training batch, then the ATM
+    layer at its prime batch (last: torchvision runs the official one image at a time, the
+    slowest cases); on a CPU the last, smallest stage of each at B = 1, one quick case per target.
+    ``batches`` replaces both batch sizes."""
+    train = batches or ([128] if gpu else [1])
+    prime = [] if batches or not gpu else [127]
+
+    def cases(make, name, stages, sizes):
+        chosen = list(enumerate(stages)) if gpu else [(len(stages) - 1, stages[-1])]
+        return [make(name, i + 1, *s, b) for b in sizes for i, s in chosen]
+
+    return [
+        *cases(_morph_case, "morphmlp-s", _MORPH["morphmlp-s"], train),
+        *cases(_atm_case, "activemlp-t", _ATM["activemlp-t"], train),
+        *cases(_morph_branch_case, "morphmlp-s-branch", _MORPH["morphmlp-s"], train),
+        *cases(_atm_gather_case, "activemlp-t-gather", _ATM["activemlp-t"], train),
+        *cases(_atm_case, "activemlp-t", _ATM["activemlp-t"], prime),
+    ]
 
 
 # The presets of the DESIGN.md target table: what `mixops-bench` runs with no arguments.

@@ -53,13 +53,13 @@ def format_markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(out_dir: Path, stem: str, meta: dict, rows: list[dict]) -> list[Path]:
-    """Write ``<stem>.json`` and ``<stem>.md`` (and ``<stem>.png`` with matplotlib)."""
+def write(out_dir: Path, stem: str, meta: dict, rows: list[dict], *, plot: bool = True) -> list[Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` (and, if ``plot``, ``<stem>.png`` with matplotlib)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     paths[0].write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     paths[1].write_text(format_markdown(meta, rows))
-    png = _plot(out_dir / f"{stem}.png", meta, rows)
+    png = _plot(out_dir / f"{stem}.png", meta, rows) if plot else None
     return paths + ([png] if png else [])
 
 
