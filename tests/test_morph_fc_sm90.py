@@ -26,9 +26,11 @@ SHAPES = [
     ("w", (1, 1, 56, 56, 112), 14), ("h", (1, 1, 14, 14, 336), 28), ("hs", (1, 1, 7, 7, 784), 49),
     ("t", (1, 8, 14, 14, 392), 8), ("c", (1, 1, 7, 7, 784), 1), ("w", (1, 1, 14, 14, 392), 28),
 ]  # fmt: skip
-# (x shape, K): the reweighted proj of MorphFC_S stage 1 (three branches) and MorphFC_S2
-# stage 4 (two); three compiles each (forward, dA, dW)
-PROJ_SHAPES = [((1, 1, 56, 56, 112), 3), ((1, 1, 7, 7, 784), 2)]
+# (x shape, K): the reweighted proj of MorphFC_S stage 1 (three branches), MorphFC_S2 stage 4
+# (two) and MorphFC_S stage 3 at T = 8 (F = 392); alpha read per item (stage 1), per element
+# (stage 4 image: 49 rows per item) and per item with two items per 64-row tile (stage 3, T = 8);
+# three compiles each (forward, dA, dW)
+PROJ_SHAPES = [((1, 1, 56, 56, 112), 3), ((1, 1, 7, 7, 784), 2), ((1, 8, 14, 14, 392), 3)]
 DTYPES = ("float32", "float16", "bfloat16")
 
 
