@@ -1,7 +1,7 @@
 # What every Triton family of mixops needs, written once: the interpreter switch, the dtype rules
 # of the GEMMs and reductions, launch configurations, the program-id -> output-tile map, the
-# int32/int64 offset rule and the deterministic split rule. A family file imports from here and
-# never from another family's module.
+# int32/int64 offset rule, the host-checked vector hints and the deterministic split rule. A
+# family file imports from here and never from another family's module.
 from __future__ import annotations
 
 import functools
@@ -108,7 +108,7 @@ def deterministic_split(length: int, step: int, tiles: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Offsets
+# Offsets and vector widths
 # ---------------------------------------------------------------------------------------------
 
 # int32 offsets are safe below this extent: a kernel may add two offsets of one tensor before
@@ -127,6 +127,42 @@ def needs_idx64(*tensors: torch.Tensor | None) -> bool:
     return any(
         t is not None and sum((n - 1) * s for n, s in zip(t.shape, strides(t))) >= INT32_EXTENT for t in tensors
     )
+
+
+def vector_width(t: torch.Tensor, dim: int, *extents: int) -> int:
+    """The elements per vector a kernel may promise the compiler along ``dim`` of ``t``
+    (vector_hint): the largest power of 2, at most 16 bytes, that divides every other stride of
+    t, its element address and each of ``extents`` (the lengths of the contiguous runs along dim
+    and the bound its mask compares with), given a unit stride along dim; 1 otherwise. The JIT
+    itself only learns an int argument's divisibility by 16, so a row stride like 392 (784
+    bytes, a multiple of 16) would otherwise leave 2-byte loads."""
+    st = strides(t)
+    dim %= t.dim()
+    if t.shape[dim] > 1 and st[dim] != 1:
+        return 1
+    vec = 16 // t.element_size()
+    for n in (*extents, *st[:dim], *st[dim + 1 :], t.data_ptr() // t.element_size()):
+        while n % vec:
+            vec //= 2
+    return vec
+
+
+@triton.jit
+def vector_hint(base, offs, VEC: tl.constexpr, DIM: tl.constexpr):
+    """base + offs, telling the compiler what the host checked (vector_width): along dimension
+    DIM of the 2-D pointer tile, aligned runs of VEC elements are contiguous and start
+    VEC-element aligned, so the tile moves as VEC-wide vectors (16-byte cp.async on sm_90). On
+    pointers, not offsets: hints on the offset arithmetic do not survive canonicalization (and a
+    hint needs the op that makes the value, so the add happens here); pointer divisibility is in
+    bytes."""
+    ptrs = base + offs
+    if VEC > 1:
+        ALIGN: tl.constexpr = VEC * (base.dtype.element_ty.primitive_bitwidth // 8)
+        if DIM == 1:
+            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, ALIGN]), [1, VEC])
+        else:
+            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [ALIGN, 1]), [VEC, 1])
+    return ptrs
 
 
 @triton.jit
@@ -162,6 +198,13 @@ def _first_tensor(args) -> torch.Tensor | None:
     return None
 
 
+def _input_device(args) -> torch.device | None:
+    """The CUDA device an entry point's launches belong on: that of its first tensor argument
+    (searching into lists, e.g. a backward's grads), or None when it is not a CUDA tensor."""
+    t = _first_tensor(args)
+    return t.device if t is not None and t.device.type == "cuda" else None
+
+
 def on_input_device(fn):
     """``fn`` run with its first tensor argument's CUDA device current. A Triton launch uses
     the current device and its current stream, so without this guard tensors on cuda:1 while
@@ -170,10 +213,10 @@ def on_input_device(fn):
 
     @functools.wraps(fn)
     def guarded(*args):
-        t = _first_tensor(args)
-        if t is None or t.device.type != "cuda":
+        device = _input_device(args)
+        if device is None:
             return fn(*args)
-        with torch.cuda.device(t.device):
+        with torch.cuda.device(device):
             return fn(*args)
 
     return guarded

@@ -17,7 +17,8 @@
 # indexed by the GEMM feature (p*D + s / t*D + s), not by output channel.
 # Backward: dX = scatter(dY_g @ W) -- the same kernel, W not transposed; dW = dY_g^T @ X_g and
 # db = colsum(dY_g), reduced over M deterministically: each of SPLIT programs along M writes an
-# fp32 (fp64 for fp64) partial and torch.sum over the split axis adds them in a fixed order.
+# fp32 (fp64 for fp64) partial and torch.sum over the split axis adds them in a fixed order;
+# SPLIT is a function of (M, F, dtype) alone (grad_weight_split), never of the GPU.
 #
 # FLOPs (numel = M*F = x.numel()): forward 2*numel*F; backward 2*numel*F for dX plus 2*numel*F
 # for dW.
@@ -34,20 +35,45 @@
 # Reweighted operand (NBR = 2 or 3; mixops::_reweighted_proj, kernels/morph_fc_proj.py): the
 # forward GEMM's and the dW kernel's operand load forms sum_k alpha[b, f, k] * branch_k from
 # NBR branches of one layout, so the channel-FC map (L = 1) runs the proj without the summed
-# tensor in HBM.
+# tensor in HBM; alpha, constant over a batch item's rows, is read as one vector per batch item
+# a tile spans (alpha_tile).
+# The weight operand loads with a host-checked vector hint (weight_operand): 16-byte copies
+# also where the JIT cannot see that a row of F elements is 16-byte aligned (F = 392).
 # Offsets are int32 unless a tensor's extent reaches 2**30 (IDX64, host-chosen).
+#
+# kernels/morph_fc_proj.py (same family) builds its dA kernel from the public pieces here:
+# tile_offsets, gemm_mainloop, alpha_tile, batch_colsums (JIT) and geometry, gemm_blocks,
+# gathered_vector_width, weight_operand, alpha_items, batch_slots / batch_partials / batch_sums,
+# weight_grads, as_video (host).
 #
 # Grids: forward / dX GEMM: (cdiv(M, BLOCK_M) * cdiv(F, BLOCK_N),), with the F tiles of one row
 # block adjacent so its gathered rows are re-read from L2; dW/db: (cdiv(F, BLOCK_N) *
 # cdiv(F, BLOCK_F), SPLIT).
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import (
+    Blocks,
+    accumulate_dtype,
+    deterministic_split,
+    dot_dtypes,
+    interpreter_gemm_blocks,
+    interpreting,
+    needs_idx64,
+    output_tile,
+    strides,
+    vector_hint,
+    vector_width,
+)
+
+# TRANSITIONAL, drop when kernels/atm.py and atm_layer.py import dot_dtypes from _common (issue 9,
+# helper "atm"): they still import this name from here
+_dot_dtypes = dot_dtypes
 
 # the AXIS constexpr of the kernels; "w" is the default branch of _row_part / _feat_part
 _AXIS_IDS = {"w": 0, "h": 1, "hs": 2, "t": 3}
@@ -130,7 +156,7 @@ def _combine(row_off, row_in, feat_off, feat_in, H, W, s_h, s_w, AXIS: tl.conste
 
 
 @triton.jit
-def _tile_offsets(rows, feats, T, H, W, L, NCH, s_b, s_t, s_h, s_w, s_c,
+def tile_offsets(rows, feats, T, H, W, L, NCH, s_b, s_t, s_h, s_w, s_c,
                   D: tl.constexpr, AXIS: tl.constexpr, ROWS_DIM: tl.constexpr):  # fmt: skip
     """Offsets of the GEMM tile (rows x feats) in a strided [B, T, H, W, C] tensor, as a 2-D
     tile with rows along dimension ROWS_DIM (0: [rows, feats], 1: [feats, rows])."""
@@ -141,24 +167,6 @@ def _tile_offsets(rows, feats, T, H, W, L, NCH, s_b, s_t, s_h, s_w, s_c,
     else:
         offs = _combine(row_off[None, :], row_in[None, :], feat_off[:, None], feat_in[:, None], H, W, s_h, s_w, AXIS)
     return offs
-
-
-@triton.jit
-def _vector_hint(base, offs, VEC: tl.constexpr, DIM: tl.constexpr):
-    """base + offs, telling the compiler what the host checked (_vec): along dimension DIM of
-    the 2-D pointer tile, aligned runs of VEC features are contiguous and start VEC-element aligned (a unit
-    channel stride, VEC dividing D, every other stride and the base address), so the gathered
-    operand moves as VEC-wide vectors. On pointers, not offsets: hints on the offset
-    arithmetic do not survive canonicalization (and a hint needs the op that makes the value,
-    so the add happens here); pointer divisibility is in bytes."""
-    ptrs = base + offs
-    if VEC > 1:
-        ALIGN: tl.constexpr = VEC * (base.dtype.element_ty.primitive_bitwidth // 8)
-        if DIM == 1:
-            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, ALIGN]), [1, VEC])
-        else:
-            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [ALIGN, 1]), [VEC, 1])
-    return ptrs
 
 
 @triton.jit
@@ -175,69 +183,98 @@ def _grad_mean_offsets(rows, feats, L, ROWS_PER_B, D: tl.constexpr, ROWS_DIM: tl
 
 
 @triton.jit
-def _load_mixed(ptr, ptr1, ptr2, alpha_ptr, offs, rows, feats, mask, F, ROWS_PER_B,
-                NBR: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr):  # fmt: skip
+def alpha_tile(alpha_ptr, rows, feats, mask, row0, M, F, ROWS_PER_B,
+               BRANCH: tl.constexpr, NBR: tl.constexpr, ITEMS: tl.constexpr):  # fmt: skip
+    """alpha[row // ROWS_PER_B, feat, BRANCH] for the [rows, feats] tile (broadcastable to it)
+    from the [B, F, NBR] contiguous alpha_ptr; row0 is the tile's first row, mask its valid
+    elements, M the GEMM rows. alpha is constant across the rows of a batch item, so when the
+    host knows no tile spans more than ITEMS = 1 or 2 batch items (alpha_items) it is read as
+    one [feats] vector per item (with a per-row select for 2) instead of a per-element gather
+    of the whole tile (ITEMS = 0, any tile)."""
+    if ITEMS == 0:
+        offs = ((rows // ROWS_PER_B) * (F * NBR))[:, None] + (feats * NBR + BRANCH)[None, :]
+        a = tl.load(alpha_ptr + offs, mask=mask, other=0.0)
+    else:
+        feat_ok = feats < F
+        first = alpha_ptr + (row0 // ROWS_PER_B) * (F * NBR) + feats * NBR + BRANCH
+        a = tl.load(first, mask=feat_ok, other=0.0)[None, :]
+        if ITEMS == 2:
+            # the next item's vector, read only by the tiles that reach it (about 1 in 49 at
+            # MorphMLP stage 3, T = 8: 1568 rows per item, 64-row tiles)
+            next_row0 = (row0 // ROWS_PER_B + 1) * ROWS_PER_B
+            reached = next_row0 < tl.minimum(row0 + rows.shape[0], M)
+            a_next = tl.load(first + F * NBR, mask=feat_ok & reached, other=0.0)
+            a = tl.where((rows >= next_row0)[:, None], a_next[None, :], a)
+    return a
+
+
+@triton.jit
+def _load_mixed(ptr, ptr1, ptr2, alpha_ptr, offs, rows, feats, mask, row0, M, F, ROWS_PER_B,
+                NBR: tl.constexpr, ALPHA_ITEMS: tl.constexpr, VEC: tl.constexpr,
+                ACC_DTYPE: tl.constexpr):  # fmt: skip
     """The [rows, feats] operand tile at offs: ptr's elements as stored (NBR == 1), or the
     reweighted sum ((x0*a0 + x1*a1) + x2*a2) of NBR branches that share offs, in ACC_DTYPE,
-    with a_k = alpha[row // ROWS_PER_B, feat, k] from the [B, F, NBR] contiguous alpha_ptr
+    with a_k = alpha[row // ROWS_PER_B, feat, k] (alpha_tile; row0 the tile's first row)
     (mixops::_reweighted_proj: the weighted sum never reaches HBM)."""
-    v = tl.load(_vector_hint(ptr, offs, VEC, 1), mask=mask, other=0.0)
+    v = tl.load(vector_hint(ptr, offs, VEC, 1), mask=mask, other=0.0)
     if NBR > 1:
-        al = alpha_ptr + ((rows // ROWS_PER_B) * (F * NBR))[:, None] + (feats * NBR)[None, :]
-        v = v.to(ACC_DTYPE) * tl.load(al, mask=mask, other=0.0).to(ACC_DTYPE)
-        x1 = tl.load(_vector_hint(ptr1, offs, VEC, 1), mask=mask, other=0.0).to(ACC_DTYPE)
-        v = v + x1 * tl.load(al + 1, mask=mask, other=0.0).to(ACC_DTYPE)
+        a0 = alpha_tile(alpha_ptr, rows, feats, mask, row0, M, F, ROWS_PER_B, 0, NBR, ALPHA_ITEMS)
+        v = v.to(ACC_DTYPE) * a0.to(ACC_DTYPE)
+        x1 = tl.load(vector_hint(ptr1, offs, VEC, 1), mask=mask, other=0.0).to(ACC_DTYPE)
+        a1 = alpha_tile(alpha_ptr, rows, feats, mask, row0, M, F, ROWS_PER_B, 1, NBR, ALPHA_ITEMS)
+        v = v + x1 * a1.to(ACC_DTYPE)
         if NBR == 3:
-            x2 = tl.load(_vector_hint(ptr2, offs, VEC, 1), mask=mask, other=0.0).to(ACC_DTYPE)
-            v = v + x2 * tl.load(al + 2, mask=mask, other=0.0).to(ACC_DTYPE)
+            x2 = tl.load(vector_hint(ptr2, offs, VEC, 1), mask=mask, other=0.0).to(ACC_DTYPE)
+            a2 = alpha_tile(alpha_ptr, rows, feats, mask, row0, M, F, ROWS_PER_B, 2, NBR, ALPHA_ITEMS)
+            v = v + x2 * a2.to(ACC_DTYPE)
     return v
 
 
 @triton.jit
-def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr):
-    """This program's output tile of an [M, N] GEMM: rows, cols and their masks. The N tiles of
-    one row block are adjacent program ids, so the row block's gathered operand is re-read from
-    L2 rather than HBM."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    if IDX64:
-        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    else:
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return pid_m, pid_n, rows, cols, rows < M, cols < N
-
-
-@triton.jit
-def _gemm_mainloop(
-    a_ptr, a1_ptr, a2_ptr, alpha_ptr, gm_ptr, b_ptr, rows, cols, row_ok, col_ok,
-    F, T, H, W, L, NCH, ROWS_PER_B, sa_b, sa_t, sa_h, sa_w, sa_c, sb_k, sb_n,
-    D: tl.constexpr, AXIS: tl.constexpr, NBR: tl.constexpr, GRAD_MEAN: tl.constexpr, VEC_A: tl.constexpr,
+def gemm_mainloop(
+    a_ptr, a1_ptr, a2_ptr, alpha_ptr, gm_ptr, b_ptr, rows, cols, row_ok, col_ok, row0,
+    M, F, T, H, W, L, NCH, ROWS_PER_B, sa_b, sa_t, sa_h, sa_w, sa_c, sb_k, sb_n,
+    D: tl.constexpr, AXIS: tl.constexpr, NBR: tl.constexpr, ALPHA_ITEMS: tl.constexpr, GRAD_MEAN: tl.constexpr,
+    VEC_A: tl.constexpr, VEC_B: tl.constexpr, DIM_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """The [BLOCK_M, BLOCK_N] tile sum_f A_g[rows, f] * B[f, cols] (arguments as in
-    _gathered_gemm_kernel), A_g loaded through the map by _load_mixed (+ grad_mean)."""
+    """The [BLOCK_M, BLOCK_N] fp32 (fp64) tile sum_f A_g[rows, f] * B[f, cols] of a gathered
+    GEMM, reduced over the F features BLOCK_K at a time: A_g loaded through the map by
+    _load_mixed (+ grad_mean), B[f, n] = b_ptr[f*sb_k + n*sb_n] with the vector hint VEC_B
+    along dimension DIM_B of its [BLOCK_K, BLOCK_N] tile (weight_operand). rows / cols: the
+    tile's GEMM rows and columns, row_ok / col_ok their masks, row0 its first row; the other
+    arguments as in _gathered_gemm_kernel. Also the mainloop of kernels/morph_fc_proj.py."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, F, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < F
         ak_ok = row_ok[:, None] & k_ok[None, :]
-        a_offs = _tile_offsets(rows, ks, T, H, W, L, NCH, sa_b, sa_t, sa_h, sa_w, sa_c, D, AXIS, 0)
-        a = _load_mixed(a_ptr, a1_ptr, a2_ptr, alpha_ptr, a_offs, rows, ks, ak_ok, F, ROWS_PER_B, NBR, VEC_A, ACC_DTYPE)
+        # B first: issued before the gathered operand's address arithmetic, the fp32 dX with
+        # grad_mean at F = 392 (16-byte B copies) fits 128 registers without a spill (ptxas -v)
+        b_ptrs = vector_hint(b_ptr, ks[:, None] * sb_k + cols[None, :] * sb_n, VEC_B, DIM_B)
+        b_ok = k_ok[:, None] & col_ok[None, :]
+        if VEC_B > 1:
+            # the mask is constant over each vector too (host: VEC_B divides F); the JIT alone
+            # knows F's divisibility only from D, 2 at F = 392 = 28 * 14
+            if DIM_B == 0:
+                b_ok = tl.max_constancy(b_ok, [VEC_B, 1])
+            else:
+                b_ok = tl.max_constancy(b_ok, [1, VEC_B])
+        b = tl.load(b_ptrs, mask=b_ok, other=0.0)
+        a_offs = tile_offsets(rows, ks, T, H, W, L, NCH, sa_b, sa_t, sa_h, sa_w, sa_c, D, AXIS, 0)
+        a = _load_mixed(a_ptr, a1_ptr, a2_ptr, alpha_ptr, a_offs, rows, ks, ak_ok, row0, M, F, ROWS_PER_B,
+                        NBR, ALPHA_ITEMS, VEC_A, ACC_DTYPE)  # fmt: skip
         a = a.to(ACC_DTYPE)
         if GRAD_MEAN:
             gm_offs = _grad_mean_offsets(rows, ks, L, ROWS_PER_B, D, 0)
             a += tl.load(gm_ptr + gm_offs, mask=ak_ok, other=0.0).to(ACC_DTYPE)
-        b = tl.load(b_ptr + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
 
 @triton.jit
-def _batch_colsums(val, rows, cols, row_ok, col_ok, M, ROWS_PER_B, part_ptr, pid_m, sp_0, sp_1,
+def batch_colsums(val, rows, cols, row_ok, col_ok, M, ROWS_PER_B, part_ptr, pid_m, sp_0, sp_1,
                    BLOCK_M: tl.constexpr):  # fmt: skip
     """Deterministic per-batch-item partials of a tile of token rows: for each of the few
     batch items b0 + j the tile spans, the column sum of val over its rows, stored at
@@ -260,9 +297,9 @@ def _gathered_gemm_kernel(
     sb_k, sb_n, s_bias,
     sc_b, sc_t, sc_h, sc_w, sc_c,
     sp_0, sp_1,
-    D: tl.constexpr, AXIS: tl.constexpr, NBR: tl.constexpr, HAS_BIAS: tl.constexpr, GRAD_MEAN: tl.constexpr,
-    MEAN: tl.constexpr, MEAN_DP: tl.constexpr, IDX64: tl.constexpr,
-    VEC_A: tl.constexpr, VEC_C: tl.constexpr,
+    D: tl.constexpr, AXIS: tl.constexpr, NBR: tl.constexpr, ALPHA_ITEMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GRAD_MEAN: tl.constexpr, MEAN: tl.constexpr, MEAN_DP: tl.constexpr, IDX64: tl.constexpr,
+    VEC_A: tl.constexpr, VEC_B: tl.constexpr, DIM_B: tl.constexpr, VEC_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -271,7 +308,7 @@ def _gathered_gemm_kernel(
     a_ptr:    [B, T, H, W, C] input of the map (x forward, dY for dX), strides sa_b..sa_c
     a1_ptr, a2_ptr, alpha_ptr: NBR > 1 only (mixops::_reweighted_proj): the other branches,
               strides sa_b..sa_c as a_ptr, and alpha [B, F, NBR] contiguous; A_g is then the
-              reweighted branch sum (_load_mixed)
+              reweighted branch sum (_load_mixed), alpha read as ALPHA_ITEMS says (alpha_tile)
     b_ptr:    [F, F] matrix read as B[f, n] = b_ptr[f*sb_k + n*sb_n] (W^T forward, W for dX)
     bias_ptr: [F] bias indexed by GEMM feature, stride s_bias (unused unless HAS_BIAS)
     c_ptr:    [B, T, H, W, C] output (y forward, dX backward), strides sc_b..sc_c
@@ -285,7 +322,8 @@ def _gathered_gemm_kernel(
               last batch item are not written)
     M: GEMM rows; F = L*D (spatial) or T*D ("t"); T, H, W, L, NCH: the map (_row_part);
     ROWS_PER_B: GEMM rows per batch item. IDX64: int64 offsets (host: a tensor may exceed
-    2**30 elements), else int32. VEC_A / VEC_C: vector hints of a / c (_tile_offsets).
+    2**30 elements), else int32. VEC_A / VEC_C: vector hints of a / c along the features
+    (vector_width); VEC_B / DIM_B: that of B along dimension DIM_B of its tile (weight_operand).
     DOT_DTYPE: what the operands enter tl.dot as (storage dtype on the GPU, fp32 for half types
     under the interpreter, whose bf16 dot is wrong); ACC_DTYPE fp32, or fp64 for fp64 inputs.
     """
@@ -294,18 +332,19 @@ def _gathered_gemm_kernel(
     tl.static_assert(BLOCK_N >= 16)
     # F from the constexpr D: its known divisibility lets the feature masks stay vector-wide
     F = T * D if AXIS == _AXIS_T else L * D
-    pid_m, pid_n, rows, cols, row_ok, col_ok = _output_tile(M, F, BLOCK_M, BLOCK_N, IDX64)
-    acc = _gemm_mainloop(
-        a_ptr, a1_ptr, a2_ptr, alpha_ptr, gm_ptr, b_ptr, rows, cols, row_ok, col_ok,
-        F, T, H, W, L, NCH, ROWS_PER_B, sa_b, sa_t, sa_h, sa_w, sa_c, sb_k, sb_n,
-        D, AXIS, NBR, GRAD_MEAN, VEC_A, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, ACC_DTYPE, PRECISION,
+    pid_m, pid_n, rows, cols, row_ok, col_ok = output_tile(M, F, BLOCK_M, BLOCK_N, IDX64)
+    acc = gemm_mainloop(
+        a_ptr, a1_ptr, a2_ptr, alpha_ptr, gm_ptr, b_ptr, rows, cols, row_ok, col_ok, pid_m.to(rows.dtype) * BLOCK_M,
+        M, F, T, H, W, L, NCH, ROWS_PER_B, sa_b, sa_t, sa_h, sa_w, sa_c, sb_k, sb_n,
+        D, AXIS, NBR, ALPHA_ITEMS, GRAD_MEAN, VEC_A, VEC_B, DIM_B,
+        BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, ACC_DTYPE, PRECISION,
     )  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * s_bias, mask=col_ok, other=0.0)
         acc += bias.to(ACC_DTYPE)[None, :]
-    c_offs = _tile_offsets(rows, cols, T, H, W, L, NCH, sc_b, sc_t, sc_h, sc_w, sc_c, D, AXIS, 0)
+    c_offs = tile_offsets(rows, cols, T, H, W, L, NCH, sc_b, sc_t, sc_h, sc_w, sc_c, D, AXIS, 0)
     out_ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(_vector_hint(c_ptr, c_offs, VEC_C, 1), acc.to(c_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(vector_hint(c_ptr, c_offs, VEC_C, 1), acc.to(c_ptr.dtype.element_ty), mask=out_ok)
     if MEAN == 1:
         # sum over the chunk positions p of features p*D + s: a 0/1 selection matrix on the
         # fp32 tile in full precision (MEAN_DP = D padded to a power of 2 >= 16)
@@ -315,7 +354,7 @@ def _gathered_gemm_kernel(
         p_offs = pid_n * sp_0 + rows[:, None] * sp_1 + ss[None, :]
         tl.store(part_ptr + p_offs, psum.to(part_ptr.dtype.element_ty), mask=row_ok[:, None] & (ss[None, :] < D))
     if MEAN == 2:
-        _batch_colsums(acc, rows, cols, row_ok, col_ok, M, ROWS_PER_B, part_ptr, pid_m, sp_0, sp_1, BLOCK_M)
+        batch_colsums(acc, rows, cols, row_ok, col_ok, M, ROWS_PER_B, part_ptr, pid_m, sp_0, sp_1, BLOCK_M)
 
 
 @triton.jit
@@ -325,8 +364,8 @@ def _grad_weight_kernel(
     sy_b, sy_t, sy_h, sy_w, sy_c,
     sx_b, sx_t, sx_h, sx_w, sx_c,
     sdw_s, sdw_n, sdw_f, sdb_s, sdb_n,
-    D: tl.constexpr, AXIS: tl.constexpr, NBR: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-    GRAD_MEAN: tl.constexpr, IDX64: tl.constexpr, VEC_Y: tl.constexpr, VEC_X: tl.constexpr,
+    D: tl.constexpr, AXIS: tl.constexpr, NBR: tl.constexpr, ALPHA_ITEMS: tl.constexpr, HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr, GRAD_MEAN: tl.constexpr, IDX64: tl.constexpr, VEC_Y: tl.constexpr, VEC_X: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -335,7 +374,8 @@ def _grad_weight_kernel(
     dy_ptr: [B, T, H, W, C] incoming gradient (may be expanded), strides sy_b..sy_c
     x_ptr:  [B, T, H, W, C] forward input, strides sx_b..sx_c (unused unless HAS_DW)
     x1_ptr, x2_ptr, alpha_ptr: NBR > 1 only: X_g is the reweighted branch sum recomputed in
-            the load stage (_load_mixed; branches strided as x_ptr, alpha [B, F, NBR])
+            the load stage (_load_mixed; branches strided as x_ptr, alpha [B, F, NBR] read as
+            ALPHA_ITEMS says for tiles of BLOCK_M rows)
     gm_ptr: [B, C] contiguous, GRAD_MEAN only: added to dY at every element's (b, c)
     dw_ptr: [SPLIT, F, F] partials, dw[s, n, f] at s*sdw_s + n*sdw_n + f*sdw_f (if HAS_DW)
     db_ptr: [SPLIT, F] partials, db[s, n] at s*sdb_s + n*sdb_n (if HAS_DB; written by the
@@ -368,15 +408,15 @@ def _grad_weight_kernel(
         ms = m0 + tl.arange(0, BLOCK_M)
         m_ok = ms < end
         dy_ok = n_ok[:, None] & m_ok[None, :]
-        dy_offs = _tile_offsets(ms, ns, T, H, W, L, NCH, sy_b, sy_t, sy_h, sy_w, sy_c, D, AXIS, 1)
-        dy_t = tl.load(_vector_hint(dy_ptr, dy_offs, VEC_Y, 0), mask=dy_ok, other=0.0).to(ACC_DTYPE)
+        dy_offs = tile_offsets(ms, ns, T, H, W, L, NCH, sy_b, sy_t, sy_h, sy_w, sy_c, D, AXIS, 1)
+        dy_t = tl.load(vector_hint(dy_ptr, dy_offs, VEC_Y, 0), mask=dy_ok, other=0.0).to(ACC_DTYPE)
         if GRAD_MEAN:
             gm_offs = _grad_mean_offsets(ms, ns, L, ROWS_PER_B, D, 1)
             dy_t += tl.load(gm_ptr + gm_offs, mask=dy_ok, other=0.0).to(ACC_DTYPE)
         if HAS_DW:
-            x_offs = _tile_offsets(ms, fs, T, H, W, L, NCH, sx_b, sx_t, sx_h, sx_w, sx_c, D, AXIS, 0)
+            x_offs = tile_offsets(ms, fs, T, H, W, L, NCH, sx_b, sx_t, sx_h, sx_w, sx_c, D, AXIS, 0)
             xg = _load_mixed(x_ptr, x1_ptr, x2_ptr, alpha_ptr, x_offs, ms, fs, m_ok[:, None] & f_ok[None, :],
-                             F, ROWS_PER_B, NBR, VEC_X, ACC_DTYPE)  # fmt: skip
+                             m0, M, F, ROWS_PER_B, NBR, ALPHA_ITEMS, VEC_X, ACC_DTYPE)  # fmt: skip
             acc = tl.dot(dy_t.to(DOT_DTYPE), xg.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if HAS_DB:
             db_acc += tl.sum(dy_t, axis=1)
@@ -427,40 +467,13 @@ def geometry(shape5: tuple[int, ...], segment_dim: int, axis: str) -> Geometry:
     return Geometry(_AXIS_IDS[axis], B * T * H * W, C, T, H, W, segment_dim, D, H * W // segment_dim, T * H * W)
 
 
-@dataclass(frozen=True)
-class Blocks:
-    """Tile sizes and launch options of one kernel launch."""
-
-    m: int
-    n: int
-    k: int
-    num_warps: int
-    num_stages: int
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _pow2_between(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
-
-
-def _interpreter_blocks(M: int, F: int) -> Blocks:
-    """Under the interpreter every program and loop step costs ~1 ms whatever its size (numpy
-    does the tile work): one tile over F (up to 256) and as many rows as keep a tile <= 64k
-    elements, so the test shapes run in a handful of programs."""
-    nf = _pow2_between(F, 16, 256)
-    return Blocks(m=_pow2_between(M, 16, max(16, 65536 // nf)), n=nf, k=nf, num_warps=4, num_stages=1)
-
-
 def gemm_blocks(M: int, F: int, dtype: torch.dtype) -> Blocks:
     """Tiles of the gathered GEMM (forward and dX): m = BLOCK_M rows, n = BLOCK_N features,
     k = BLOCK_K reduction step. 64x64 tiles: on sm_90 the 128x128 (and 128x64) half-type tiles
     spill once the channel-mean epilogue is compiled in (ptxas -v, tests/test_morph_fc_sm90.py),
     and fp32 needs the 16-deep reduction step to stay spill-free."""
-    if _interpreting():
-        return _interpreter_blocks(M, F)
+    if interpreting():
+        return interpreter_gemm_blocks(M, F, F)
     if dtype == torch.float64:
         return Blocks(m=64, n=32, k=16, num_warps=4, num_stages=2)
     if dtype == torch.float32:
@@ -470,9 +483,10 @@ def gemm_blocks(M: int, F: int, dtype: torch.dtype) -> Blocks:
 
 def grad_weight_blocks(M: int, F: int, dtype: torch.dtype) -> Blocks:
     """Tiles of the dW/db kernel: m = BLOCK_N (dW rows), n = BLOCK_F (dW columns), k = BLOCK_M
-    (the GEMM rows reduced per step); spill-free on sm_90 (tests/test_morph_fc_sm90.py)."""
-    if _interpreting():
-        b = _interpreter_blocks(M, F)
+    (the GEMM rows reduced per step); spill-free on sm_90 (tests/test_morph_fc_sm90.py). Under
+    the interpreter the forward's tiles transposed: the GEMM rows it takes are the reduction."""
+    if interpreting():
+        b = interpreter_gemm_blocks(M, F, F)
         return Blocks(m=b.n, n=b.n, k=b.m, num_warps=4, num_stages=1)
     if dtype == torch.float64:
         return Blocks(m=32, n=32, k=16, num_warps=4, num_stages=2)
@@ -481,37 +495,24 @@ def grad_weight_blocks(M: int, F: int, dtype: torch.dtype) -> Blocks:
     return Blocks(m=128, n=128, k=32, num_warps=8, num_stages=2)
 
 
-def grad_weight_split(M: int, F: int, blocks: Blocks, device: torch.device) -> int:
-    """How many fixed row ranges dW/db is split into: enough programs to fill the GPU about
-    twice (a function of the shape and the device only, so the sum is reproducible); one under
-    the interpreter, where programs are what costs."""
-    if _interpreting() or device.type != "cuda":
-        return 1
+def grad_weight_split(M: int, F: int, dtype: torch.dtype) -> int:
+    """How many fixed row ranges dW/db is split into (the first dimension of the partials
+    launch_grad_weight fills): deterministic_split over the M GEMM rows for the dW tiles of
+    grad_weight_blocks -- a function of (M, F, dtype) alone, so dW has the same bits on every
+    GPU model."""
+    blocks = grad_weight_blocks(M, F, dtype)
     tiles = triton.cdiv(F, blocks.m) * triton.cdiv(F, blocks.n)
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(target // tiles, triton.cdiv(M, blocks.k), 1024))
+    return deterministic_split(M, blocks.k, tiles)
 
 
-def _tf32_allowed() -> bool:
-    """Whether PyTorch's own fp32 matmuls may use TF32, so the drop-in matches the official op
-    under the same settings. ``fp32_precision`` (torch >= 2.9) follows the legacy flags and the
-    global setting too, and reading the legacy flags raises once the new API was used."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is not None:
-        return precision == "tf32"
-    return matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-
-
-def _dot_dtypes(dtype: torch.dtype):
-    """(DOT_DTYPE, ACC_DTYPE, PRECISION) for storage dtype ``dtype``."""
-    if dtype == torch.float64:
-        return tl.float64, tl.float64, "ieee"
-    if dtype == torch.float32:
-        return tl.float32, tl.float32, "tf32" if _tf32_allowed() else "ieee"
-    if _interpreting():
-        return tl.float32, tl.float32, "ieee"
-    return (tl.float16 if dtype == torch.float16 else tl.bfloat16), tl.float32, "ieee"
+def alpha_items(rows_per_b: int, block_rows: int) -> int:
+    """How the kernels read alpha for tiles of ``block_rows`` consecutive GEMM rows that start at
+    multiples of block_rows (ALPHA_ITEMS of alpha_tile): 1 when no tile spans two batch items
+    (rows_per_b a multiple of block_rows: MorphMLP stages 1-2 at T = 8), 2 when none spans three
+    (rows_per_b >= block_rows: stages 3-4), 0 otherwise (a per-element gather)."""
+    if rows_per_b % block_rows == 0:
+        return 1
+    return 2 if rows_per_b >= block_rows else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,36 +520,22 @@ def _dot_dtypes(dtype: torch.dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-# int32 offsets are safe below this extent: the carry-free sum row_off + feat_off of a tile
-# element (_combine) can reach twice the largest offset of its tensor
-_INT32_EXTENT = 2**30
+def gathered_vector_width(t: torch.Tensor, D: int) -> int:
+    """The vector hint (VEC_*) of a gathered operand t [B, T, H, W, C]: runs of D channels
+    are contiguous in every chunk map, so vector_width along the channels with extent D."""
+    return vector_width(t, -1, D)
 
 
-def _strides(t: torch.Tensor) -> tuple[int, ...]:
-    """t's strides with those of size-1 dimensions zeroed (never used; a huge one would only
-    push the int32 offset arithmetic to int64)."""
-    return tuple(s if n > 1 else 0 for n, s in zip(t.shape, t.stride()))
-
-
-def _needs_idx64(*tensors: torch.Tensor | None) -> bool:
-    """Whether any tensor's largest element offset needs int64 arithmetic (IDX64)."""
-    return any(
-        t is not None and sum((n - 1) * s for n, s in zip(t.shape, _strides(t))) >= _INT32_EXTENT for t in tensors
-    )
-
-
-def _vec(t: torch.Tensor, D: int) -> int:
-    """The vector width the kernels may promise the compiler for the gathered operand t
-    (_vector_hint): the largest power of 2 (at most 16 bytes) dividing D, every stride of t
-    and its element address, with a unit channel stride; 1 otherwise."""
-    *outer, c = _strides(t)
-    if t.shape[-1] > 1 and c != 1:
-        return 1
-    vec = 16 // t.element_size()
-    for n in (D, *outer, t.data_ptr() // t.element_size()):
-        while n % vec:
-            vec //= 2
-    return vec
+def weight_operand(weight: torch.Tensor, transpose_weight: bool) -> tuple[int, int, int, int]:
+    """(sb_k, sb_n, VEC_B, DIM_B) of the GEMM operand B[f, n] = weight[n, f] (transposed) or
+    weight[f, n], [F, F]: its strides and its vector hint along the tile dimension whose stride
+    is 1. The JIT knows only that a stride is a multiple of 16 elements; vector_width checks the
+    16-byte multiple itself, so at F = 392 (MorphMLP stage 3) bf16 and fp32 rows still move as
+    16-byte cp.async copies rather than 2- / 4-byte ones (tests/test_morph_fc_sm90.py)."""
+    weight_dim = (1, 0) if transpose_weight else (0, 1)  # weight's dimension of B's k and n
+    sb_k, sb_n = (weight.stride(d) for d in weight_dim)
+    dim_b = 0 if sb_k == 1 else 1
+    return sb_k, sb_n, vector_width(weight, weight_dim[dim_b], weight.shape[0]), dim_b
 
 
 def _mean_dp(D: int) -> int:
@@ -580,11 +567,11 @@ def launch_gemm(
     if geo.M == 0:
         return
     blocks = gemm_blocks(geo.M, geo.F, a5.dtype)
-    dot_dtype, acc_dtype, precision = _dot_dtypes(a5.dtype)
-    sb_k, sb_n = (weight.stride(1), weight.stride(0)) if transpose_weight else weight.stride()
+    dot_dtype, acc_dtype, precision = dot_dtypes(a5.dtype)
+    sb_k, sb_n, vec_b, dim_b = weight_operand(weight, transpose_weight)
     mean = 0 if mean_part is None else _mean_mode(geo)
     if mean == 2:
-        slots = _mean_slots(geo, blocks)
+        slots = batch_slots(geo, blocks)
         mean_strides = (slots * mean_part.stride(0), mean_part.stride(0))
     else:
         mean_strides = mean_part.stride()[:2] if mean_part is not None else (0, 0)
@@ -594,13 +581,15 @@ def launch_gemm(
         a5, a1, a2, alpha if alpha is not None else a5, weight, bias if bias is not None else weight, out5,
         grad_mean if grad_mean is not None else weight, mean_part if mean_part is not None else weight,
         *geo.args,
-        *_strides(a5),
+        *strides(a5),
         sb_k, sb_n, bias.stride(0) if bias is not None else 0,
-        *_strides(out5),
+        *strides(out5),
         *mean_strides,
-        D=geo.D, AXIS=geo.axis, NBR=1 + len(more), HAS_BIAS=bias is not None, GRAD_MEAN=grad_mean is not None,
-        MEAN=mean, MEAN_DP=_mean_dp(geo.D), IDX64=_needs_idx64(a5, *more, out5, grad_mean, mean_part),
-        VEC_A=min(_vec(t, geo.D) for t in (a5, *more)), VEC_C=_vec(out5, geo.D),
+        D=geo.D, AXIS=geo.axis, NBR=1 + len(more), ALPHA_ITEMS=alpha_items(geo.rows_per_b, blocks.m),
+        HAS_BIAS=bias is not None, GRAD_MEAN=grad_mean is not None,
+        MEAN=mean, MEAN_DP=_mean_dp(geo.D), IDX64=needs_idx64(a5, *more, out5, grad_mean, mean_part),
+        VEC_A=min(gathered_vector_width(t, geo.D) for t in (a5, *more)), VEC_B=vec_b, DIM_B=dim_b,
+        VEC_C=gathered_vector_width(out5, geo.D),
         BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k,
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
@@ -610,7 +599,7 @@ def launch_gemm(
 def _branch_pointers(a5: torch.Tensor, more: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """The a1 / a2 pointers of a launch with the extra branches ``more`` (a5 where absent);
     the kernels address every branch with a5's strides."""
-    if any(_strides(t) != _strides(a5) for t in more):
+    if any(strides(t) != strides(a5) for t in more):
         raise ValueError("the reweighted branches must share one memory layout")
     return (*more, a5, a5)[:2]
 
@@ -621,8 +610,9 @@ def _mean_mode(geo: Geometry) -> int:
     return 2 if geo.L == 1 and geo.axis != _AXIS_IDS["t"] else 1
 
 
-def _mean_slots(geo: Geometry, blocks: Blocks) -> int:
-    """How many batch items a tile of blocks.m consecutive rows can touch (MEAN 2)."""
+def batch_slots(geo: Geometry, blocks: Blocks) -> int:
+    """How many batch items a tile of blocks.m consecutive rows can touch: the slots per tile
+    of batch_partials' buffer (MEAN 2, and the dalpha partials of kernels/morph_fc_proj.py)."""
     return triton.cdiv(blocks.m - 1, geo.rows_per_b) + 1
 
 
@@ -633,17 +623,17 @@ def mean_partials(geo: Geometry, dtype: torch.dtype, device) -> torch.Tensor:
     F], the [tiles, slots, F] partials of the kernel plus one zero row that the reduction's
     padded gather reads (reduce_mean)."""
     blocks = gemm_blocks(geo.M, geo.F, dtype)
-    part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    part_dtype = accumulate_dtype(dtype)
     if _mean_mode(geo) == 1:
         return torch.empty((triton.cdiv(geo.F, blocks.n), geo.M, geo.D), dtype=part_dtype, device=device)
     return batch_partials(geo, blocks, geo.F, part_dtype, device)
 
 
 def batch_partials(geo: Geometry, blocks: Blocks, width: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """The [tiles * slots + 1, width] buffer of _batch_colsums over the tiles of blocks.m
+    """The [tiles * slots + 1, width] buffer of batch_colsums over the tiles of blocks.m
     token rows: the kernel's [tiles, slots, width] partials plus one zero row that
     batch_sums' padded gather reads."""
-    rows = triton.cdiv(geo.M, blocks.m) * _mean_slots(geo, blocks)
+    rows = triton.cdiv(geo.M, blocks.m) * batch_slots(geo, blocks)
     part = torch.empty((rows + 1, width), dtype=dtype, device=device)
     part[rows].zero_()
     return part
@@ -652,7 +642,7 @@ def batch_partials(geo: Geometry, blocks: Blocks, width: int, dtype: torch.dtype
 def batch_sums(part: torch.Tensor, geo: Geometry, batch: int, blocks: Blocks) -> torch.Tensor:
     """[B, width] per-batch-item sums of batch_partials' buffer in a fixed order (a padded
     gather, then one torch.sum): deterministic."""
-    slots = _mean_slots(geo, blocks)
+    slots = batch_slots(geo, blocks)
     # tiles overlapping batch item b: first..last; slot of b in tile t: b - (t*BLOCK_M) // rows_per_b
     b = torch.arange(batch, device=part.device)
     first = b * geo.rows_per_b // blocks.m
@@ -691,7 +681,7 @@ def launch_grad_weight(
     part = dw_part if dw_part is not None else db_part
     split = part.shape[0]
     blocks = grad_weight_blocks(geo.M, geo.F, dy5.dtype)
-    dot_dtype, acc_dtype, precision = _dot_dtypes(dy5.dtype)
+    dot_dtype, acc_dtype, precision = dot_dtypes(dy5.dtype)
     rows_per_split = triton.cdiv(triton.cdiv(geo.M, split), blocks.k) * blocks.k
     num_f = triton.cdiv(geo.F, blocks.n) if dw_part is not None else 1
     x1, x2 = _branch_pointers(x5, more)
@@ -700,17 +690,33 @@ def launch_grad_weight(
         dy5, x5, x1, x2, alpha if alpha is not None else x5, grad_mean if grad_mean is not None else part,
         part if dw_part is None else dw_part, part if db_part is None else db_part,
         *geo.args, rows_per_split,
-        *_strides(dy5),
-        *_strides(x5),
+        *strides(dy5),
+        *strides(x5),
         *(dw_part.stride() if dw_part is not None else (0, 0, 0)),
         *(db_part.stride() if db_part is not None else (0, 0)),
-        D=geo.D, AXIS=geo.axis, NBR=1 + len(more), HAS_DW=dw_part is not None, HAS_DB=db_part is not None,
-        GRAD_MEAN=grad_mean is not None, IDX64=_needs_idx64(dy5, x5, *more, grad_mean),
-        VEC_Y=_vec(dy5, geo.D), VEC_X=min(_vec(t, geo.D) for t in (x5, *more)),
+        D=geo.D, AXIS=geo.axis, NBR=1 + len(more), ALPHA_ITEMS=alpha_items(geo.rows_per_b, blocks.k),
+        HAS_DW=dw_part is not None, HAS_DB=db_part is not None,
+        GRAD_MEAN=grad_mean is not None, IDX64=needs_idx64(dy5, x5, *more, grad_mean),
+        VEC_Y=gathered_vector_width(dy5, geo.D), VEC_X=min(gathered_vector_width(t, geo.D) for t in (x5, *more)),
         BLOCK_N=blocks.m, BLOCK_F=blocks.n, BLOCK_M=blocks.k,
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
+
+
+def weight_grads(
+    dy5: torch.Tensor, x5: torch.Tensor, geo: Geometry, weight: torch.Tensor, bias: torch.Tensor | None,
+    need_w: bool, need_b: bool, **launch,
+) -> list[torch.Tensor]:
+    """[dW][, db], those flagged, in weight's / bias's dtype: launch_grad_weight (``launch``: its
+    grad_mean / more / alpha) into grad_weight_split partials (fp32; fp64 for fp64), added up
+    by one torch.sum in a fixed order."""
+    split = grad_weight_split(geo.M, geo.F, x5.dtype)
+    part_dtype = accumulate_dtype(x5.dtype)
+    dw_part = torch.empty((split, geo.F, geo.F), dtype=part_dtype, device=x5.device) if need_w else None
+    db_part = torch.empty((split, geo.F), dtype=part_dtype, device=x5.device) if need_b else None
+    launch_grad_weight(dy5, x5, geo, dw_part, db_part, **launch)
+    return [p.sum(dim=0).to(t.dtype) for p, t in ((dw_part, weight), (db_part, bias)) if p is not None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,14 +724,15 @@ def launch_grad_weight(
 # ---------------------------------------------------------------------------------------------
 
 
-def _as_video(t: torch.Tensor) -> torch.Tensor:
-    # [B, H, W, C] is a clip of one frame: a view, strides kept
+def as_video(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, C] as a clip of one frame [B, 1, H, W, C] (a view, strides kept); a
+    [B, T, H, W, C] tensor as it is."""
     return t if t.dim() == 5 else t.unsqueeze(1)
 
 
 def forward(x, weight, bias, segment_dim, axis):
     """The ``triton`` forward of ``mixops::morph_fc``: a fresh contiguous tensor of x's shape."""
-    x5 = _as_video(x)
+    x5 = as_video(x)
     out = torch.empty(x5.shape, dtype=x.dtype, device=x.device)
     launch_gemm(x5, weight, bias, out, geometry(tuple(x5.shape), segment_dim, axis), transpose_weight=True)
     return out.reshape(x.shape)
@@ -734,8 +741,8 @@ def forward(x, weight, bias, segment_dim, axis):
 def backward(grads, needs, x, weight, bias, segment_dim, axis):
     """The ``triton`` backward: gradients of the flagged inputs among (x, weight, bias)."""
     need_x, need_w, need_b = needs
-    x5 = _as_video(x)
-    dy5 = _as_video(grads[0])
+    x5 = as_video(x)
+    dy5 = as_video(grads[0])
     geo = geometry(tuple(x5.shape), segment_dim, axis)
     result = []
     if need_x:
@@ -743,28 +750,15 @@ def backward(grads, needs, x, weight, bias, segment_dim, axis):
         launch_gemm(dy5, weight, None, dx, geo, transpose_weight=False)
         result.append(dx.reshape(x.shape))
     if need_w or need_b:
-        part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        blocks = grad_weight_blocks(geo.M, geo.F, x.dtype)
-        split = grad_weight_split(geo.M, geo.F, blocks, x.device)
-        dw_part = torch.empty((split, geo.F, geo.F), dtype=part_dtype, device=x.device) if need_w else None
-        db_part = torch.empty((split, geo.F), dtype=part_dtype, device=x.device) if need_b else None
-        launch_grad_weight(dy5, x5, geo, dw_part, db_part)
-        if need_w:
-            result.append(dw_part.sum(dim=0).to(weight.dtype))
-        if need_b:
-            result.append(db_part.sum(dim=0).to(bias.dtype))
+        result += weight_grads(dy5, x5, geo, weight, bias, need_w, need_b)
     return result
-
-
-def _mean_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def branch_forward(x, weight, bias, segment_dim, axis):
     """The ``triton`` forward of ``mixops::_morph_branch``: (y, mean) with y the branch output
     (axis "c": the channel FC) and mean [B, C] its fp32 (fp64 for fp64) mean over the tokens,
     summed from the GEMM epilogue's partials (no second pass over y)."""
-    x5 = _as_video(x)
+    x5 = as_video(x)
     geo = geometry(tuple(x5.shape), segment_dim, axis)
     out = torch.empty(x5.shape, dtype=x.dtype, device=x.device)
     part = mean_partials(geo, x.dtype, x.device)
@@ -778,25 +772,16 @@ def branch_backward(grads, needs, x, weight, bias, segment_dim, axis):
     """The ``triton`` backward of ``mixops::_morph_branch``: the dX / dW / db kernels with
     grad_mean / (T*H*W) added to dY in their load stage (never broadcast in HBM)."""
     need_x, need_w, need_b = needs
-    x5 = _as_video(x)
-    dy5 = _as_video(grads[0])
+    x5 = as_video(x)
+    dy5 = as_video(grads[0])
     geo = geometry(tuple(x5.shape), segment_dim, axis)
     tokens = x5.shape[1] * x5.shape[2] * x5.shape[3]
-    gm = (grads[1].to(_mean_dtype(x.dtype)) / max(tokens, 1)).contiguous()
+    gm = (grads[1].to(accumulate_dtype(x.dtype)) / max(tokens, 1)).contiguous()
     result = []
     if need_x:
         dx = torch.empty(x5.shape, dtype=x.dtype, device=x.device)
         launch_gemm(dy5, weight, None, dx, geo, transpose_weight=False, grad_mean=gm)
         result.append(dx.reshape(x.shape))
     if need_w or need_b:
-        blocks = grad_weight_blocks(geo.M, geo.F, x.dtype)
-        split = grad_weight_split(geo.M, geo.F, blocks, x.device)
-        part_dtype = _mean_dtype(x.dtype)
-        dw_part = torch.empty((split, geo.F, geo.F), dtype=part_dtype, device=x.device) if need_w else None
-        db_part = torch.empty((split, geo.F), dtype=part_dtype, device=x.device) if need_b else None
-        launch_grad_weight(dy5, x5, geo, dw_part, db_part, grad_mean=gm)
-        if need_w:
-            result.append(dw_part.sum(dim=0).to(weight.dtype))
-        if need_b:
-            result.append(db_part.sum(dim=0).to(bias.dtype))
+        result += weight_grads(dy5, x5, geo, weight, bias, need_w, need_b, grad_mean=gm)
     return result

@@ -161,6 +161,24 @@ def test_proj_kernels_write_exactly_their_outputs(K):
     assert_close(dalpha, want, torch.float32, name="dalpha")
 
 
+@pytest.mark.parametrize("shape, items", [((3, 2, 4, 4, 20), 1), ((3, 1, 4, 5, 20), 2), ((5, 1, 3, 3, 20), 0)])
+def test_proj_alpha_reads(shape, items, monkeypatch):
+    """alpha is read as one vector per batch item when no 16-row tile spans more than one
+    (rows per item 32) or two (20, the last tile running past M) items, and per element
+    otherwise (9): each path, in the forward, the dA epilogue and the dW load stage, gives the
+    float64 reference's output and gradients."""
+    skip_unless_runs("_reweighted_proj", "triton", "cpu")
+    from mixops.kernels import morph_fc as K_
+    from mixops.kernels import morph_fc_proj as P
+
+    tiles = K_.Blocks(m=16, n=16, k=16, num_warps=4, num_stages=1)
+    for module in (K_, P):
+        monkeypatch.setattr(module, "gemm_blocks", lambda M, F, dtype: tiles)
+    monkeypatch.setattr(K_, "grad_weight_blocks", lambda M, F, dtype: tiles)
+    assert K_.alpha_items(math.prod(shape[1:4]), tiles.m) == items
+    _check("triton", *_inputs(shape, 3))
+
+
 def test_proj_errors():
     x = torch.randn(1, 4, 6, 8)
     a = torch.rand(1, 8, 2)

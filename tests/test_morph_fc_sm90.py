@@ -2,7 +2,7 @@
 at the official shapes is intercepted, compiled for sm_90 with exactly the argument
 specialization a real launch gets (ints equal to 1 as constants, 16-divisibility of ints and
 pointers), and its register use and spills read from ``ptxas -v``. The tests assert no spills
-and vector-wide gathered loads; run this file as a script for the table.
+and vector-wide gathered and weight loads; run this file as a script for the table.
 
 Compiling needs the kernels decorated without TRITON_INTERPRET, so the pytest side runs this
 file in a child process (``python tests/test_morph_fc_sm90.py``).
@@ -19,15 +19,18 @@ import pytest
 import sm90_compile
 
 # (axis, x shape [B, T, H, W, C], segment_dim): every axis once, D = 8, 12, 14, 16 and the
-# channel FC (D = C) among them -- MorphMLP-S / -T stages (docs/morph_fc.md section 10), B = 1. Each case costs
-# three sm_90 compiles (~5 s each on 2 cores).
+# channel FC (D = C) among them -- MorphMLP-S / -T stages (docs/morph_fc.md section 10), B = 1;
+# F = 392 (MorphMLP-S stage 3, spatial and temporal), whose weight rows the JIT does not see
+# 16-byte aligned. Each case costs three sm_90 compiles (~5 s each on 2 cores).
 SHAPES = [
     ("w", (1, 1, 56, 56, 112), 14), ("h", (1, 1, 14, 14, 336), 28), ("hs", (1, 1, 7, 7, 784), 49),
-    ("t", (1, 8, 14, 14, 392), 8), ("c", (1, 1, 7, 7, 784), 1),
+    ("t", (1, 8, 14, 14, 392), 8), ("c", (1, 1, 7, 7, 784), 1), ("w", (1, 1, 14, 14, 392), 28),
 ]  # fmt: skip
-# (x shape, K): the reweighted proj of MorphFC_S stage 1 (three branches) and MorphFC_S2
-# stage 4 (two); three compiles each (forward, dA, dW)
-PROJ_SHAPES = [((1, 1, 56, 56, 112), 3), ((1, 1, 7, 7, 784), 2)]
+# (x shape, K): the reweighted proj of MorphFC_S stage 1 (three branches), MorphFC_S2 stage 4
+# (two) and MorphFC_S stage 3 at T = 8 (F = 392); alpha read per item (stage 1), per element
+# (stage 4 image: 49 rows per item) and per item with two items per 64-row tile (stage 3, T = 8);
+# three compiles each (forward, dA, dW)
+PROJ_SHAPES = [((1, 1, 56, 56, 112), 3), ((1, 1, 7, 7, 784), 2), ((1, 8, 14, 14, 392), 3)]
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -121,26 +124,32 @@ def _compile(kernel, args, kwargs):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 
-def _loads(ptx: str) -> tuple[int, int]:
-    """(vector, scalar) global loads in the PTX: the pipelined operand loads are cp.async
-    copies (.cg moves 16 bytes; .ca 4, 8 or 16; the size is printed in hex), the rest
-    ld.global(.v2/.v4)."""
+def _loads(ptx: str) -> tuple[int, int, int]:
+    """(vector, scalar) global loads in the PTX and how many of them are 16-byte cp.async copies:
+    the pipelined operand loads are cp.async copies (.cg moves 16 bytes; .ca 4, 8 or 16; the
+    size is printed in hex), the rest ld.global(.v2/.v4)."""
     loads = re.findall(r"ld\.global[\w.]*", ptx)
     copies = [int(n, 0) for n in re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, (0x[0-9a-f]+|\d+)(?:, %?\w+)?;", ptx)]
     vector = sum(1 for op in loads if ".v2" in op or ".v4" in op) + sum(1 for n in copies if n > 4)
     scalar = len(loads) - sum(1 for op in loads if ".v2" in op or ".v4" in op) + sum(1 for n in copies if n <= 4)
-    return vector, scalar
+    return vector, scalar, copies.count(16)
 
 
 def main() -> None:
     for label, kernel, args, kwargs in _launches():
         ptx = _compile(kernel, args, kwargs)
         regs, spills = sm90_compile.ptxas_stats(ptx)
-        vector, scalar = _loads(ptx)
-        print(f"{label}: regs={regs} spills={spills} vector_loads={vector} scalar_loads={scalar}", flush=True)
+        vector, scalar, copies16 = _loads(ptx)
+        print(
+            f"{label}: regs={regs} spills={spills} vector_loads={vector} scalar_loads={scalar} copies_16B={copies16}",
+            flush=True,
+        )
 
 
-_LINE = re.compile(r"^([\w-]+) (\w+) ([\w=]+) (\S+) L=(\d+): regs=(\d+) spills=(\d+) vector_loads=(\d+) scalar_loads=(\d+)$")
+_LINE = re.compile(
+    r"^([\w-]+) (\w+) ([\w=]+) (\S+) L=(\d+): regs=(\d+) spills=(\d+) vector_loads=(\d+) scalar_loads=(\d+)"
+    r" copies_16B=(\d+)$"
+)
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +180,40 @@ def _channels_per_group(row) -> int:
 def test_gathered_operands_load_as_vectors_on_sm90(sm90_table):
     """Every launch whose runs of D consecutive channels admit it moves some operand as
     vectors (cp.async of 8/16 bytes or ld.global.v*). An odd D (axis "t" of MorphMLP-S stage 3:
-    392 / 8 = 49) leaves no aligned pair of channels to vectorize: those launches load only
-    scalars, and the test says so rather than skipping them."""
+    392 / 8 = 49) leaves no aligned pair of channels to vectorize: there the gathered operands
+    load as scalars -- the dW kernel, which reads nothing else, only scalars -- and the test
+    says so rather than skipping them."""
     even = [r for r in sm90_table if _channels_per_group(r) % 2 == 0]
     odd = [r for r in sm90_table if _channels_per_group(r) % 2 == 1]
     assert even and odd
     assert all(int(r[7]) > 0 for r in even), [r for r in even if int(r[7]) == 0]
-    assert all(int(r[7]) == 0 and int(r[8]) > 0 for r in odd), odd
+    assert all(int(r[8]) > 0 for r in odd), odd
+    assert all(int(r[7]) == 0 for r in odd if r[0] == "dw"), odd
+
+
+def _weight_copies(row) -> int:
+    """The 16-byte cp.async copies of the weight tile [BLOCK_K, BLOCK_N] of a forward / dX
+    launch at F = 392 (GPU tiles): per pipeline stage, its bytes over 16 bytes per thread."""
+    import torch
+    from mixops.kernels import morph_fc as K
+
+    dtype = getattr(torch, row[1])
+    b = K.gemm_blocks(1, 392, dtype)
+    return b.k * b.n * dtype.itemsize // (16 * 32 * b.num_warps) * b.num_stages
+
+
+@pytest.mark.slow
+def test_weight_loads_as_16_byte_copies_at_F392_on_sm90(sm90_table, monkeypatch):
+    """At F = 392 a weight row is 784 (bf16) or 1568 (fp32) bytes, a multiple of 16 that the
+    JIT cannot see (392 is no multiple of 16 elements): the host-checked hint (weight_operand)
+    makes the weight tile move in 16-byte cp.async copies, where it loaded as synchronous 2-byte
+    loads (bf16) or 4-byte copies (fp32) before. Spatial D = 14 and temporal D = 49 bound the
+    gathered operands (and the mean gradient of dX) to 8-byte copies, so the 16-byte copies
+    are exactly the weight's."""
+    monkeypatch.delenv("TRITON_INTERPRET")  # the GPU tiles
+    rows = [r for r in sm90_table if r[0] in ("fwd", "dx") and r[3].endswith("x392") and r[2] in ("w", "t")]
+    assert {(r[1], r[2]) for r in rows} == {(d, a) for d in DTYPES for a in ("w", "t")}
+    assert all(int(r[9]) == _weight_copies(r) > 0 for r in rows), rows
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def test_backward_takes_an_expanded_gradient(axis):
 @pytest.mark.parametrize("axis", ["w", "t"])
 def test_backward_is_bit_identical_across_runs(axis, device, monkeypatch):
     """Fixed split partials + an ordered sum: no run-to-run difference (3 splits forced here)."""
-    monkeypatch.setattr(K, "grad_weight_split", lambda M, F, blocks, device: 3)
+    monkeypatch.setattr(K, "grad_weight_split", lambda M, F, dtype: 3)
     x, w, b, L = _inputs(axis, torch.float32, device)
     g = torch.randn(x.shape, device=device)
     first = K.backward([g], [True, True, True], x, w, b, L, axis)
@@ -180,12 +180,47 @@ def test_empty_batch():
     assert dx.shape == x.shape and not dw.any() and not db.any()
 
 
-def test_fp32_dots_follow_torch_tf32_setting():
-    """fp32 dots are full fp32 unless PyTorch allows TF32 for its own matmuls."""
-    assert K._dot_dtypes(torch.float32)[2] == "ieee"
-    with fp32_matmul():
-        assert K._dot_dtypes(torch.float32)[2] == "tf32"
-        assert K._dot_dtypes(f64)[2] == "ieee"
+@pytest.mark.parametrize("axis", ["w", "t"])
+def test_column_major_weight(axis):
+    """A weight stored transposed (W.t().contiguous().t()) puts the unit stride on the other
+    dimension of the weight operand's tile (weight_operand): forward and all gradients still
+    match the reference."""
+    x, w, b, L = _inputs(axis)
+    w_cm = w.t().contiguous().t()
+    assert w_cm.stride(0) == 1 and torch.equal(w_cm, w)
+    assert K.weight_operand(w_cm, True)[3] == 1 and K.weight_operand(w, True)[3] == 0
+    g = torch.randn(x.shape, dtype=f64)
+    assert_close(K.forward(x, w_cm, b, L, axis), ref.morph_fc(x, w, b, L, axis))
+    got = K.backward([g], [True, True, True], x, w_cm, b, L, axis)
+    for a, e, n in zip(got, _reference_grads(x, w, b, L, axis, g), ("x", "weight", "bias")):
+        assert_close(a, e, name=f"grad {n}")
+
+
+# (axis, x shape, segment_dim) -> dW split of (fp32, bf16, fp16, fp64): MorphMLP-S stages at
+# B = 128 (token maps and the channel FC have the same GEMM) and the temporal FC at B = T = 8
+OFFICIAL_SPLITS = [
+    ("w", (128, 1, 56, 56, 112), 14, (32, 256, 256, 16)),
+    ("c", (128, 1, 28, 28, 224), 1, (9, 64, 64, 5)),
+    ("h", (128, 1, 14, 14, 392), 28, (2, 16, 16, 1)),
+    ("hs", (128, 1, 7, 7, 784), 49, (1, 5, 5, 1)),
+    ("t", (8, 8, 14, 14, 392), 8, (2, 16, 16, 1)),
+]
+
+
+@pytest.mark.parametrize("axis, shape, L, splits", OFFICIAL_SPLITS, ids=[f"{c[0]}-{c[1][-1]}" for c in OFFICIAL_SPLITS])
+def test_grad_weight_split_depends_on_the_shape_alone(axis, shape, L, splits, monkeypatch):
+    """The dW split (hence dW's bits) at the official shapes is a fixed function of (M, F,
+    dtype): the same numbers whatever GPU runs it, and no device is ever queried."""
+
+    def no_device_query(*args, **kwargs):
+        raise AssertionError("grad_weight_split consulted torch.cuda")
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # the GPU rule, not the interpreter's single range
+    for name in ("get_device_properties", "device_count", "current_device", "get_device_capability"):
+        monkeypatch.setattr(torch.cuda, name, no_device_query)
+    geo = K.geometry(shape, L, axis)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, f64)
+    assert tuple(K.grad_weight_split(geo.M, geo.F, d) for d in dtypes) == splits
 
 
 def test_interpreter_heuristics_keep_test_launches_small():
