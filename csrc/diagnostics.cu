@@ -16,8 +16,9 @@
 
 #include "common.cuh"
 
-#define MIXOPS_STR2(x) #x
-#define MIXOPS_STR(x) MIXOPS_STR2(x)
+// variadic: a build for several architectures defines __CUDA_ARCH_LIST__ as a list (750,800)
+#define MIXOPS_STR2(...) #__VA_ARGS__
+#define MIXOPS_STR(...) MIXOPS_STR2(__VA_ARGS__)
 
 namespace mixops {
 
