@@ -45,12 +45,13 @@ void sample_forward(const at::Tensor& x, const at::Tensor& offset, const at::Ten
   const auto xv = view<const scalar_t>(x, sh);
   const auto ov = view<const scalar_t>(offset, sh);
   const auto yv = view<scalar_t>(out, sh);
+  const Divider group(sh.share);  // channel -> offset group, as the kernels divide
   for (int64_t b = 0; b < sh.B; ++b)
     for (int64_t l = 0; l < sh.L; ++l)
       for (int64_t q = 0; q < sh.n; ++q)
         for (int64_t c = 0; c < sh.C; ++c) {
           const auto load = [&](int64_t t) { return xv.at(b, l, t, c); };
-          const acc_t o = static_cast<acc_t>(ov.at(b, l, q, c / sh.share));
+          const acc_t o = static_cast<acc_t>(ov.at(b, l, q, group.div(c)));
           yv.at(b, l, q, c) = static_cast<scalar_t>(atm::sample<acc_t>(load, q, o, sh.n));
         }
 }
@@ -110,6 +111,7 @@ void fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor&
   const auto yv = view<scalar_t>(out, sh);
   const auto w = weight.accessor<scalar_t, 2>();
   const int64_t c_out = weight.size(0);
+  const Divider group(sh.share);
   std::vector<scalar_t> s(sh.C);
   for (int64_t b = 0; b < sh.B; ++b)
     for (int64_t l = 0; l < sh.L; ++l)
@@ -117,7 +119,7 @@ void fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor&
         for (int64_t c = 0; c < sh.C; ++c) {
           const auto load = [&](int64_t t) { return xv.at(b, l, t, c); };
           s[c] = static_cast<scalar_t>(
-              atm::sample<acc_t>(load, q, static_cast<acc_t>(ov.at(b, l, q, c / sh.share)), sh.n));
+              atm::sample<acc_t>(load, q, static_cast<acc_t>(ov.at(b, l, q, group.div(c))), sh.n));
         }
         for (int64_t j = 0; j < c_out; ++j) {
           acc_t acc = bias.has_value() ? static_cast<acc_t>(bias->data_ptr<scalar_t>()[j * bias->stride(0)]) : 0;

@@ -37,12 +37,11 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
-
-#include <torch/library.h>
 
 #include <limits>
 #include <type_traits>

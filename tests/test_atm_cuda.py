@@ -158,11 +158,12 @@ def test_matches_torchvision_deform_conv2d(axis, share, kind):
         assert_close(a, e, name=f"fc grad {name}")
 
 
-@pytest.mark.parametrize("share", [1, 2, 8])
+@pytest.mark.parametrize("share", [1, 2, 3, 8])
 @pytest.mark.parametrize("axis", AXES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fc_matches_reference(dtype, axis, share):
-    """Awkward C and C_out, transposed weight, strided bias, expanded incoming gradient."""
+    """Awkward C and C_out, transposed weight, strided bias, expanded incoming gradient; a share
+    that is no power of two takes the general path of the kernels' channel -> group Divider."""
     c_out = 13
     x, off = strided_inputs(AWKWARD, share, axis, "normal1", dtype)
     w, b = _fc_params(AWKWARD[-1], c_out, dtype)
