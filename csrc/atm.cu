@@ -25,21 +25,22 @@
 //   FMA), so the sampled tensor never reaches HBM; bias in the epilogue. Grid (cdiv(M, 64) ·
 //   cdiv(C_out, 64),), the column tiles of one row tile adjacent so its gathers hit L2.
 // - atm_fc backward: dS = g @ W (cuBLAS), then the atm_sample backward; dW = g^T @ S with S
-//   re-gathered in the B-operand load of the same tiled GEMM, over a fixed split of the pixels
-//   into fp32 partials summed in order (grid (cdiv(C_out, 64) · cdiv(C, 64), splits)); db =
-//   g summed over the pixels. 4·M·C·C_out FLOP.
+//   re-gathered in the B-operand load of the same tiled GEMM, over a split of the pixels fixed by
+//   the shapes (common.cuh split_rows) into fp32 partials summed in order (grid (cdiv(C_out, 64) ·
+//   cdiv(C, 64), splits)); db = g summed over fixed pixel ranges (column_sum.cuh).
+//   4·M·C·C_out FLOP.
 //
 // Not yet run on a GPU (registered auto=False): the tiling, shared-memory layouts and tensor-
 // core fragments are verified only by compilation; the CPU tests cover atm_math.cuh.
 #include <ATen/AccumulateType.h>
 #include <ATen/Context.h>
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -50,26 +51,37 @@
 
 #include "atm_host.cuh"
 #include "atm_math.cuh"
-#include "ops.h"
+#include "column_sum.cuh"
+#include "common.cuh"
 #include "tf32.h"
 
 namespace mixops {
 
 namespace {
 
+using atm::LineDividers;
 using atm::LineShape;
 using atm::LineStrides;
 namespace wmma = nvcuda::wmma;
-
-// The storage dtypes: fp32, fp16, bf16 (accumulating in fp32) and fp64 (accumulating in fp64,
-// for gradcheck-grade comparisons; its GEMMs take the FMA path).
-#define MIXOPS_ATM_DISPATCH(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 template <typename scalar_t>
 using acc_type = at::acc_type<scalar_t, /*is_cuda=*/true>;
 
 __device__ __forceinline__ int64_t pixel_offset(const LineStrides& s, int64_t b, int64_t l, int64_t q) {
   return b * s.b + l * s.l + q * s.p;
+}
+
+// Image b, line l and position q of pixel m = (b·L + l)·n + q. Every index division of the kernels
+// goes through the precomputed Dividers (common.cuh): no 64-bit division sequence in device code
+// (tests/test_atm_cuda.py reads the SASS).
+struct PixelIndex {
+  int64_t b, l, q;
+};
+__device__ __forceinline__ PixelIndex pixel_index(int64_t m, const LineDividers& d) {
+  int64_t q, l;
+  const int64_t line = d.n.divmod(m, q);
+  const int64_t b = d.L.divmod(line, l);
+  return {b, l, q};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -80,21 +92,22 @@ __device__ __forceinline__ int64_t pixel_offset(const LineStrides& s, int64_t b,
 //   x   [B, L, n, C]: strides sx (batch, line, position, channel).
 //   off [B, L, n, G]: strides so (channel = offset group).
 //   out [B, L, n, C]: strides sy.
-// M = B·L·n pixels. Block (channel lanes, pixels): threadIdx.x -> channel, threadIdx.y -> pixel.
+// M = B·L·n pixels, d: the view's dividers. Block (channel lanes, pixels): threadIdx.x -> channel,
+// threadIdx.y -> pixel.
 template <typename scalar_t>
 __global__ void atm_sample_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ off,
-                                      scalar_t* __restrict__ out, int64_t M, int64_t L, int64_t n, int64_t C,
-                                      int64_t share, LineStrides sx, LineStrides so, LineStrides sy) {
+                                      scalar_t* __restrict__ out, int64_t M, int64_t C, LineDividers d,
+                                      LineStrides sx, LineStrides so, LineStrides sy) {
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (m >= M || c >= C) return;
-  const int64_t q = m % n, line = m / n;
-  const int64_t b = line / L, l = line % L;
-  const scalar_t* x_line = x + b * sx.b + l * sx.l + c * sx.c;
+  const PixelIndex p = pixel_index(m, d);
+  const scalar_t* x_line = x + p.b * sx.b + p.l * sx.l + c * sx.c;
   const auto load = [&](int64_t t) { return x_line[t * sx.p]; };
   using acc_t = acc_type<scalar_t>;
-  const acc_t o = static_cast<acc_t>(off[pixel_offset(so, b, l, q) + (c / share) * so.c]);
-  out[pixel_offset(sy, b, l, q) + c * sy.c] = static_cast<scalar_t>(atm::sample<acc_t>(load, q, o, n));
+  const acc_t o = static_cast<acc_t>(off[pixel_offset(so, p.b, p.l, p.q) + d.share.div(c) * so.c]);
+  out[pixel_offset(sy, p.b, p.l, p.q) + c * sy.c] =
+      static_cast<scalar_t>(atm::sample<acc_t>(load, p.q, o, d.n.divisor()));
 }
 
 // Up to 64 channel lanes (a bf16 pixel of C = 64 is one 128-byte line) and 256 threads.
@@ -111,11 +124,10 @@ void launch_sample_forward(const at::Tensor& x, const at::Tensor& offset, const 
   const int64_t grid_c = (sh.C + block.x - 1) / block.x;
   TORCH_CHECK(grid_c <= 65535, "_atm_sample_cuda: too many channels (", sh.C, ")");
   const dim3 grid(static_cast<unsigned>((M + block.y - 1) / block.y), static_cast<unsigned>(grid_c));
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  MIXOPS_ATM_DISPATCH(x.scalar_type(), "atm_sample_cuda", [&] {
-    atm_sample_fwd_kernel<scalar_t><<<grid, block, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), M, sh.L,
-        sh.n, sh.C, sh.share, sh.strides(x), sh.strides(offset), sh.strides(out));
+  MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t, [&] {
+    atm_sample_fwd_kernel<scalar_t><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), M, sh.C,
+        sh.dividers(), sh.strides(x), sh.strides(offset), sh.strides(out));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -134,7 +146,7 @@ void launch_sample_forward(const at::Tensor& x, const at::Tensor& offset, const 
 template <typename scalar_t, bool kNeedGx, bool kNeedGoff>
 __global__ void atm_sample_bwd_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
                                       const scalar_t* __restrict__ off, scalar_t* __restrict__ gx,
-                                      scalar_t* __restrict__ goff, int64_t lines, int64_t L, int64_t n, int64_t G,
+                                      scalar_t* __restrict__ goff, int64_t lines, Divider L, int64_t n, int64_t G,
                                       int64_t share, LineStrides sg, LineStrides sx, LineStrides so,
                                       LineStrides sgx, LineStrides sgo) {
   using acc_t = acc_type<scalar_t>;
@@ -143,7 +155,8 @@ __global__ void atm_sample_bwd_kernel(const scalar_t* __restrict__ g, const scal
   const int64_t grp = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t line = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (grp >= G || line >= lines) return;
-  const int64_t b = line / L, l = line % L, c0 = grp * share;
+  int64_t l;
+  const int64_t b = L.divmod(line, l), c0 = grp * share;
   const int64_t lanes = blockDim.x;
   acc_t* acc = gx_slab + threadIdx.y * n * share * lanes + threadIdx.x;  // (t, s) at (t·share + s)·lanes
   if constexpr (kNeedGx) {
@@ -204,8 +217,8 @@ void launch_sample_backward_t(const at::Tensor& grad, const at::Tensor& x, const
   kernel<<<grid, cfg.block, cfg.smem, at::cuda::getCurrentCUDAStream()>>>(
       grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
       kNeedGx ? gx.mutable_data_ptr<scalar_t>() : nullptr, kNeedGoff ? goff.mutable_data_ptr<scalar_t>() : nullptr,
-      lines, sh.L, sh.n, sh.G, sh.share, sh.strides(grad), sh.strides(x), sh.strides(offset), sh.strides(gx_t),
-      sh.strides(go_t));
+      lines, Divider(sh.L), sh.n, sh.G, sh.share, sh.strides(grad), sh.strides(x), sh.strides(offset),
+      sh.strides(gx_t), sh.strides(go_t));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -213,13 +226,14 @@ void launch_sample_backward_t(const at::Tensor& grad, const at::Tensor& x, const
 void launch_sample_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset,
                             const at::Tensor& gx, const at::Tensor& goff, const LineShape& sh) {
   if (sh.pixels() == 0 || sh.C == 0 || !(gx.defined() || goff.defined())) return;
-  MIXOPS_ATM_DISPATCH(x.scalar_type(), "atm_sample_backward_cuda", [&] {
-    if (gx.defined() && goff.defined())
-      launch_sample_backward_t<scalar_t, true, true>(grad, x, offset, gx, goff, sh);
-    else if (gx.defined())
-      launch_sample_backward_t<scalar_t, true, false>(grad, x, offset, gx, goff, sh);
-    else
-      launch_sample_backward_t<scalar_t, false, true>(grad, x, offset, gx, goff, sh);
+  MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t, [&] {
+    MIXOPS_BOOL_SWITCH(gx.defined(), kNeedGx, [&] {
+      // (generic, so that the kernel without outputs is never instantiated)
+      MIXOPS_BOOL_SWITCH(goff.defined(), kNeedGoff, [&](auto...) {
+        if constexpr (kNeedGx || kNeedGoff)
+          launch_sample_backward_t<scalar_t, kNeedGx, kNeedGoff>(grad, x, offset, gx, goff, sh);
+      });
+    });
   });
 }
 
@@ -235,8 +249,6 @@ void launch_sample_backward(const at::Tensor& grad, const at::Tensor& x, const a
 
 constexpr int kTileM = 64, kTileN = 64, kTileK = 32, kThreads = 128;
 constexpr int kLdC = kTileN + 4;  // multiple of 4 floats (WMMA), rows 16 apart stay 32-B aligned
-
-enum class Math { kSimt, kWmma, kTf32 };
 
 // FMA in acc_t (fp32, or fp64 for fp64): thread t owns rows t/16 + 8i (i < 8) and columns
 // t%16 + 16j (j < 4). Pitch kTileK+1: the 16 column owners of a warp read 16 different banks.
@@ -352,38 +364,30 @@ struct TileSmem {
   static constexpr size_t kBytes = kOperands > kAcc ? kOperands : kAcc;
 };
 
-template <typename scalar_t, Math kMath>
+// The tile of a (storage type, tensor cores) pair (common.cuh MIXOPS_GEMM_SWITCH: fp16 and bf16
+// on tensor cores, fp32 on TF32 ones only where torch allows TF32 for its own fp32 matmuls, so the
+// drop-in matches the official fp32 op under the same settings).
+template <typename scalar_t, bool kTensorCores>
 struct TileFor {
-  using type = SimtTile<acc_type<scalar_t>>;  // fp32 IEEE, fp64, and bf16 before sm_80
+  using type = SimtTile<acc_type<scalar_t>>;  // fp32 IEEE, fp64, and bf16 / TF32 before sm_80
 };
 template <>
-struct TileFor<c10::Half, Math::kWmma> {
+struct TileFor<c10::Half, true> {
   using type = WmmaTile<__half, c10::Half, __half, 16>;  // sm_70+
 };
 #ifdef MIXOPS_ATM_AMPERE_WMMA
 template <>
-struct TileFor<c10::BFloat16, Math::kWmma> {
+struct TileFor<c10::BFloat16, true> {
   using type = WmmaTile<__nv_bfloat16, c10::BFloat16, __nv_bfloat16, 16>;
 };
 template <>
-struct TileFor<float, Math::kTf32> {
+struct TileFor<float, true> {
   using type = WmmaTile<wmma::precision::tf32, float, float, 8>;
 };
 #endif
-// Elsewhere bf16 and TF32 fall back to the FMA tile (same results as Math::kSimt): math_for never
-// picks them before sm_80, but code JIT-compiled from sm_75 PTX on a newer GPU would, and stays
-// correct. The host pass reads no tile (the kernels' signatures use acc_type, not Tile::acc_t).
-
-// The tile math for storage dtype `dtype` on the current device: tensor cores for fp16 (sm_75+),
-// bf16 (sm_80+), and fp32 only where torch allows TF32 for its own fp32 matmuls (so the drop-in
-// matches the official fp32 op under the same settings); fp32 FMA otherwise.
-Math math_for(at::ScalarType dtype) {
-  const bool ampere = at::cuda::getCurrentDeviceProperties()->major >= 8;
-  if (dtype == at::kDouble) return Math::kSimt;
-  if (dtype == at::kHalf) return Math::kWmma;
-  if (dtype == at::kBFloat16) return ampere ? Math::kWmma : Math::kSimt;
-  return ampere && tf32_allowed() ? Math::kTf32 : Math::kSimt;
-}
+// Before sm_80, bf16 and TF32 fall back to the FMA tile (the device pass of an older architecture
+// has no such tensor cores, so the choice is made where the code is compiled). The host pass reads
+// no tile (the kernels' signatures use acc_type, not Tile::acc_t).
 
 // A gathered operand value, rounded to the storage dtype and stored as the tile's smem_t.
 template <typename scalar_t, typename smem_t, typename acc_t>
@@ -398,22 +402,22 @@ struct PixelRow {
   int64_t q;
 };
 
-__device__ __forceinline__ PixelRow pixel_row(int64_t m, int64_t M, int64_t L, int64_t n, const LineStrides& sx,
+__device__ __forceinline__ PixelRow pixel_row(int64_t m, int64_t M, const LineDividers& d, const LineStrides& sx,
                                               const LineStrides& so, const LineStrides& s_other) {
   if (m >= M) return {0, 0, 0, -1};
-  const int64_t q = m % n, line = m / n, b = line / L, l = line % L;
-  return {b * sx.b + l * sx.l, pixel_offset(so, b, l, q), pixel_offset(s_other, b, l, q), q};
+  const PixelIndex p = pixel_index(m, d);
+  return {p.b * sx.b + p.l * sx.l, pixel_offset(so, p.b, p.l, p.q), pixel_offset(s_other, p.b, p.l, p.q), p.q};
 }
 
 // The sampled feature S[pixel, c] (0 past the last pixel or channel).
 template <typename acc_t, typename scalar_t>
 __device__ __forceinline__ acc_t gathered(const scalar_t* __restrict__ x, const scalar_t* __restrict__ off,
-                                          const PixelRow& row, int64_t c, int64_t C, int64_t n, int64_t share,
+                                          const PixelRow& row, int64_t c, int64_t C, const LineDividers& d,
                                           const LineStrides& sx, const LineStrides& so) {
   if (row.q < 0 || c >= C) return 0;
   const scalar_t* x_line = x + row.x + c * sx.c;
   const auto load = [&](int64_t t) { return x_line[t * sx.p]; };
-  return atm::sample<acc_t>(load, row.q, static_cast<acc_t>(off[row.off + (c / share) * so.c]), n);
+  return atm::sample<acc_t>(load, row.q, static_cast<acc_t>(off[row.off + d.share.div(c) * so.c]), d.n.divisor());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -423,14 +427,15 @@ __device__ __forceinline__ acc_t gathered(const scalar_t* __restrict__ x, const 
 // out[pixel, j] = sum_c S[pixel, c]·W[j, c] (+ bias[j]), S gathered into shared memory per tile.
 //   x    [B, L, n, C]: sx.   off [B, L, n, G]: so.   out [B, L, n, C_out]: sy.
 //   w    [C_out, C]: W[j, c] at j·sw_n + c·sw_k.   bias [C_out]: stride s_bias (nullptr: none).
-// M = B·L·n pixels. Block pid -> row tile pid / tiles_n, column tile pid % tiles_n.
-template <typename scalar_t, Math kMath>
+// M = B·L·n pixels, d: the view's dividers. Block pid -> row tile pid / tiles_n, column tile
+// pid % tiles_n.
+template <typename scalar_t, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads)
     atm_fc_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ off,
                       const scalar_t* __restrict__ w, const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
-                      int64_t M, int64_t L, int64_t n, int64_t C, int64_t C_out, int64_t share, LineStrides sx,
-                      LineStrides so, LineStrides sy, int64_t sw_n, int64_t sw_k, int64_t s_bias) {
-  using Tile = typename TileFor<scalar_t, kMath>::type;
+                      int64_t M, int64_t C, int64_t C_out, LineDividers d, LineStrides sx, LineStrides so,
+                      LineStrides sy, int64_t sw_n, int64_t sw_k, int64_t s_bias) {
+  using Tile = typename TileFor<scalar_t, kTensorCores>::type;
   using smem_t = typename Tile::smem_t;
   using acc_t = typename Tile::acc_t;
   constexpr int kLd = Tile::kLd;
@@ -440,11 +445,12 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* Cs = reinterpret_cast<acc_t*>(smem);  // after the last step only
   __shared__ PixelRow rows[kTileM];
 
-  const int64_t tiles_n = (C_out + kTileN - 1) / kTileN;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) / tiles_n * kTileM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) % tiles_n * kTileN;
+  // 32-bit: the launch checked that the tiles fit the grid
+  const unsigned tiles_n = static_cast<unsigned>(cdiv(C_out, kTileN));
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x / tiles_n) * kTileM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x % tiles_n) * kTileN;
   const int tid = threadIdx.x;
-  if (tid < kTileM) rows[tid] = pixel_row(m0 + tid, M, L, n, sx, so, sy);
+  if (tid < kTileM) rows[tid] = pixel_row(m0 + tid, M, d, sx, so, sy);
   Tile tile;
   tile.zero();
   __syncthreads();
@@ -458,7 +464,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 4
     for (int i = 0; i < kTileM / kRowStep; ++i) {
       const int r = r0 + i * kRowStep;
-      As[r * kLd + kk] = operand<scalar_t, smem_t>(gathered<acc_t>(x, off, rows[r], c, C, n, share, sx, so));
+      As[r * kLd + kk] = operand<scalar_t, smem_t>(gathered<acc_t>(x, off, rows[r], c, C, d, sx, so));
     }
 #pragma unroll 4
     for (int i = 0; i < kTileN / kRowStep; ++i) {
@@ -485,32 +491,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, Math kMath>
+template <typename scalar_t, bool kTensorCores>
 void launch_fc_forward_t(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const at::Tensor& out, const LineShape& sh) {
   const int64_t M = sh.pixels(), c_out = weight.size(0);
-  const int64_t tiles = (M + kTileM - 1) / kTileM * ((c_out + kTileN - 1) / kTileN);
+  const int64_t tiles = cdiv(M, kTileM) * cdiv(c_out, kTileN);
   TORCH_CHECK(tiles <= INT32_MAX, "_atm_fc_cuda: too many output tiles (", tiles, ")");
-  atm_fc_fwd_kernel<scalar_t, kMath><<<static_cast<unsigned>(tiles), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      x.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-      bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), M, sh.L, sh.n,
-      sh.C, c_out, sh.share, sh.strides(x), sh.strides(offset), sh.strides(out), weight.stride(0), weight.stride(1),
-      bias.has_value() ? bias->stride(0) : 0);
+  atm_fc_fwd_kernel<scalar_t, kTensorCores>
+      <<<static_cast<unsigned>(tiles), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          x.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+          bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), M, sh.C,
+          c_out, sh.dividers(), sh.strides(x), sh.strides(offset), sh.strides(out), weight.stride(0),
+          weight.stride(1), bias.has_value() ? bias->stride(0) : 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const at::Tensor& out, const LineShape& sh) {
   if (sh.pixels() == 0 || weight.size(0) == 0) return;
-  const Math math = math_for(x.scalar_type());
-  MIXOPS_ATM_DISPATCH(x.scalar_type(), "atm_fc_cuda", [&] {
-    if (std::is_same_v<scalar_t, double> || math == Math::kSimt) {
-      launch_fc_forward_t<scalar_t, Math::kSimt>(x, offset, weight, bias, out, sh);
-    } else if constexpr (std::is_same_v<scalar_t, float>) {
-      launch_fc_forward_t<scalar_t, Math::kTf32>(x, offset, weight, bias, out, sh);
-    } else if constexpr (!std::is_same_v<scalar_t, double>) {
-      launch_fc_forward_t<scalar_t, Math::kWmma>(x, offset, weight, bias, out, sh);
-    }
+  MIXOPS_GEMM_SWITCH(x.scalar_type(), tf32_allowed(), scalar_t, kTensorCores, [&] {
+    launch_fc_forward_t<scalar_t, kTensorCores>(x, offset, weight, bias, out, sh);
   });
 }
 
@@ -524,13 +524,13 @@ void launch_fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::
 //   partial [splits, C_out, C] acc_t (fp32; fp64 for fp64), contiguous.
 // Block (blockIdx.x -> (row tile of C_out, column tile of C), blockIdx.y -> split z); split z
 // covers pixels [z·chunk, min(M, (z+1)·chunk)). The order of every sum is fixed by the shapes.
-template <typename scalar_t, Math kMath>
+template <typename scalar_t, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads)
     atm_fc_dw_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                     const scalar_t* __restrict__ off, acc_type<scalar_t>* __restrict__ partial, int64_t M, int64_t L, int64_t n,
-                     int64_t C, int64_t C_out, int64_t share, int64_t chunk, LineStrides sg, LineStrides sx,
+                     const scalar_t* __restrict__ off, acc_type<scalar_t>* __restrict__ partial, int64_t M,
+                     int64_t C, int64_t C_out, int64_t chunk, LineDividers d, LineStrides sg, LineStrides sx,
                      LineStrides so) {
-  using Tile = typename TileFor<scalar_t, kMath>::type;
+  using Tile = typename TileFor<scalar_t, kTensorCores>::type;
   using smem_t = typename Tile::smem_t;
   using acc_t = typename Tile::acc_t;
   static_assert(std::is_same_v<acc_t, acc_type<scalar_t>>, "partial holds the tile's accumulators");
@@ -541,9 +541,10 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* Cs = reinterpret_cast<acc_t*>(smem);  // after the last step only
   __shared__ PixelRow pixels[kTileK];
 
-  const int64_t tiles_c = (C + kTileN - 1) / kTileN;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) / tiles_c * kTileM;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) % tiles_c * kTileN;
+  // 32-bit: the launch checked that the tiles fit the grid
+  const unsigned tiles_c = static_cast<unsigned>(cdiv(C, kTileN));
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x / tiles_c) * kTileM;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x % tiles_c) * kTileN;
   const int64_t p_begin = static_cast<int64_t>(blockIdx.y) * chunk;
   const int64_t p_end = M < p_begin + chunk ? M : p_begin + chunk;
   const int tid = threadIdx.x;
@@ -555,7 +556,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = tid % kTileM, k_first = tid / kTileM;
   constexpr int kKStep = kThreads / kTileM;
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kTileK) {
-    if (tid < kTileK) pixels[tid] = pixel_row(p0 + tid < p_end ? p0 + tid : M, M, L, n, sx, so, sg);
+    if (tid < kTileK) pixels[tid] = pixel_row(p0 + tid < p_end ? p0 + tid : M, M, d, sx, so, sg);
     __syncthreads();
     const int64_t j = j0 + lane, c = c0 + lane;
 #pragma unroll 2  // 4 makes ptxas spill the FMA-tile variants on sm_90a
@@ -564,7 +565,7 @@ __global__ void __launch_bounds__(kThreads)
       const PixelRow& px = pixels[k];
       const acc_t gv = (px.q >= 0 && j < C_out) ? static_cast<acc_t>(g[px.other + j * sg.c]) : acc_t(0);
       As[lane * kLd + k] = operand<scalar_t, smem_t>(gv);
-      Bs[lane * kLd + k] = operand<scalar_t, smem_t>(gathered<acc_t>(x, off, px, c, C, n, share, sx, so));
+      Bs[lane * kLd + k] = operand<scalar_t, smem_t>(gathered<acc_t>(x, off, px, c, C, d, sx, so));
     }
     __syncthreads();
     tile.step(As, Bs);
@@ -579,30 +580,21 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Pixels per split of the weight gradient: about 512 blocks in all (a few waves on any current
-// GPU), at least 256 pixels (8 steps) each. A function of the shapes only, so the summation order
-// (and the bits) do not depend on the device.
-int64_t dw_chunk(int64_t M, int64_t tiles) {
-  const int64_t splits = std::max<int64_t>(1, (512 + tiles - 1) / tiles);
-  const int64_t chunk = (M + splits - 1) / splits;
-  return std::max<int64_t>(256, (chunk + kTileK - 1) / kTileK * kTileK);
-}
-
-template <typename scalar_t, Math kMath>
+template <typename scalar_t, bool kTensorCores>
 at::Tensor fc_weight_grad_t(const at::Tensor& g, const at::Tensor& x, const at::Tensor& offset, int64_t c_out,
                             const LineShape& sh) {
   const int64_t M = sh.pixels();
-  const int64_t tiles = (c_out + kTileM - 1) / kTileM * ((sh.C + kTileN - 1) / kTileN);
-  const int64_t chunk = dw_chunk(M, tiles);
-  const int64_t splits = (M + chunk - 1) / chunk;
-  TORCH_CHECK(tiles <= INT32_MAX && splits <= 65535, "_atm_fc_cuda_backward: weight too large for the grid");
+  const int64_t tiles = cdiv(c_out, kTileM) * cdiv(sh.C, kTileN);
+  // fixed pixel ranges of whole K steps, about 256 blocks in all: the shapes alone decide
+  const RowSplit split = split_rows(M, kTileK, tiles);
+  TORCH_CHECK(tiles <= INT32_MAX, "_atm_fc_cuda_backward: weight too large for the grid");
   using acc_t = acc_type<scalar_t>;  // the tile's accumulator type
-  auto partial = at::empty({splits, c_out, sh.C}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  atm_fc_dw_kernel<scalar_t, kMath>
-      <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)), kThreads, 0,
+  auto partial = at::empty({split.count, c_out, sh.C}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  atm_fc_dw_kernel<scalar_t, kTensorCores>
+      <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split.count)), kThreads, 0,
          at::cuda::getCurrentCUDAStream()>>>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                             offset.const_data_ptr<scalar_t>(), partial.template mutable_data_ptr<acc_t>(), M,
-                                             sh.L, sh.n, sh.C, c_out, sh.share, chunk, sh.strides(g), sh.strides(x),
+                                             offset.const_data_ptr<scalar_t>(), partial.template mutable_data_ptr<acc_t>(),
+                                             M, sh.C, c_out, split.rows, sh.dividers(), sh.strides(g), sh.strides(x),
                                              sh.strides(offset));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return partial.sum(0);  // ordered reduction over the splits (no atomics)
@@ -612,18 +604,34 @@ at::Tensor fc_weight_grad(const at::Tensor& g, const at::Tensor& x, const at::Te
                           const at::Tensor& weight, const LineShape& sh) {
   const int64_t c_out = weight.size(0);
   if (sh.pixels() == 0 || c_out == 0 || sh.C == 0) return at::zeros(weight.sizes(), weight.options());
-  const Math math = math_for(x.scalar_type());
-  at::Tensor dw;
-  MIXOPS_ATM_DISPATCH(x.scalar_type(), "atm_fc_weight_grad_cuda", [&] {
-    if (std::is_same_v<scalar_t, double> || math == Math::kSimt) {
-      dw = fc_weight_grad_t<scalar_t, Math::kSimt>(g, x, offset, c_out, sh);
-    } else if constexpr (std::is_same_v<scalar_t, float>) {
-      dw = fc_weight_grad_t<scalar_t, Math::kTf32>(g, x, offset, c_out, sh);
-    } else if constexpr (!std::is_same_v<scalar_t, double>) {
-      dw = fc_weight_grad_t<scalar_t, Math::kWmma>(g, x, offset, c_out, sh);
-    }
-  });
-  return dw.to(weight.scalar_type());
+  return MIXOPS_GEMM_SWITCH(x.scalar_type(), tf32_allowed(), scalar_t, kTensorCores, [&] {
+           return fc_weight_grad_t<scalar_t, kTensorCores>(g, x, offset, c_out, sh);
+         })
+      .to(weight.scalar_type());
+}
+
+// g [B, L, n, C_out] as the [pixels, C_out] matrix of db, for column_sum.cuh.
+struct GradColumns {
+  LineDividers d;
+  LineStrides s;
+  __device__ int64_t row(int64_t m) const {
+    const PixelIndex p = pixel_index(m, d);
+    return pixel_offset(s, p.b, p.l, p.q);
+  }
+  __device__ int64_t col(int64_t j) const { return j * s.c; }
+  __device__ int64_t offset(int64_t r, int64_t c) const { return r + c; }
+};
+
+// db = g summed over the pixels, by fixed pixel ranges (at::sum over all pixels would split them
+// across blocks by the device's SM count: ATen's setReduceConfig).
+at::Tensor fc_bias_grad(const at::Tensor& g, const at::Tensor& x, const LineShape& sh) {
+  const int64_t c_out = g.size(3);
+  if (sh.pixels() == 0 || c_out == 0) return at::zeros({c_out}, x.options());
+  return MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t, [&] {
+           const GradColumns columns{sh.dividers(), sh.strides(g)};
+           return column_sums(g.const_data_ptr<scalar_t>(), sh.pixels(), c_out, columns, g.options());
+         })
+      .to(x.scalar_type());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -639,8 +647,8 @@ void check_cuda(const char* op, std::initializer_list<at::Tensor> tensors) {
   }
 }
 
-}  // namespace
-
+// Every entry point runs under x's device (its current stream included), whatever device is
+// current: the checks have put every tensor there.
 at::Tensor atm_sample_cuda(const at::Tensor& x, const at::Tensor& offset, std::string_view axis, int64_t share) {
   const char* op = "_atm_sample_cuda";
   check_cuda(op, {x, offset});
@@ -701,8 +709,17 @@ std::vector<at::Tensor> atm_fc_backward_cuda(at::TensorList grads, const c10::Li
       if (t.defined()) result.push_back(t);
   }
   if (needs.get(2)) result.push_back(fc_weight_grad(g, x, offset, weight, sh));
-  if (needs.get(3)) result.push_back(g.sum({0, 1, 2}, false, at::toAccumulateType(x.scalar_type(), true)).to(x.scalar_type()));
+  if (needs.get(3)) result.push_back(fc_bias_grad(g, x, sh));
   return result;
 }
 
+}  // namespace
+
 }  // namespace mixops
+
+TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
+  m.impl("_atm_sample_cuda", &mixops::atm_sample_cuda);
+  m.impl("_atm_sample_cuda_backward", &mixops::atm_sample_backward_cuda);
+  m.impl("_atm_fc_cuda", &mixops::atm_fc_cuda);
+  m.impl("_atm_fc_cuda_backward", &mixops::atm_fc_backward_cuda);
+}

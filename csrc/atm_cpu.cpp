@@ -7,16 +7,16 @@
 // What only the GPU path does (tiling, shared memory, the tensor-core fragments of the fused
 // GEMM, the split of the weight gradient) is not exercised here.
 #include <ATen/AccumulateType.h>
-#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/sum.h>
+#include <torch/library.h>
 
 #include <vector>
 
 #include "atm_host.cuh"
 #include "atm_math.cuh"
-#include "ops.h"
+#include "common.cuh"
 
 namespace mixops {
 
@@ -45,12 +45,13 @@ void sample_forward(const at::Tensor& x, const at::Tensor& offset, const at::Ten
   const auto xv = view<const scalar_t>(x, sh);
   const auto ov = view<const scalar_t>(offset, sh);
   const auto yv = view<scalar_t>(out, sh);
+  const Divider group(sh.share);  // channel -> offset group, as the kernels divide
   for (int64_t b = 0; b < sh.B; ++b)
     for (int64_t l = 0; l < sh.L; ++l)
       for (int64_t q = 0; q < sh.n; ++q)
         for (int64_t c = 0; c < sh.C; ++c) {
           const auto load = [&](int64_t t) { return xv.at(b, l, t, c); };
-          const acc_t o = static_cast<acc_t>(ov.at(b, l, q, c / sh.share));
+          const acc_t o = static_cast<acc_t>(ov.at(b, l, q, group.div(c)));
           yv.at(b, l, q, c) = static_cast<scalar_t>(atm::sample<acc_t>(load, q, o, sh.n));
         }
 }
@@ -88,13 +89,14 @@ void sample_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tens
 
 void dispatch_sample_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset,
                               const at::Tensor& gx, const at::Tensor& goff, const LineShape& sh) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "atm_sample_backward_cpu", [&] {
-    if (gx.defined() && goff.defined())
-      sample_backward<scalar_t, true, true>(grad, x, offset, gx, goff, sh);
-    else if (gx.defined())
-      sample_backward<scalar_t, true, false>(grad, x, offset, gx, goff, sh);
-    else if (goff.defined())
-      sample_backward<scalar_t, false, true>(grad, x, offset, gx, goff, sh);
+  if (!gx.defined() && !goff.defined()) return;
+  MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t, [&] {
+    MIXOPS_BOOL_SWITCH(gx.defined(), kNeedGx, [&] {
+      MIXOPS_BOOL_SWITCH(goff.defined(), kNeedGoff, [&](auto...) {
+        if constexpr (kNeedGx || kNeedGoff)
+          sample_backward<scalar_t, kNeedGx, kNeedGoff>(grad, x, offset, gx, goff, sh);
+      });
+    });
   });
 }
 
@@ -109,6 +111,7 @@ void fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor&
   const auto yv = view<scalar_t>(out, sh);
   const auto w = weight.accessor<scalar_t, 2>();
   const int64_t c_out = weight.size(0);
+  const Divider group(sh.share);
   std::vector<scalar_t> s(sh.C);
   for (int64_t b = 0; b < sh.B; ++b)
     for (int64_t l = 0; l < sh.L; ++l)
@@ -116,7 +119,7 @@ void fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor&
         for (int64_t c = 0; c < sh.C; ++c) {
           const auto load = [&](int64_t t) { return xv.at(b, l, t, c); };
           s[c] = static_cast<scalar_t>(
-              atm::sample<acc_t>(load, q, static_cast<acc_t>(ov.at(b, l, q, c / sh.share)), sh.n));
+              atm::sample<acc_t>(load, q, static_cast<acc_t>(ov.at(b, l, q, group.div(c))), sh.n));
         }
         for (int64_t j = 0; j < c_out; ++j) {
           acc_t acc = bias.has_value() ? static_cast<acc_t>(bias->data_ptr<scalar_t>()[j * bias->stride(0)]) : 0;
@@ -126,13 +129,10 @@ void fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor&
       }
 }
 
-}  // namespace
-
 at::Tensor atm_sample_cpu(const at::Tensor& x, const at::Tensor& offset, std::string_view axis, int64_t share) {
   const LineShape sh = atm::check_gather("_atm_sample_cuda", x, offset, axis, share);
   auto out = at::empty(x.sizes(), x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "atm_sample_cpu",
-                                  [&] { sample_forward<scalar_t>(x, offset, out, sh); });
+  MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t, [&] { sample_forward<scalar_t>(x, offset, out, sh); });
   return out;
 }
 
@@ -157,8 +157,7 @@ at::Tensor atm_fc_cpu(const at::Tensor& x, const at::Tensor& offset, const at::T
   const LineShape sh = atm::check_gather(op, x, offset, axis, share);
   atm::check_fc(op, x, weight, bias);
   auto out = at::empty({x.size(0), x.size(1), x.size(2), weight.size(0)}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "atm_fc_cpu",
-                                  [&] { fc_forward<scalar_t>(x, offset, weight, bias, out, sh); });
+  MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t, [&] { fc_forward<scalar_t>(x, offset, weight, bias, out, sh); });
   return out;
 }
 
@@ -190,4 +189,13 @@ std::vector<at::Tensor> atm_fc_backward_cpu(at::TensorList grads, const c10::Lis
   return result;
 }
 
+}  // namespace
+
 }  // namespace mixops
+
+TORCH_LIBRARY_IMPL(mixops, CPU, m) {
+  m.impl("_atm_sample_cuda", &mixops::atm_sample_cpu);
+  m.impl("_atm_sample_cuda_backward", &mixops::atm_sample_backward_cpu);
+  m.impl("_atm_fc_cuda", &mixops::atm_fc_cpu);
+  m.impl("_atm_fc_cuda_backward", &mixops::atm_fc_backward_cpu);
+}

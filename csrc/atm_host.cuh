@@ -10,11 +10,19 @@
 #include <optional>
 #include <string_view>
 
+#include "common.cuh"
+
 namespace mixops::atm {
 
 // Strides of a [B,H,W,C] tensor seen as [B, L, n, C] for one axis.
 struct LineStrides {
   int64_t b, l, p, c;
+};
+
+// Dividers by the line view's sizes, for the kernels: pixel m -> (line, position q) by n, line
+// -> (image b, line l) by L, channel c -> its offset group by share.
+struct LineDividers {
+  Divider n, L, share;
 };
 
 // Sizes of the line view: B images, L lines of n positions, C channels, G = C / share groups.
@@ -23,6 +31,9 @@ struct LineShape {
   bool along_w;  // axis "w": lines are rows (L = H, n = W); axis "h": columns (L = W, n = H)
 
   int64_t pixels() const { return B * L * n; }
+
+  // (for a view with pixels)
+  LineDividers dividers() const { return {Divider(n), Divider(L), Divider(share)}; }
 
   // Strides of any [B,H,W,*] tensor (x, offsets, gradients, outputs) in this view.
   LineStrides strides(const at::Tensor& t) const {

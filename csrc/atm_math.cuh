@@ -12,11 +12,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__CUDACC__)
-#define MIXOPS_HD __host__ __device__ __forceinline__
-#else
-#define MIXOPS_HD inline
-#endif
+#include "common.cuh"
 
 namespace mixops::atm {
 

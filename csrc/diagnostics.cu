@@ -2,7 +2,9 @@
 //
 // They exercise the whole pipeline that every later kernel relies on: nvcc compiles device code
 // for the configured architectures, the library links against torch and the CUDA runtime,
-// Python loads it, and the dispatcher routes a CUDA tensor to a real kernel launch.
+// Python loads it, and the dispatcher routes a CUDA tensor to a real kernel launch. One more
+// reports the split rule of the kernels' reductions (common.cuh), so a CPU test can hold it to
+// the Triton side's.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,10 +12,13 @@
 
 #include <cuda_runtime.h>
 
-#include "ops.h"
+#include <string>
 
-#define MIXOPS_STR2(x) #x
-#define MIXOPS_STR(x) MIXOPS_STR2(x)
+#include "common.cuh"
+
+// variadic: a build for several architectures defines __CUDA_ARCH_LIST__ as a list (750,800)
+#define MIXOPS_STR2(...) #__VA_ARGS__
+#define MIXOPS_STR(...) MIXOPS_STR2(__VA_ARGS__)
 
 namespace mixops {
 
@@ -26,8 +31,6 @@ __global__ void device_arch_kernel(int32_t* out) {
   *out = __CUDA_ARCH__;
 #endif
 }
-
-}  // namespace
 
 int64_t cuda_version() { return CUDART_VERSION; }
 
@@ -49,4 +52,15 @@ at::Tensor device_arch(const at::Tensor& like) {
   return out;
 }
 
+}  // namespace
+
 }  // namespace mixops
+
+// The ops without tensor arguments run wherever they are called.
+TORCH_LIBRARY_IMPL(mixops, CompositeImplicitAutograd, m) {
+  m.impl("_cuda_version", &mixops::cuda_version);
+  m.impl("_cuda_arch_list", &mixops::cuda_arch_list);
+  m.impl("_deterministic_split", &mixops::deterministic_split);
+}
+
+TORCH_LIBRARY_IMPL(mixops, CUDA, m) { m.impl("_device_arch", &mixops::device_arch); }

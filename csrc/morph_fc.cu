@@ -6,9 +6,10 @@
 // memory and the output tile is scattered back through it in the epilogue: no permuted copy of
 // x reaches HBM. The bias is indexed by the GEMM feature (p*D + s / t*D + s).
 // Backward: dX = scatter(dY_g @ W) (the same kernel, W not transposed); dW = dY_g^T @ X_g and
-// db = colsum(dY_g), each split over M into SPLIT fixed row ranges whose partials
-// [SPLIT, F, F] / [SPLIT, F] (accumulator type) are summed by at::sum over the split axis:
-// deterministic, no atomics.
+// db = colsum(dY_g) (column_sum.cuh), each split over M into fixed row ranges by the shapes alone
+// (common.cuh split_rows, the rule of the Triton kernels) whose partials [SPLIT, F, F] / [SPLIT', F]
+// (accumulator type) are summed by at::sum over the split axis: deterministic, no atomics, and
+// the same bits on every GPU model.
 //
 // Math: fp16 (sm_75+) and bf16 (sm_80+) on tensor cores through WMMA 16x16x16 with fp32
 // accumulators; fp32 on TF32 WMMA 16x16x8 (sm_80+) only when torch allows TF32 for cuBLAS,
@@ -18,13 +19,14 @@
 //
 // FLOPs (numel = M*F = x.numel()): forward 2*numel*F; backward 2*numel*F for dX plus 2*numel*F
 // for dW. Minimal HBM bytes (e = element size): forward 2*numel*e + F*F*e; backward dX
-// 2*numel*e + F*F*e, dW/db 2*numel*e + F*(F+1)*e, plus SPLIT*F*(F+1)*4 bytes of partials
-// written and re-read (8 bytes each for fp64; db re-reads dY: + numel*e).
+// 2*numel*e + F*F*e, dW/db 2*numel*e + F*(F+1)*e, plus (SPLIT*F*F + SPLIT'*F)*4 bytes of
+// partials written and re-read (8 bytes each for fp64; db re-reads dY: + numel*e).
 //
 // Grids (128 threads per block, tile 64 x 64, K step 32):
 //   gathered GEMM (forward, dX): (cdiv(M, 64) * cdiv(F, 64),), the F tiles of one row block
 //     adjacent so its gathered rows are re-read from L2;
-//   grad weight: (cdiv(F, 64) * cdiv(F, 64), SPLIT); grad bias: (cdiv(F, 128), SPLIT).
+//   grad weight: (cdiv(F, 64) * cdiv(F, 64), SPLIT), about 256 blocks in all;
+//   grad bias: (cdiv(F, 128), SPLIT'), about 256 blocks in all (column_sum.cuh).
 //
 // Verified only on the CPU: the index map (the CPU implementation in morph_fc_cpu.cpp runs the
 // same functions). The tiling, shared-memory staging and WMMA fragments below have not run on
@@ -35,18 +37,18 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
 
-#include <algorithm>
 #include <limits>
 #include <type_traits>
-#include <utility>
 
+#include "column_sum.cuh"
+#include "common.cuh"
 #include "morph_fc_args.cuh"
-#include "ops.h"
 #include "tf32.h"
 
 namespace mixops {
@@ -68,8 +70,6 @@ constexpr int kLdAT = kBM + 8;  // A^T as [kBK][kLdAT] (dW: A = dY_g^T is stored
 constexpr int kLdB = kBN + 8;   // B as [kBK][kLdB]
 constexpr int kLdC = kBN + 4;   // fp32 output tile [kBM][kLdC]
 constexpr int kTileA = kBM * kLdA > kBK * kLdAT ? kBM * kLdA : kBK * kLdAT;
-
-__host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // at::Half / at::BFloat16 -> the CUDA types WMMA takes (same bits).
 template <typename T>
@@ -243,20 +243,20 @@ struct WmmaMma {
   }
 };
 
-// Which block MMA a (storage type, TF32 allowed) pair runs on the architecture being compiled:
-// the tensor-core types exist only where the hardware has them (bf16 / tf32 WMMA need sm_80),
-// everything else (fp64 included) is the IEEE SIMT path.
-template <typename T, bool kTf32, bool kATransposed>
+// Which block MMA a (storage type, tensor cores) pair (common.cuh MIXOPS_GEMM_SWITCH) runs on the
+// architecture being compiled: the tensor-core types exist only where the hardware has them
+// (bf16 / tf32 WMMA need sm_80), everything else (fp64 included) is the IEEE SIMT path.
+template <typename T, bool kTensorCores, bool kATransposed>
 struct SelectMma {
   using type = SimtMma<T, kATransposed>;
 };
 template <bool kATransposed>
-struct SelectMma<__half, false, kATransposed> {
+struct SelectMma<__half, true, kATransposed> {
   using type = WmmaMma<__half, __half, 16, kATransposed>;
 };
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 template <bool kATransposed>
-struct SelectMma<__nv_bfloat16, false, kATransposed> {
+struct SelectMma<__nv_bfloat16, true, kATransposed> {
   using type = WmmaMma<__nv_bfloat16, __nv_bfloat16, 16, kATransposed>;
 };
 template <bool kATransposed>
@@ -276,7 +276,7 @@ struct SelectMma<float, true, kATransposed> {
 //   out:  [B, T, H, W, C] output (y forward, dX backward), strides so; must not overlap itself
 //   g:    M, F and the map's parameters (morph_fc_map.cuh)
 // Block (m_tile, n_tile) = (blockIdx.x / cdiv(F, 64), blockIdx.x % cdiv(F, 64)).
-template <typename T, bool kTf32>
+template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads)
     gathered_gemm_kernel(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ bias,
                          T* __restrict__ out, Geometry g, Strides sa, Strides so, int64_t sb_k, int64_t sb_n,
@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
   // B is W^T (forward: contiguous along f) or W (dX: contiguous along n): walk the contiguous side
   // with consecutive threads
   const bool b_k_fastest = sb_k == 1;
-  typename SelectMma<T, kTf32, false>::type mma;
+  typename SelectMma<T, kTensorCores, false>::type mma;
   for (int64_t k0 = 0; k0 < g.F; k0 += kBK) {
     __syncthreads();  // the previous step is done with the tiles and the feature parts
     if (tid < kBK && k0 + tid < g.F) feats[tid] = morph_fc::feature_part(g, sa, k0 + tid);
@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(kThreads)
 //   dw_part: [SPLIT, F, F] Acc<T> (fp32; fp64 for fp64), contiguous
 //   rows_per_split: rows of one split (a multiple of 32); split = blockIdx.y
 // Block (n_tile, f_tile) = (blockIdx.x / cdiv(F, 64), blockIdx.x % cdiv(F, 64)).
-template <typename T, bool kTf32>
+template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads)
     grad_weight_kernel(const T* __restrict__ dy, const T* __restrict__ x, Acc<T>* __restrict__ dw_part, Geometry g,
                        Strides sy, Strides sx, int64_t rows_per_split) {
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(kThreads)
     if (n0 + i < g.F) y_feats[i] = morph_fc::feature_part(g, sy, n0 + i);
   for (int j = tid; j < kBN; j += kThreads)
     if (f0 + j < g.F) x_feats[j] = morph_fc::feature_part(g, sx, f0 + j);
-  typename SelectMma<T, kTf32, true>::type mma;
+  typename SelectMma<T, kTensorCores, true>::type mma;
   for (int64_t m0 = start; m0 < end; m0 += kBK) {
     __syncthreads();
     if (tid < kBK && m0 + tid < end) y_rows[tid] = morph_fc::row_part(g, sy, m0 + tid);
@@ -386,135 +386,76 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Split-M partial of db = colsum(dY_g): db_part[split, n] = sum over the split's rows m of
-// dY_g[m, n], each thread one n, rows in order; the row parts of the map are computed once per
-// 128 rows into shared memory, so the per-element work is one add of two offsets.
-//   dy:      [B, T, H, W, C] incoming gradient (may be expanded), strides sy
-//   db_part: [SPLIT, F] Acc<T>, contiguous; split = blockIdx.y, rows_per_split as above
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    grad_bias_kernel(const T* __restrict__ dy, Acc<T>* __restrict__ db_part, Geometry g, Strides sy,
-                     int64_t rows_per_split) {
-  __shared__ Part rows[kThreads];
-  const int tid = threadIdx.x;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
-  const bool n_ok = n < g.F;
-  const Part fp = n_ok ? morph_fc::feature_part(g, sy, n) : Part{0, 0};
-  const int64_t start = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t end = start + rows_per_split < g.M ? start + rows_per_split : g.M;
-  Acc<T> acc = 0;
-  for (int64_t m0 = start; m0 < end; m0 += kThreads) {
-    __syncthreads();  // the previous chunk's row parts are consumed
-    if (m0 + tid < end) rows[tid] = morph_fc::row_part(g, sy, m0 + tid);
-    __syncthreads();
-    const int count = end - m0 < kThreads ? static_cast<int>(end - m0) : kThreads;
-    if (n_ok)
-      for (int i = 0; i < count; ++i) acc += to_acc(dy[morph_fc::combine(g, sy, rows[i], fp)]);
-  }
-  if (n_ok) db_part[static_cast<int64_t>(blockIdx.y) * g.F + n] = acc;
-}
+// dY_g as the [M, F] matrix of db = colsum(dY_g), for column_sum.cuh: the row and feature parts
+// of the map, added per element.
+struct GradColumns {
+  Geometry g;
+  Strides s;
+  __device__ Part row(int64_t m) const { return morph_fc::row_part(g, s, m); }
+  __device__ Part col(int64_t n) const { return morph_fc::feature_part(g, s, n); }
+  __device__ int64_t offset(const Part& r, const Part& c) const { return morph_fc::combine(g, s, r, c); }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Heuristics and host launchers
 // ---------------------------------------------------------------------------------------------
 
-// How many fixed row ranges dW/db are split into: about two blocks per SM over the dW tiles (a
-// function of the shape and the device only, so the sum is reproducible), at least one K step
-// per split. Returns (split, rows_per_split) with no empty split.
-std::pair<int64_t, int64_t> grad_weight_split(const Geometry& g) {
-  const int64_t tiles = cdiv(g.F, kBM) * cdiv(g.F, kBN);
-  const int64_t target = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t split = std::max<int64_t>(1, std::min<int64_t>({target / tiles, cdiv(g.M, kBK), 1024}));
-  const int64_t rows_per_split = cdiv(cdiv(g.M, split), kBK) * kBK;
-  split = cdiv(g.M, rows_per_split);
-  return {split, rows_per_split};
-}
+// The fixed row ranges of dW: about 256 blocks over the dW tiles, whole K steps (shapes only).
+RowSplit grad_weight_split(const Geometry& g) { return split_rows(g.M, kBK, cdiv(g.F, kBM) * cdiv(g.F, kBN)); }
 
 template <typename T>
 const T* ptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.const_data_ptr());
 }
 
-// out <- scatter(gather(a) @ (weight^T if transpose_weight else weight) (+ bias)).
-template <typename scalar_t>
+// out <- scatter(gather(a) @ (weight^T if transpose_weight else weight) (+ bias)), on tensor cores
+// or not (common.cuh MIXOPS_GEMM_SWITCH).
+template <typename scalar_t, bool kTensorCores>
 void launch_gathered_gemm(const Geometry& g, const at::Tensor& a, const at::Tensor& weight, bool transpose_weight,
                           const std::optional<at::Tensor>& bias, at::Tensor& out) {
   using T = typename DeviceType<scalar_t>::type;
   const int64_t sb_k = transpose_weight ? weight.stride(1) : weight.stride(0);
   const int64_t sb_n = transpose_weight ? weight.stride(0) : weight.stride(1);
-  const T* bias_ptr = bias.has_value() ? ptr<T>(*bias) : nullptr;
-  const int64_t s_bias = bias.has_value() ? bias->stride(0) : 0;
   const int64_t blocks = cdiv(g.M, kBM) * cdiv(g.F, kBN);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "morph_fc: x is too large for one launch (", blocks,
               " blocks of 64 x 64)");
-  const dim3 grid(static_cast<unsigned>(blocks));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto args = std::make_tuple(ptr<T>(a), ptr<T>(weight), bias_ptr, reinterpret_cast<T*>(out.mutable_data_ptr()),
-                                    g, morph_fc::strides5(a), morph_fc::strides5(out), sb_k, sb_n, s_bias);
-  if constexpr (std::is_same_v<T, float>) {
-    if (tf32_allowed()) {
-      std::apply([&](auto... v) { gathered_gemm_kernel<T, true><<<grid, kThreads, 0, stream>>>(v...); }, args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-  }
-  std::apply([&](auto... v) { gathered_gemm_kernel<T, false><<<grid, kThreads, 0, stream>>>(v...); }, args);
+  gathered_gemm_kernel<T, kTensorCores><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      ptr<T>(a), ptr<T>(weight), bias.has_value() ? ptr<T>(*bias) : nullptr,
+      reinterpret_cast<T*>(out.mutable_data_ptr()), g, morph_fc::strides5(a), morph_fc::strides5(out), sb_k, sb_n,
+      bias.has_value() ? bias->stride(0) : 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Fills dw_part [SPLIT, F, F] and/or db_part [SPLIT, F] (Acc<T>, contiguous) from dY and x.
-template <typename scalar_t>
-void launch_grad_weight(const Geometry& g, const at::Tensor& dy, const at::Tensor& x, int64_t rows_per_split,
-                        at::Tensor* dw_part, at::Tensor* db_part) {
+// dW = dY_g^T @ X_g in the weight's dtype: partials over the fixed row ranges, summed in order.
+template <typename scalar_t, bool kTensorCores>
+at::Tensor grad_weight(const Geometry& g, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight) {
   using T = typename DeviceType<scalar_t>::type;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const Strides sy = morph_fc::strides5(dy), sx = morph_fc::strides5(x);
-  const int64_t split = (dw_part ? dw_part : db_part)->size(0);
-  if (dw_part != nullptr) {
-    const dim3 grid(static_cast<unsigned>(cdiv(g.F, kBM) * cdiv(g.F, kBN)), static_cast<unsigned>(split));
-    const auto args = std::make_tuple(ptr<T>(dy), ptr<T>(x), dw_part->mutable_data_ptr<Acc<T>>(), g, sy, sx,
-                                      rows_per_split);
-    bool done = false;
-    if constexpr (std::is_same_v<T, float>) {
-      if (tf32_allowed()) {
-        std::apply([&](auto... v) { grad_weight_kernel<T, true><<<grid, kThreads, 0, stream>>>(v...); }, args);
-        done = true;
-      }
-    }
-    if (!done) std::apply([&](auto... v) { grad_weight_kernel<T, false><<<grid, kThreads, 0, stream>>>(v...); }, args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (db_part != nullptr) {
-    const dim3 grid(static_cast<unsigned>(cdiv(g.F, kThreads)), static_cast<unsigned>(split));
-    grad_bias_kernel<T><<<grid, kThreads, 0, stream>>>(ptr<T>(dy), db_part->mutable_data_ptr<Acc<T>>(), g, sy,
-                                                       rows_per_split);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const RowSplit split = grad_weight_split(g);
+  at::Tensor part = at::empty({split.count, g.F, g.F}, x.options().dtype(c10::CppTypeToScalarType<Acc<T>>::value));
+  const dim3 grid(static_cast<unsigned>(cdiv(g.F, kBM) * cdiv(g.F, kBN)), static_cast<unsigned>(split.count));
+  grad_weight_kernel<T, kTensorCores><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      ptr<T>(dy), ptr<T>(x), part.mutable_data_ptr<Acc<T>>(), g, morph_fc::strides5(dy), morph_fc::strides5(x),
+      split.rows);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // at::sum over the split axis adds the partials in a fixed order: deterministic
+  return part.sum(0).to(weight.scalar_type());
 }
 
-// The storage types check_forward_args accepts.
-template <typename F>
-void dispatch_storage(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kDouble:
-      return f(double{});
-    case at::kFloat:
-      return f(float{});
-    case at::kHalf:
-      return f(at::Half{});
-    case at::kBFloat16:
-      return f(at::BFloat16{});
-    default:
-      TORCH_CHECK(false, "morph_fc: unsupported dtype ", dtype);
-  }
+// db = colsum(dY_g) in the bias's dtype.
+template <typename scalar_t>
+at::Tensor grad_bias(const Geometry& g, const at::Tensor& dy, const at::Tensor& bias) {
+  using T = typename DeviceType<scalar_t>::type;
+  return column_sums(ptr<T>(dy), g.M, g.F, GradColumns{g, morph_fc::strides5(dy)}, dy.options())
+      .to(bias.scalar_type());
 }
 
 void check_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "morph_fc (CUDA): x must be a CUDA tensor, got ", x.device());
 }
 
-}  // namespace
-
+// Every entry point runs under x's device (its current stream included), whatever device is
+// current: the checks have put every tensor there.
 at::Tensor morph_fc_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          int64_t segment_dim, const std::string& axis) {
   check_cuda(x);
@@ -522,8 +463,8 @@ at::Tensor morph_fc_cuda(const at::Tensor& x, const at::Tensor& weight, const st
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (g.M == 0 || g.F == 0) return out;
-  dispatch_storage(x.scalar_type(), [&](auto tag) {
-    launch_gathered_gemm<decltype(tag)>(g, x, weight, /*transpose_weight=*/true, bias, out);
+  MIXOPS_GEMM_SWITCH(x.scalar_type(), tf32_allowed(), scalar_t, kTensorCores, [&] {
+    launch_gathered_gemm<scalar_t, kTensorCores>(g, x, weight, /*transpose_weight=*/true, bias, out);
   });
   return out;
 }
@@ -541,30 +482,28 @@ std::vector<at::Tensor> morph_fc_backward_cuda(at::TensorList grads, const c10::
   if (need.x) {
     at::Tensor dx = at::empty(x.sizes(), x.options());
     if (!empty)
-      dispatch_storage(x.scalar_type(), [&](auto tag) {
-        launch_gathered_gemm<decltype(tag)>(g, dy, weight, /*transpose_weight=*/false, std::nullopt, dx);
+      MIXOPS_GEMM_SWITCH(x.scalar_type(), tf32_allowed(), scalar_t, kTensorCores, [&] {
+        launch_gathered_gemm<scalar_t, kTensorCores>(g, dy, weight, /*transpose_weight=*/false, std::nullopt, dx);
       });
     result.push_back(dx);
   }
-  if (!need.weight && !need.bias) return result;
-  if (empty) {
-    if (need.weight) result.push_back(at::zeros({g.F, g.F}, weight.options()));
-    if (need.bias) result.push_back(at::zeros({g.F}, bias->options()));
-    return result;
-  }
-  const auto [split, rows_per_split] = grad_weight_split(g);
-  // the partials are in the accumulator type, so fp64 sums stay fp64
-  const auto part_options = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor dw_part = need.weight ? at::empty({split, g.F, g.F}, part_options) : at::Tensor();
-  at::Tensor db_part = need.bias ? at::empty({split, g.F}, part_options) : at::Tensor();
-  dispatch_storage(x.scalar_type(), [&](auto tag) {
-    launch_grad_weight<decltype(tag)>(g, dy, x, rows_per_split, need.weight ? &dw_part : nullptr,
-                                      need.bias ? &db_part : nullptr);
-  });
-  // at::sum over the split axis adds the partials in a fixed order: deterministic
-  if (need.weight) result.push_back(dw_part.sum(0).to(weight.scalar_type()));
-  if (need.bias) result.push_back(db_part.sum(0).to(bias->scalar_type()));
+  if (need.weight)
+    result.push_back(empty ? at::zeros({g.F, g.F}, weight.options())
+                           : MIXOPS_GEMM_SWITCH(x.scalar_type(), tf32_allowed(), scalar_t, kTensorCores, [&] {
+                               return grad_weight<scalar_t, kTensorCores>(g, dy, x, weight);
+                             }));
+  if (need.bias)
+    result.push_back(empty ? at::zeros({g.F}, bias->options()) : MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t, [&] {
+      return grad_bias<scalar_t>(g, dy, *bias);
+    }));
   return result;
 }
 
+}  // namespace
+
 }  // namespace mixops
+
+TORCH_LIBRARY_IMPL(mixops, CUDA, m) {
+  m.impl("_morph_fc_cuda", &mixops::morph_fc_cuda);
+  m.impl("_morph_fc_cuda_backward", &mixops::morph_fc_backward_cuda);
+}

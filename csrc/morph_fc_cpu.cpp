@@ -3,14 +3,14 @@
 // the kernels' gather / scatter math against the float64 reference. Not meant to be fast:
 // per GEMM row it gathers the operand row through the map, does a dense GEMV, and scatters
 // the result back through the map. Accumulates in fp32 (fp64 for fp64 inputs).
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <vector>
 
+#include "common.cuh"
 #include "morph_fc_args.cuh"
-#include "ops.h"
 
 namespace mixops {
 
@@ -79,15 +79,13 @@ void check_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.is_cpu(), "morph_fc (CPU emulation): x must be a CPU tensor, got ", x.device());
 }
 
-}  // namespace
-
 at::Tensor morph_fc_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         int64_t segment_dim, const std::string& axis) {
   check_cpu(x);
   const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis);
   at::Tensor out = at::empty(x.sizes(), x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "morph_fc_cpu",
-                                  [&] { gathered_gemm<scalar_t>(g, x, weight, /*transpose_weight=*/true, bias, out); });
+  MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t,
+                      [&] { gathered_gemm<scalar_t>(g, x, weight, /*transpose_weight=*/true, bias, out); });
   return out;
 }
 
@@ -99,7 +97,7 @@ std::vector<at::Tensor> morph_fc_backward_cpu(at::TensorList grads, const c10::L
   const morph_fc::BackwardNeeds need = morph_fc::check_backward_args(grads, needs, x, bias);
   const at::Tensor& dy = grads[0];
   std::vector<at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "morph_fc_backward_cpu", [&] {
+  MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t, [&] {
     if (need.x) {
       at::Tensor dx = at::empty(x.sizes(), x.options());
       gathered_gemm<scalar_t>(g, dy, weight, /*transpose_weight=*/false, std::nullopt, dx);
@@ -116,4 +114,11 @@ std::vector<at::Tensor> morph_fc_backward_cpu(at::TensorList grads, const c10::L
   return result;
 }
 
+}  // namespace
+
 }  // namespace mixops
+
+TORCH_LIBRARY_IMPL(mixops, CPU, m) {
+  m.impl("_morph_fc_cuda", &mixops::morph_fc_cpu);
+  m.impl("_morph_fc_cuda_backward", &mixops::morph_fc_backward_cpu);
+}

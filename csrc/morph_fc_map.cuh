@@ -3,7 +3,8 @@
 //
 // Every axis of mixops.morph_fc is one GEMM with M rows and F features whose element
 // (row, feature) lives at x[b, t, h, w, c] of a strided [B, T, H, W, C] tensor (an image
-// [B, H, W, C] is T = 1). The map is the one of kernels/morph_fc.py `_element_offsets`:
+// [B, H, W, C] is T = 1). The map is the one kernels/morph_fc.py writes in `_row_part`,
+// `_feat_part` and `_combine` (tests/test_morph_fc_maps.py holds the two to identical results):
 //   spatial axes "w" / "h" / "hs" (L = segment_dim, D = C/L, NCH = H*W/L, F = C, M = B*T*H*W):
 //       row = ((b*T + t)*NCH + k)*L + g, feature = p*D + s, c = g*D + s, and the token of
 //       (chunk k, position p) is
@@ -21,11 +22,7 @@
 
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define MIXOPS_HD __host__ __device__ __forceinline__
-#else
-#define MIXOPS_HD inline
-#endif
+#include "common.cuh"
 
 namespace mixops {
 namespace morph_fc {

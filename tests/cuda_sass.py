@@ -1,13 +1,22 @@
-"""The device code of the built extension, read without a GPU: ``cuobjdump -sass`` of
-``mixops._C``, split into one SASS listing per (architecture, kernel)."""
+"""The CUDA sources of the extension and the device code of its build, read without a GPU:
+``cuobjdump -sass`` of ``mixops._C``, split into one SASS listing per (architecture, kernel)."""
 from __future__ import annotations
 
 import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def cuda_sources() -> list[Path]:
+    """The CUDA translation units of the extension: every csrc/*.cu, the rule CMakeLists.txt
+    collects its sources by (tests/test_cuda_sources.py checks that it still does)."""
+    return sorted(CSRC.glob("*.cu"))
 
 
 def _cuobjdump() -> str | None:
@@ -53,3 +62,10 @@ def ampere_or_newer(kernels: dict[tuple[str, str], str]) -> list[str]:
 def spills(sass: str) -> bool:
     """Whether the kernel touches local memory (register spills)."""
     return bool(re.search(r"\b(STL|LDL)\b", sass))
+
+
+def calls(sass: str) -> bool:
+    """Whether the kernel calls a subroutine: with everything else inlined, what is left is
+    the compiler's out-of-line 64-bit integer division / remainder (``CALL.REL.NOINC`` to the
+    general case of its ``/`` and ``%`` sequence)."""
+    return bool(re.search(r"\bCALL\.", sass))

@@ -8,8 +8,9 @@ against the float64 reference and torchvision's deform_conv2d, for every offset 
 share, axis, awkward sizes, strided and expanded inputs, the ``needs`` subsets and the argument
 checks. The ``needs_cuda`` tests run the kernels themselves (tiling, shared memory, tensor
 cores): dtypes, the ActiveMLP-T stage shapes, a prime batch, determinism, a line long enough
-for the opt-in shared memory, and a small compute-sanitizer case. One test reads the built
-device code (cuobjdump, no GPU): tensor-core MMAs in the sm_80+ bf16/TF32 GEMMs, no sm_90a spills.
+for the opt-in shared memory, inputs off the current device, and a small compute-sanitizer case.
+Two tests read the built device code (cuobjdump, no GPU): tensor-core MMAs in the sm_80+ bf16/TF32
+GEMMs, no sm_90a spills, and no 64-bit division sequence in any kernel.
 """
 from __future__ import annotations
 
@@ -157,11 +158,12 @@ def test_matches_torchvision_deform_conv2d(axis, share, kind):
         assert_close(a, e, name=f"fc grad {name}")
 
 
-@pytest.mark.parametrize("share", [1, 2, 8])
+@pytest.mark.parametrize("share", [1, 2, 3, 8])
 @pytest.mark.parametrize("axis", AXES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fc_matches_reference(dtype, axis, share):
-    """Awkward C and C_out, transposed weight, strided bias, expanded incoming gradient."""
+    """Awkward C and C_out, transposed weight, strided bias, expanded incoming gradient; a share
+    that is no power of two takes the general path of the kernels' channel -> group Divider."""
     c_out = 13
     x, off = strided_inputs(AWKWARD, share, axis, "normal1", dtype)
     w, b = _fc_params(AWKWARD[-1], c_out, dtype)
@@ -308,13 +310,26 @@ def test_build_has_tensor_core_tiles_and_no_spills():
     kernels = cuda_sass.extension_sass("atm")
     for arch in cuda_sass.ampere_or_newer(kernels):
         tiles = [k for a, k in kernels if a == arch and
-                 re.search(r"atm_fc_(fwd|dw)_kernelI(N3c108BFloat16ELNS0_4MathE1|fLNS0_4MathE2)E", k)]
+                 re.search(r"atm_fc_(fwd|dw)_kernelI(N3c108BFloat16E|f)Lb1E", k)]
         assert len(tiles) == 4, (arch, tiles)
         for name in tiles:
             assert "HMMA" in kernels[(arch, name)] and "BPT.TRAP" not in kernels[(arch, name)], (arch, name)
     for (arch, name), sass in kernels.items():
         if arch == "sm_90a":
             assert not cuda_sass.spills(sass), f"{name} spills on {arch}"
+
+
+def test_build_has_no_64_bit_division_in_the_kernels():
+    """Every index division of the ATM kernels (pixel -> line and position, line -> image,
+    channel -> offset group c / share, once per element in the gathers) goes through a
+    csrc/common.cuh Divider: a multiply-high and two shifts. No kernel keeps nvcc's 64-bit `/`
+    or `%` sequence, recognisable by its CALL to the out-of-line general case."""
+    kernels = cuda_sass.extension_sass("atm")
+    hot = {name for _, name in kernels if re.search(r"atm_(sample_fwd|fc_fwd|fc_dw)_kernel", name)}
+    assert len(hot) == 4 + 5 + 5, sorted(hot)  # sample: per dtype; fc: per (dtype, tensor cores)
+    for (arch, name), sass in kernels.items():
+        assert "IMAD.WIDE" in sass or "IMAD.HI" in sass, (arch, name)
+        assert not cuda_sass.calls(sass), f"{name} on {arch} calls the 64-bit division subroutine"
 
 
 # --- the CUDA kernels (GPU) -------------------------------------------------------------------
@@ -434,6 +449,27 @@ def test_gpu_backward_is_deterministic(dtype):
     first, second = grads(), grads()
     for name, a, e in zip(("sample x", "sample offset", "fc x", "fc offset", "fc weight", "fc bias"), first, second):
         assert torch.equal(a, e), f"grad {name} differs between two runs"
+
+
+@needs_cuda
+def test_gpu_runs_on_the_inputs_device_not_the_current_one():
+    """Inputs on cuda:1 while cuda:0 is current: the forward and every backward kernel (the
+    gather backward, dW, db) launch under the inputs' device and its stream (the CUDAGuard)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs (inputs on cuda:1, cuda:0 current); this machine has {torch.cuda.device_count()}")
+    shape, c_out, share, axis = AWKWARD, 9, 4, "h"
+    with torch.cuda.device(0):
+        x, off = strided_inputs(shape, share, axis, "normal5", torch.float32, "cuda:1")
+        w, b = _fc_params(shape[-1], c_out, torch.float32, "cuda:1")
+        g = torch.randn(*shape[:-1], c_out, dtype=torch.float64).to("cuda:1", torch.float32)
+        leaves = [t.detach().requires_grad_() for t in (x, off, w, b)]
+        out = mixops.atm_fc(*leaves, axis=axis, share=share, backend="cuda")
+        got = torch.autograd.grad(out, leaves, g)
+        assert torch.cuda.current_device() == 0
+    want = _reference_fc(x, off, w, b, g, axis, share)
+    for name, a, e in zip(("out", "x", "offset", "weight", "bias"), (out, *got), want):
+        assert a.device == x.device, name
+        assert_close(a, e, torch.float32, name=f"fc {name} on cuda:1")
 
 
 @needs_cuda

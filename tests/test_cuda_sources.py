@@ -1,4 +1,5 @@
-"""The CUDA kernel sources compile for the oldest architectures the build supports.
+"""The CUDA sources: CMake builds every one of them, and they compile for the oldest
+architectures the build supports.
 
 CI builds the extension for sm_90a only (two cores compile slowly), so this compiles each kernel
 file once more, object only, for sm_75 (the oldest CUDA 13 targets: fp16 tensor cores, no bf16/
@@ -8,6 +9,7 @@ spills are checked on the sm_90a build itself, in the family's CUDA tests.)
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -17,8 +19,9 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = sorted(p.name for p in CSRC.glob("*.cu") if p.name != "diagnostics.cu")
+from cuda_sass import CSRC, cuda_sources
+
+SOURCES = [p.name for p in cuda_sources()]
 expected = os.environ.get("MIXOPS_EXPECT_CUDA_EXTENSION") == "1"
 
 
@@ -41,8 +44,13 @@ def _nvcc() -> str:
     return nvcc
 
 
-def test_every_kernel_source_is_checked():
-    assert {"atm.cu", "morph_fc.cu"} <= set(SOURCES)
+def test_cmake_builds_every_source_by_the_rule_the_tests_read():
+    """CMakeLists.txt collects csrc/*.cu and csrc/*.cpp with a glob, not a hand-kept list, so
+    a new file is built (and checked here and in cuda_sass.py) without touching either."""
+    cmake = (CSRC.parent / "CMakeLists.txt").read_text()
+    assert re.search(r"file\(GLOB MIXOPS_SOURCES CONFIGURE_DEPENDS csrc/\*\.cu csrc/\*\.cpp\)", cmake), cmake
+    assert not re.search(r"csrc/\w+\.(cu|cpp)\b", cmake), "CMakeLists.txt names a source by hand"
+    assert {"atm.cu", "diagnostics.cu", "morph_fc.cu"} <= set(SOURCES)
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
-"""The CUDA extension mixops._C: optional, and when built, its diagnostic ops work.
+"""The CUDA extension mixops._C: optional, and when built, its diagnostic ops work and its
+reductions split by the Triton kernels' rule.
 
 CI builds the extension (CUDA build of torch + nvcc, one architecture) and sets
 MIXOPS_EXPECT_CUDA_EXTENSION=1, so a build that was silently skipped fails here.
 """
+import itertools
 import os
 
 import pytest
@@ -55,3 +57,18 @@ def test_device_arch_runs_a_kernel_for_this_gpu():
     major, minor = torch.cuda.get_device_capability()
     compiled = [int(a) for a in torch.ops.mixops._cuda_arch_list().split(",")]
     assert got in compiled and got <= 100 * major + 10 * minor, (got, compiled)
+
+
+@needs_extension
+def test_reductions_split_by_the_triton_rule(monkeypatch):
+    """The CUDA kernels' split of a reduction (csrc/common.cuh deterministic_split: MorphFC and
+    ATM weight / bias gradients) is kernels/_common.py's, a function of the shapes alone: the
+    op takes no tensor and no device, so no GPU property can enter it."""
+    from mixops.kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)  # the GPU rule, not the interpreter's
+    for length, step, tiles in itertools.product(
+        [0, 1, 31, 32, 33, 255, 4096, 401408, 10**9], [16, 32, 128], [1, 2, 3, 7, 81, 256, 257, 10**4]
+    ):
+        want = _common.deterministic_split(length, step, tiles)
+        assert torch.ops.mixops._deterministic_split(length, step, tiles) == want, (length, step, tiles)

@@ -202,7 +202,7 @@ def test_build_has_tensor_core_gemms_and_no_spills():
     kernels = cuda_sass.extension_sass("morph_fc")
     for arch in cuda_sass.ampere_or_newer(kernels):
         tiles = [k for a, k in kernels if a == arch and
-                 re.search(r"(gathered_gemm|grad_weight)_kernelI(13__nv_bfloat16Lb0|6__halfLb0|fLb1)E", k)]
+                 re.search(r"(gathered_gemm|grad_weight)_kernelI(13__nv_bfloat16|6__half|f)Lb1E", k)]
         assert len(tiles) == 6, (arch, tiles)
         for name in tiles:
             assert "HMMA" in kernels[(arch, name)] and "BPT.TRAP" not in kernels[(arch, name)], (arch, name)
@@ -318,6 +318,27 @@ def test_cuda_backward_deterministic(stage, dtype):
     second = [torch.ops.mixops._morph_fc_cuda(x, w, b, L, axis), *_ops_grads(x, w, b, g, L, axis)]
     for name, a, c in zip(("output", "grad x", "grad weight", "grad bias"), first, second):
         assert torch.equal(a, c), f"{name} differs between two identical runs"
+
+
+@pytest.mark.needs_cuda
+def test_cuda_runs_on_the_inputs_device_not_the_current_one():
+    """Inputs on cuda:1 while cuda:0 is current: every entry point (forward, backward) launches
+    under the inputs' device and its stream (the CUDAGuard), not on the current device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs (inputs on cuda:1, cuda:0 current); this machine has {torch.cuda.device_count()}")
+    shape, L, axis = CASES["h-c84"]
+    with torch.cuda.device(0):
+        x, w, b = (t.requires_grad_() for t in _make(shape, L, axis, torch.float32, "cuda:1"))
+        out = mixops.morph_fc(x, w, b, segment_dim=L, axis=axis, backend="cuda")
+        g = torch.randn_like(out)
+        got = torch.autograd.grad((out * g).sum(), (x, w, b))
+        assert torch.cuda.current_device() == 0
+    expect, grads = _reference_grads(x, w, b, g, L, axis)
+    assert out.device == x.device
+    assert_close(out, expect, torch.float32)
+    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, grads):
+        assert a.device == x.device
+        assert_close(a, e, torch.float32, name=name)
 
 
 @pytest.mark.needs_cuda
