@@ -90,6 +90,7 @@ __all__ = [
     "fc_forward",
     "forward",
     "forward_blocks",
+    "gather_gemm",
     "launch_backward",
     "launch_fc_forward",
     "launch_forward",
@@ -175,6 +176,24 @@ def lerp_gather(x_ptr, x_row, off_ptr, o_row, q, c0, C, N, sx_p, sx_c, so_g, m_o
         v0, v1 = _corner_values(x_ptr, x_row[:, None] + c[None, :] * sx_c, k, N, sx_p, mask, COMPUTE, IDX64)
         out = (1.0 - f) * v0 + f * v1
     return out
+
+
+@triton.jit
+def gather_gemm(acc, x_ptr, x_row, off_ptr, o_row, q, N, sx_p, sx_c, so_g, m_ok, w_ptr, n, n_ok, sw_n, sw_k, C,
+                SHARE: tl.constexpr, COMPUTE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + S·W^T, the K loop of every ATM GEMM: S [BLOCK_M, C] the lerp gather of the pixels
+    that lerp_gather's x_row, o_row, q, m_ok describe (lines of N positions), formed BLOCK_K
+    channels at a time in the A-load stage; W [C_OUT, C] at n·sw_n + c·sw_k for the output
+    channels n (valid where n_ok). DOT_DTYPE / PRECISION: the tl.dot operand type and precision
+    (_common.dot_dtypes); acc [BLOCK_M, len(n)] in COMPUTE."""
+    for k0 in range(0, C, BLOCK_K):
+        c = k0 + tl.arange(0, BLOCK_K)
+        a = lerp_gather(x_ptr, x_row, off_ptr, o_row, q, k0, C, N, sx_p, sx_c, so_g, m_ok, SHARE, True, COMPUTE,
+                        IDX64, BLOCK_M, BLOCK_K)
+        w = tl.load(w_ptr + (n[None, :] * sw_n + c[:, None] * sw_k), mask=(c < C)[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=COMPUTE)
+    return acc
 
 
 @triton.jit
@@ -411,14 +430,9 @@ def _atm_fc_fwd_kernel(
     x_row = b * sx_b + l * sx_l
     o_row = b * so_b + l * so_l + q * so_p
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    for k0 in range(0, C, BLOCK_K):
-        c = k0 + tl.arange(0, BLOCK_K)
-        # A tile: the sampled features of BLOCK_M pixels x BLOCK_K channels
-        a = lerp_gather(x_ptr, x_row, off_ptr, o_row, q, k0, C, N, sx_p, sx_c, so_g, m_ok, SHARE, True, COMPUTE,
-                        IDX64, BLOCK_M, BLOCK_K)
-        w = tl.load(w_ptr + (n[None, :] * sw_n + c[:, None] * sw_k), mask=(c < C)[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=COMPUTE)
+    acc = gather_gemm(tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE), x_ptr, x_row, off_ptr, o_row, q, N, sx_p, sx_c,
+                      so_g, m_ok, w_ptr, n, n_ok, sw_n, sw_k, C, SHARE, COMPUTE, DOT_DTYPE, PRECISION, IDX64, BLOCK_M,
+                      BLOCK_K)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + n * s_bias, mask=n_ok, other=0.0)
         acc += bias.to(COMPUTE)[None, :]

@@ -58,7 +58,7 @@ from ._common import (
     pow2_between,
     strides,
 )
-from .atm import channel_tile, launch_backward, lerp_gather
+from .atm import channel_tile, gather_gemm, launch_backward, lerp_gather
 from .atm import forward as sample_forward
 
 __all__ = [
@@ -172,21 +172,28 @@ def _branch_gemm(
     BLOCK_K: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_N] = S·W^T in COMPUTE for pixels (b, i, j) and output channels n of one
-    ATMLayer branch: BRANCH 0 gathers S along W, 1 along H (offsets off_ptr, strides so_*),
-    2 takes x itself (off_ptr unused); W [C_OUT, C] at n·sw_n + c·sw_k."""
+    ATMLayer branch: BRANCH 0 gathers S along W (the pixel's row), 1 along H (its column), with
+    offsets off_ptr (strides so_*); 2 takes x itself (off_ptr unused). W [C_OUT, C] at
+    n·sw_n + c·sw_k."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    for k0 in range(0, C, BLOCK_K):
-        c = k0 + tl.arange(0, BLOCK_K)
-        c_ok = c < C
-        if BRANCH == 2:
-            # the channel branch: x itself, no lerp (storage dtype straight into the dot)
-            x_pix = (b * sx_b + i * sx_h + j * sx_w)[:, None]
+    if BRANCH == 2:
+        x_pix = (b * sx_b + i * sx_h + j * sx_w)[:, None]
+        for k0 in range(0, C, BLOCK_K):
+            c = k0 + tl.arange(0, BLOCK_K)
+            c_ok = c < C
+            # x itself, no lerp: the storage dtype straight into the dot
             a = tl.load(x_ptr + (x_pix + c[None, :] * sx_c), mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        else:
-            a = _gather_pixels(x_ptr, off_ptr, b, i, j, k0, C, m_ok, H, W, sx_b, sx_h, sx_w, sx_c,
-                               so_b, so_h, so_w, so_g, SHARE, BRANCH == 1, COMPUTE, IDX64, BLOCK_M, BLOCK_K)
-        wt = tl.load(w_ptr + (n[None, :] * sw_n + c[:, None] * sw_k), mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=COMPUTE)
+            wt = tl.load(w_ptr + (n[None, :] * sw_n + c[:, None] * sw_k), mask=c_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            acc = tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=COMPUTE)
+    elif BRANCH == 1:
+        acc = gather_gemm(acc, x_ptr, b * sx_b + j * sx_w, off_ptr, b * so_b + i * so_h + j * so_w, i, H, sx_h, sx_c,
+                          so_g, m_ok, w_ptr, n, n_ok, sw_n, sw_k, C, SHARE, COMPUTE, DOT_DTYPE, PRECISION, IDX64,
+                          BLOCK_M, BLOCK_K)
+    else:
+        acc = gather_gemm(acc, x_ptr, b * sx_b + i * sx_h, off_ptr, b * so_b + i * so_h + j * so_w, j, W, sx_w, sx_c,
+                          so_g, m_ok, w_ptr, n, n_ok, sw_n, sw_k, C, SHARE, COMPUTE, DOT_DTYPE, PRECISION, IDX64,
+                          BLOCK_M, BLOCK_K)
     return acc
 
 
@@ -310,7 +317,7 @@ def mix_blocks(pixels: int, channels: int, c_out: int, dtype: torch.dtype) -> Bl
     of the three branches. Each column block gathers both branches' A tiles again, so n is as
     wide as the registers allow without spills (ptxas for sm_90a at ActiveMLP's stage shapes,
     checked by tests/test_atm_layer.py): fp16/bf16 64 x 128 x 32 with 16 warps (119-124
-    registers; 64 x 64: 96), i.e. one to four column blocks for C_out = 64..512; fp32 64 x 64
+    registers; 64 x 64: 95-97), i.e. one to four column blocks for C_out = 64..512; fp32 64 x 64
     x 16 with 16 warps (94 registers; n = 128 spills), dividing C_out when it can (C = 320:
     64); fp64 (gradcheck only) 64 x 32 x 16 with 8 warps. Under the interpreter: the tiles
     every GEMM takes there (interpreter_gemm_blocks)."""
