@@ -9,9 +9,9 @@ mean is linear, so two passes over x suffice and no branch output ever reaches H
    tiny torch ops on ``[B, C]`` (``mixops.ops.atm_layer``).
 2. ``_atm_mix``: y = (sw·Ww^T + bw)·a0 + (sh·Wh^T + bh)·a1 + (x·Wc^T)·a2, i.e. one GEMM with
    K = 3C over ``[sw | sh | x]``: the A operand is gathered and lerped in the load stage
-   (``_lerp_gather``, shared with ``mixops.kernels.atm``), each branch's K-range goes into its
-   own accumulator, and the per-(sample, output channel) softmax weights and biases are applied
-   in the epilogue, in the official add order ``w*a0 + h*a1 + c*a2``. ``proj`` stays a
+   (``lerp_gather``, shared with ``mixops.kernels.atm``); the branches' K-ranges run one after
+   the other, and each branch's bias and per-(sample, output channel) softmax weight are
+   applied as it finishes, in the official add order ``w*a0 + h*a1 + c*a2``. ``proj`` stays a
    separate ``nn.Linear``: folding it would make the per-sample weight a ``C x 3C`` product
    computed per image (B·3C³ FLOPs, more than the layer at B·HW < C) for no HBM saving, since
    y is written once either way.
@@ -39,17 +39,30 @@ Grids:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .atm import _accumulate_dtype, _compute_dtype, _interpreting, _lerp_gather, channel_tile, launch_backward
-from .atm import forward as _sample_forward
-from .morph_fc import _dot_dtypes
+from ._common import (
+    Blocks,
+    accumulate_dtype,
+    compute_dtype,
+    dot_dtypes,
+    interpreter_gemm_blocks,
+    interpreting,
+    needs_idx64,
+    output_tile,
+    pow2_between,
+    strides,
+)
+from .atm import channel_tile, gather_gemm, launch_backward, lerp_gather
+from .atm import forward as sample_forward
 
 __all__ = [
+    "MeansBlocks",
     "launch_means",
     "launch_mix",
     "means_backward",
@@ -74,20 +87,21 @@ def _gather_pixels(
     SHARE: tl.constexpr,
     ALONG_H: tl.constexpr,
     COMPUTE: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """The lerped features of pixels (b, i, j) (int64 [BLOCK_M], valid where m_ok) and the
-    channels c0 + [0, BLOCK_C) (c0 a multiple of BLOCK_C, < C) of a [B,H,W,C] tensor (strides
-    sx_*), sampled along H (the pixel's column) when ALONG_H, else along W (its row), with
-    compact offsets [B,H,W,C/SHARE] (strides so_*)."""
-    o_pix = off_ptr + b * so_b + i * so_h + j * so_w
+    """The lerped features of pixels (b, i, j) ([BLOCK_M], int64 when IDX64, else int32; valid
+    where m_ok) and the channels c0 + [0, BLOCK_C) (c0 a multiple of BLOCK_C, < C) of a
+    [B,H,W,C] tensor (strides sx_*), sampled along H (the pixel's column) when ALONG_H, else
+    along W (its row), with compact offsets [B,H,W,C/SHARE] (strides so_*)."""
+    o_row = b * so_b + i * so_h + j * so_w
     if ALONG_H:
-        x_line = x_ptr + b * sx_b + j * sx_w
-        out = _lerp_gather(x_line, o_pix, i, c0, C, H, sx_h, sx_c, so_g, m_ok, SHARE, True, COMPUTE, BLOCK_M, BLOCK_C)
+        out = lerp_gather(x_ptr, b * sx_b + j * sx_w, off_ptr, o_row, i, c0, C, H, sx_h, sx_c, so_g, m_ok, SHARE,
+                          True, COMPUTE, IDX64, BLOCK_M, BLOCK_C)
     else:
-        x_line = x_ptr + b * sx_b + i * sx_h
-        out = _lerp_gather(x_line, o_pix, j, c0, C, W, sx_w, sx_c, so_g, m_ok, SHARE, True, COMPUTE, BLOCK_M, BLOCK_C)
+        out = lerp_gather(x_ptr, b * sx_b + i * sx_h, off_ptr, o_row, j, c0, C, W, sx_w, sx_c, so_g, m_ok, SHARE,
+                          True, COMPUTE, IDX64, BLOCK_M, BLOCK_C)
     return out
 
 
@@ -130,15 +144,66 @@ def _atm_means_kernel(
         i = (r // W).to(tl.int64)
         j = (r % W).to(tl.int64)
         acc_w += _gather_pixels(x_ptr, ow_ptr, b, i, j, c0, C, r_ok, H, W, sx_b, sx_h, sx_w, sx_c,
-                                sow_b, sow_h, sow_w, sow_g, SHARE, False, COMPUTE, BLOCK_M, BLOCK_C)
+                                sow_b, sow_h, sow_w, sow_g, SHARE, False, COMPUTE, True, BLOCK_M, BLOCK_C)
         acc_h += _gather_pixels(x_ptr, oh_ptr, b, i, j, c0, C, r_ok, H, W, sx_b, sx_h, sx_w, sx_c,
-                                soh_b, soh_h, soh_w, soh_g, SHARE, True, COMPUTE, BLOCK_M, BLOCK_C)
+                                soh_b, soh_h, soh_w, soh_g, SHARE, True, COMPUTE, True, BLOCK_M, BLOCK_C)
         x_ptrs = x_ptr + (b * sx_b + i * sx_h + j * sx_w)[:, None] + c64[None, :] * sx_c
         acc_x += tl.load(x_ptrs, mask=mask, other=0.0).to(COMPUTE)
     part = part_ptr + ((b * SPLIT + s) * 3) * C + c64
     tl.store(part, tl.sum(acc_w, axis=0), mask=c_ok)
     tl.store(part + C, tl.sum(acc_h, axis=0), mask=c_ok)
     tl.store(part + 2 * C, tl.sum(acc_x, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _branch_gemm(
+    x_ptr, off_ptr, w_ptr, b, i, j, m_ok, n, n_ok, H, W, C,
+    sx_b, sx_h, sx_w, sx_c,
+    so_b, so_h, so_w, so_g,
+    sw_n, sw_k,
+    SHARE: tl.constexpr,
+    BRANCH: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_N] = S·W^T in COMPUTE for pixels (b, i, j) and output channels n of one
+    ATMLayer branch: BRANCH 0 gathers S along W (the pixel's row), 1 along H (its column), with
+    offsets off_ptr (strides so_*); 2 takes x itself (off_ptr unused). W [C_OUT, C] at
+    n·sw_n + c·sw_k."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    if BRANCH == 2:
+        x_pix = (b * sx_b + i * sx_h + j * sx_w)[:, None]
+        for k0 in range(0, C, BLOCK_K):
+            c = k0 + tl.arange(0, BLOCK_K)
+            c_ok = c < C
+            # x itself, no lerp: the storage dtype straight into the dot
+            a = tl.load(x_ptr + (x_pix + c[None, :] * sx_c), mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + (n[None, :] * sw_n + c[:, None] * sw_k), mask=c_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            acc = tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=COMPUTE)
+    elif BRANCH == 1:
+        acc = gather_gemm(acc, x_ptr, b * sx_b + j * sx_w, off_ptr, b * so_b + i * so_h + j * so_w, i, H, sx_h, sx_c,
+                          so_g, m_ok, w_ptr, n, n_ok, sw_n, sw_k, C, SHARE, COMPUTE, DOT_DTYPE, PRECISION, IDX64,
+                          BLOCK_M, BLOCK_K)
+    else:
+        acc = gather_gemm(acc, x_ptr, b * sx_b + i * sx_h, off_ptr, b * so_b + i * so_h + j * so_w, j, W, sx_w, sx_c,
+                          so_g, m_ok, w_ptr, n, n_ok, sw_n, sw_k, C, SHARE, COMPUTE, DOT_DTYPE, PRECISION, IDX64,
+                          BLOCK_M, BLOCK_K)
+    return acc
+
+
+@triton.jit
+def _alpha(al_ptr, b, n, m_ok, n_ok, sa_b, sa_n, k_offset, COMPUTE: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] tile of one branch's softmax weights al[b, n, k] in COMPUTE (element
+    offset k_offset = k·sa_k), formed where it is used so no pointer tile stays live across
+    the branch loops."""
+    al = al_ptr + ((b * sa_b + k_offset)[:, None] + n[None, :] * sa_n)
+    return tl.load(al, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(COMPUTE)
 
 
 @triton.jit
@@ -158,6 +223,7 @@ def _atm_mix_kernel(
     COMPUTE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -174,61 +240,40 @@ def _atm_mix_kernel(
     out_ptr [B, H, W, C_OUT]: sy_b, sy_h, sy_w, sy_c.
     M = B·H·W GEMM rows (pixels, row-major), C the reduction of each branch, C_OUT the columns.
     COMPUTE: positions, lerp weights, accumulators; DOT_DTYPE / PRECISION as in _atm_fc_fwd_kernel.
-    Program pid: row block pid // cdiv(C_OUT, BLOCK_N), column block pid % cdiv(C_OUT, BLOCK_N).
+    IDX64: pixel and element offsets in int64 (some tensor reaches 2^30 elements), else int32.
+    Program pid: output_tile's row block x column block (a row block's column blocks adjacent).
+    The branches run one after the other, each folded into the weighted sum as it finishes (in
+    the official add order), so one gather and two [BLOCK_M, BLOCK_N] tiles are live at a
+    time rather than two gathers and three accumulators: the registers that buy mix_blocks'
+    wide column tiles, hence few gathers per row tile.
     """
     tl.static_assert(BLOCK_K >= 16)
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(C_OUT, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = m < M
-    n_ok = n < C_OUT
-    n64 = n.to(tl.int64)
+    _, _, m, n, m_ok, n_ok = output_tile(M, C_OUT, BLOCK_M, BLOCK_N, IDX64)
     HW = H * W
     b = m // HW
     r = m % HW
     i = r // W
     j = r % W
-    x_pix = x_ptr + (b * sx_b + i * sx_h + j * sx_w)[:, None]
-
-    acc_w = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    acc_c = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    for k0 in range(0, C, BLOCK_K):
-        c = k0 + tl.arange(0, BLOCK_K)
-        c_ok = c < C
-        c64 = c.to(tl.int64)
-        mask = m_ok[:, None] & c_ok[None, :]
-        w_mask = c_ok[:, None] & n_ok[None, :]
-        a = _gather_pixels(x_ptr, ow_ptr, b, i, j, k0, C, m_ok, H, W, sx_b, sx_h, sx_w, sx_c,
-                           sow_b, sow_h, sow_w, sow_g, SHARE, False, COMPUTE, BLOCK_M, BLOCK_K)
-        wt = tl.load(ww_ptr + n64[None, :] * sww_n + c64[:, None] * sww_k, mask=w_mask, other=0.0)
-        acc_w = tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc_w, input_precision=PRECISION, out_dtype=COMPUTE)
-        a = _gather_pixels(x_ptr, oh_ptr, b, i, j, k0, C, m_ok, H, W, sx_b, sx_h, sx_w, sx_c,
-                           soh_b, soh_h, soh_w, soh_g, SHARE, True, COMPUTE, BLOCK_M, BLOCK_K)
-        wt = tl.load(wh_ptr + n64[None, :] * swh_n + c64[:, None] * swh_k, mask=w_mask, other=0.0)
-        acc_h = tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc_h, input_precision=PRECISION, out_dtype=COMPUTE)
-        # the channel branch: x itself, no lerp (storage dtype straight into the dot)
-        xv = tl.load(x_pix + c64[None, :] * sx_c, mask=mask, other=0.0)
-        wt = tl.load(wc_ptr + n64[None, :] * swc_n + c64[:, None] * swc_k, mask=w_mask, other=0.0)
-        acc_c = tl.dot(xv.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc_c, input_precision=PRECISION, out_dtype=COMPUTE)
-
+    acc = _branch_gemm(x_ptr, ow_ptr, ww_ptr, b, i, j, m_ok, n, n_ok, H, W, C, sx_b, sx_h, sx_w, sx_c,
+                       sow_b, sow_h, sow_w, sow_g, sww_n, sww_k, SHARE, 0, COMPUTE, DOT_DTYPE, PRECISION, IDX64,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BW:
-        acc_w += tl.load(bw_ptr + n64 * s_bw, mask=n_ok, other=0.0).to(COMPUTE)[None, :]
+        acc += tl.load(bw_ptr + n * s_bw, mask=n_ok, other=0.0).to(COMPUTE)[None, :]
+    y = acc * _alpha(al_ptr, b, n, m_ok, n_ok, sa_b, sa_n, 0, COMPUTE)
+    acc = _branch_gemm(x_ptr, oh_ptr, wh_ptr, b, i, j, m_ok, n, n_ok, H, W, C, sx_b, sx_h, sx_w, sx_c,
+                       soh_b, soh_h, soh_w, soh_g, swh_n, swh_k, SHARE, 1, COMPUTE, DOT_DTYPE, PRECISION, IDX64,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BH:
-        acc_h += tl.load(bh_ptr + n64 * s_bh, mask=n_ok, other=0.0).to(COMPUTE)[None, :]
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    al = al_ptr + (b * sa_b)[:, None] + n64[None, :] * sa_n
-    a0 = tl.load(al, mask=out_mask, other=0.0).to(COMPUTE)
-    a1 = tl.load(al + sa_k, mask=out_mask, other=0.0).to(COMPUTE)
-    a2 = tl.load(al + 2 * sa_k, mask=out_mask, other=0.0).to(COMPUTE)
-    y = acc_w * a0 + acc_h * a1 + acc_c * a2  # the official add order
-    y_ptrs = out_ptr + (b * sy_b + i * sy_h + j * sy_w)[:, None] + n64[None, :] * sy_c
-    tl.store(y_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        acc += tl.load(bh_ptr + n * s_bh, mask=n_ok, other=0.0).to(COMPUTE)[None, :]
+    y = y + acc * _alpha(al_ptr, b, n, m_ok, n_ok, sa_b, sa_n, sa_k, COMPUTE)
+    acc = _branch_gemm(x_ptr, ow_ptr, wc_ptr, b, i, j, m_ok, n, n_ok, H, W, C, sx_b, sx_h, sx_w, sx_c,
+                       sow_b, sow_h, sow_w, sow_g, swc_n, swc_k, SHARE, 2, COMPUTE, DOT_DTYPE, PRECISION, IDX64,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+    y = y + acc * _alpha(al_ptr, b, n, m_ok, n_ok, sa_b, sa_n, 2 * sa_k, COMPUTE)  # the official add order
+    y_ptrs = out_ptr + ((b * sy_b + i * sy_h + j * sy_w)[:, None] + n[None, :] * sy_c)
+    tl.store(y_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,42 +283,51 @@ def _atm_mix_kernel(
 _GPU_PROGRAMS = 1024  # enough programs to keep an H100's 132 SMs streaming (~8 per SM)
 
 
-def means_blocks(batch: int, pixels: int, channels: int) -> dict:
+@dataclass(frozen=True)
+class MeansBlocks:
+    """Tile and pixel split of the means kernel: m pixels x c channels per step, split
+    programs per image and channel block."""
+
+    m: int
+    c: int
+    split: int
+    num_warps: int
+
+
+def means_blocks(batch: int, pixels: int, channels: int) -> MeansBlocks:
     """Tiles and pixel split of the means kernel for ``pixels = H·W`` per image.
 
     On a GPU: 64 channel lanes (a 128-byte bf16 row segment) x 16 pixels, three fp32
-    accumulators of 1024 values (8 per thread at 4 warps); SPLIT programs per image so the
-    grid reaches ~1024 programs. Under the interpreter (~1 ms per program and per step): one
+    accumulators of 1024 values (8 per thread at 4 warps); a split per image so the grid
+    reaches ~1024 programs. Under the interpreter (~1 ms per program and per step): one
     program per image and channel block, tiles of up to 16K elements."""
-    if _interpreting():
+    if interpreting():
         block_c = min(triton.next_power_of_2(channels), 64)
         block_m = max(1, min(triton.next_power_of_2(pixels), 16384 // block_c))
-        return {"BLOCK_M": block_m, "BLOCK_C": block_c, "SPLIT": 1, "num_warps": 4}
+        return MeansBlocks(m=block_m, c=block_c, split=1, num_warps=4)
     block_c = channel_tile(channels, 64)
     block_m = max(1, min(triton.next_power_of_2(pixels), 1024 // block_c))
     c_blocks = triton.cdiv(channels, block_c)
     split = max(1, min(triton.cdiv(pixels, block_m), _GPU_PROGRAMS // max(1, batch * c_blocks)))
-    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "SPLIT": split, "num_warps": 4}
+    return MeansBlocks(m=block_m, c=block_c, split=split, num_warps=4)
 
 
-def mix_blocks(pixels: int, channels: int, c_out: int, dtype: torch.dtype) -> dict:
-    """Tiles of the mix GEMM: BLOCK_M pixels x BLOCK_N output channels, BLOCK_K input channels
-    per step of each of the three branches. Three accumulators and two lerped A tiles live at
-    once, so tiles are smaller than atm_fc's (ptxas for sm_90, 8 warps: fp16/bf16 64 x 64 x 32
-    with two stages; fp32/fp64 operands take twice the registers, 64 x 32 x 16 and one stage;
-    every larger choice spilled, 32 x 64 x 16 with TF32; checked by tests/test_atm_layer.py).
-    BLOCK_N divides C_out when it can (C = 320: 64, or 32 for fp32). Under the interpreter:
-    the whole reduction in one step and up to 256 columns."""
-    if _interpreting():
-        block_n = max(16, min(triton.next_power_of_2(c_out), 256))
-        block_k = max(16, min(triton.next_power_of_2(channels), 256))
-        block_m = max(16, min(triton.next_power_of_2(pixels), 65536 // max(block_n, block_k)))
-        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 1}
-    if dtype in (torch.float32, torch.float64):
-        block_n = max(16, channel_tile(c_out, 32))
-        return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": 16, "num_warps": 8, "num_stages": 1}
-    block_n = max(16, channel_tile(c_out, 64))
-    return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+def mix_blocks(pixels: int, channels: int, c_out: int, dtype: torch.dtype) -> Blocks:
+    """Tiles of the mix GEMM: m pixels x n output channels, k input channels per step of each
+    of the three branches. Each column block gathers both branches' A tiles again, so n is as
+    wide as the registers allow without spills (ptxas for sm_90a at ActiveMLP's stage shapes,
+    checked by tests/test_atm_layer.py): fp16/bf16 64 x 128 x 32 with 16 warps (119-124
+    registers; 64 x 64: 95-97), i.e. one to four column blocks for C_out = 64..512; fp32 64 x 64
+    x 16 with 16 warps (94 registers; n = 128 spills), dividing C_out when it can (C = 320:
+    64); fp64 (gradcheck only) 64 x 32 x 16 with 8 warps. Under the interpreter: the tiles
+    every GEMM takes there (interpreter_gemm_blocks)."""
+    if interpreting():
+        return interpreter_gemm_blocks(pixels, c_out, channels)
+    if dtype == torch.float64:
+        return Blocks(m=64, n=max(16, channel_tile(c_out, 32)), k=16, num_warps=8, num_stages=1)
+    if dtype == torch.float32:
+        return Blocks(m=64, n=max(16, channel_tile(c_out, 64)), k=16, num_warps=16, num_stages=1)
+    return Blocks(m=64, n=pow2_between(c_out, 16, 128), k=32, num_warps=16, num_stages=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,19 +338,20 @@ def mix_blocks(pixels: int, channels: int, c_out: int, dtype: torch.dtype) -> di
 def launch_means(x: torch.Tensor, offset_w: torch.Tensor, offset_h: torch.Tensor, share: int) -> torch.Tensor:
     """The partial sums ``[B, SPLIT, 3, C]`` (fp32; fp64 for fp64 x) of the means kernel."""
     B, H, W, C = x.shape
-    cfg = means_blocks(B, H * W, C)
-    split = cfg.pop("SPLIT")
-    part = torch.zeros((B, split, 3, C), dtype=_accumulate_dtype(x), device=x.device)
+    blocks = means_blocks(B, H * W, C)
+    part = torch.zeros((B, blocks.split, 3, C), dtype=accumulate_dtype(x.dtype), device=x.device)
     if B * H * W * C == 0:
         return part
-    grid = (B, split, triton.cdiv(C, cfg["BLOCK_C"]))
+    grid = (B, blocks.split, triton.cdiv(C, blocks.c))
     _atm_means_kernel[grid](
         x, offset_w, offset_h, part,
-        H, W, C, split,
-        *x.stride(), *offset_w.stride(), *offset_h.stride(),
+        H, W, C, blocks.split,
+        *strides(x), *strides(offset_w), *strides(offset_h),
         SHARE=share,
-        COMPUTE=_compute_dtype(x),
-        **cfg,
+        COMPUTE=compute_dtype(x.dtype),
+        BLOCK_M=blocks.m,
+        BLOCK_C=blocks.c,
+        num_warps=blocks.num_warps,
     )
     return part
 
@@ -319,26 +374,31 @@ def launch_mix(
     c_out = out.shape[-1]
     if M == 0 or c_out == 0:
         return
-    cfg = mix_blocks(M, C, c_out, x.dtype)
-    dot_dtype, _, precision = _dot_dtypes(x.dtype)
+    blocks = mix_blocks(M, C, c_out, x.dtype)
+    dot_dtype, _, precision = dot_dtypes(x.dtype)
     ww, wh, wc = weights
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
+    grid = (triton.cdiv(M, blocks.m) * triton.cdiv(c_out, blocks.n),)
     _atm_mix_kernel[grid](
         x, offset_w, offset_h, ww, wh, wc,
         bias_w if bias_w is not None else ww, bias_h if bias_h is not None else wh, alpha, out,
         M, H, W, C, c_out,
-        *x.stride(), *offset_w.stride(), *offset_h.stride(),
-        *ww.stride(), *wh.stride(), *wc.stride(),
-        bias_w.stride(0) if bias_w is not None else 0, bias_h.stride(0) if bias_h is not None else 0,
-        *alpha.stride(),
-        *out.stride(),
+        *strides(x), *strides(offset_w), *strides(offset_h),
+        *strides(ww), *strides(wh), *strides(wc),
+        strides(bias_w)[0] if bias_w is not None else 0, strides(bias_h)[0] if bias_h is not None else 0,
+        *strides(alpha),
+        *strides(out),
         SHARE=share,
         HAS_BW=bias_w is not None,
         HAS_BH=bias_h is not None,
-        COMPUTE=_compute_dtype(x),
+        COMPUTE=compute_dtype(x.dtype),
         DOT_DTYPE=dot_dtype,
         PRECISION=precision,
-        **cfg,
+        IDX64=needs_idx64(x, offset_w, offset_h, ww, wh, wc, bias_w, bias_h, alpha, out),
+        BLOCK_M=blocks.m,
+        BLOCK_N=blocks.n,
+        BLOCK_K=blocks.k,
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
     )
 
 
@@ -359,7 +419,7 @@ def means_backward(grads: list, needs: list, x, offset_w, offset_h, share: int) 
     (zero-stride) constant gradient; x also gets g[:, 2]/(H·W) directly."""
     need_x, need_ow, need_oh = needs
     B, H, W, C = x.shape
-    acc = _accumulate_dtype(x)
+    acc = accumulate_dtype(x.dtype)
     g = grads[0].to(acc) / (H * W)
     gx = g[:, 2, None, None, :].expand(B, H, W, C) if need_x else None
     goffs = []
@@ -401,7 +461,7 @@ def mix_backward(grads: list, needs: list, x, offset_w, offset_h, weight_w, weig
     """
     need_x, need_ow, need_oh, need_ww, need_wh, need_wc, need_bw, need_bh, need_alpha = needs
     B, H, W, C = x.shape
-    acc = _accumulate_dtype(x)
+    acc = accumulate_dtype(x.dtype)
     g = grads[0]
     c_out = g.shape[-1]
     al = alpha.to(acc)
@@ -432,7 +492,7 @@ def mix_backward(grads: list, needs: list, x, offset_w, offset_h, weight_w, weig
                 if need_off:
                     got[f"off_{axis}"] = gok
         if need_w or need_alpha:
-            s = x if axis == "c" else _sample_forward(x, off, axis, share)
+            s = x if axis == "c" else sample_forward(x, off, axis, share)
             s2 = s.reshape(B, H * W, C)
             if identity:
                 p = torch.bmm(g.reshape(B, H * W, c_out).transpose(1, 2), s2).to(acc)  # [B, C_out, C]

@@ -71,9 +71,6 @@ from ._common import (
     vector_width,
 )
 
-# TRANSITIONAL, drop when kernels/atm.py and atm_layer.py import dot_dtypes from _common (issue 9,
-# helper "atm"): they still import this name from here
-_dot_dtypes = dot_dtypes
 
 # the AXIS constexpr of the kernels; "w" is the default branch of _row_part / _feat_part
 _AXIS_IDS = {"w": 0, "h": 1, "hs": 2, "t": 3}

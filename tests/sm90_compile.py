@@ -82,8 +82,8 @@ def global_access_bits(ptx: str, op: str) -> list[int]:
 
 def compile_sm90(fn, signature: dict, constexprs: dict, options: dict | None = None, attrs: dict | None = None,
                  **extra) -> dict:
-    """Compile ``fn`` for sm_90: whether a cubin came out, ptxas's spill bytes, the bits of each
-    global load and store (``load_bits``, ``store_bits``), and ``extra``."""
+    """Compile ``fn`` for sm_90: whether a cubin came out, ptxas's registers per thread and spill
+    bytes, the bits of each global load and store (``load_bits``, ``store_bits``), and ``extra``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -94,9 +94,11 @@ def compile_sm90(fn, signature: dict, constexprs: dict, options: dict | None = N
         options=options or {},
     )
     ptx = compiled.asm["ptx"]
+    registers, spills = ptxas_stats(ptx)
     return {
         "cubin": "cubin" in compiled.asm,
-        "spills": ptxas_stats(ptx)[1],
+        "registers": registers,
+        "spills": spills,
         "load_bits": global_access_bits(ptx, "ld"),
         "store_bits": global_access_bits(ptx, "st"),
         **extra,

@@ -9,6 +9,7 @@ On CPU the Triton kernels run under the interpreter (tests/conftest.py sets TRIT
 """
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 import torch
@@ -18,13 +19,14 @@ import triton.language as tl  # noqa: E402
 
 import mixops  # noqa: E402
 from mixops.kernels import atm_layer as KL  # noqa: E402
+from mixops.kernels._common import Blocks, dot_dtypes  # noqa: E402
 from mixops.nn.atm import ActiveBlock, ATMLayer  # noqa: E402
 from mixops.ops import atm_layer as OL  # noqa: E402
 from mixops.reference import atm as R  # noqa: E402
 import sm90_compile  # noqa: E402
 from mixops_testing import assert_close, only_backends, skip_unless_runs  # noqa: E402
 from test_atm_cases import KINDS, away_from_integers, make_offset  # noqa: E402
-from test_atm_triton import _PTR, _STAGES, _canary, _untouched  # noqa: E402
+from test_atm_triton import _PTR, _STAGES, _canary, _untouched, set_interpreting, warps_per_sm  # noqa: E402
 
 MIX_INPUTS = ("x", "offset_w", "offset_h", "weight_w", "weight_h", "weight_c", "bias_w", "bias_h", "alpha")
 NAN = float("nan")
@@ -148,9 +150,7 @@ def test_mix_writes_exactly_its_output(monkeypatch, small_tiles, c_out):
     """A NaN canary around a strided output; C_out != C; 16 x 16 x 16 tiles give several row,
     column and reduction blocks with ragged edges, rows spanning two images."""
     if small_tiles:
-        monkeypatch.setattr(
-            KL, "mix_blocks", lambda *a: {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
-        )
+        monkeypatch.setattr(KL, "mix_blocks", lambda *a: Blocks(m=16, n=16, k=16, num_warps=4, num_stages=1))
     shape, share = (3, 5, 3, 24), 2
     inputs = _mix_inputs(shape, share, "edges", torch.float64, c_out=c_out)
     buf, out, inside = _canary((*shape[:3], c_out), torch.float64)
@@ -166,7 +166,7 @@ def test_mix_writes_exactly_its_output(monkeypatch, small_tiles, c_out):
 @pytest.mark.usefixtures("interpreted")
 def test_means_split_over_pixels(monkeypatch):
     """SPLIT > 1 (the GPU's pixel split), small channel tiles: the same means."""
-    monkeypatch.setattr(KL, "means_blocks", lambda *a: {"BLOCK_M": 4, "BLOCK_C": 8, "SPLIT": 3, "num_warps": 4})
+    monkeypatch.setattr(KL, "means_blocks", lambda *a: KL.MeansBlocks(m=4, c=8, split=3, num_warps=4))
     shape, share = (2, 5, 7, 12), 4
     x, ow, oh, *_ = _mix_inputs(shape, share, "normal5")
     part = KL.launch_means(x, ow, oh, share)
@@ -350,19 +350,22 @@ def _is_pow2(v):
 
 @pytest.mark.parametrize("interpreting", [True, False])
 def test_block_heuristics(monkeypatch, interpreting):
-    monkeypatch.setattr(KL, "_interpreting", lambda: interpreting)
+    set_interpreting(monkeypatch, interpreting)
     for B in (1, 2, 37, 128):
         for n, C, _ in _STAGES + [(3, 12, 2), (1, 1, 1)]:
             cfg = KL.means_blocks(B, n * n, C)
-            assert _is_pow2(cfg["BLOCK_M"]) and _is_pow2(cfg["BLOCK_C"]) and cfg["SPLIT"] >= 1
-            assert (cfg["SPLIT"] - 1) * cfg["BLOCK_M"] < n * n  # no program without pixels
+            assert _is_pow2(cfg.m) and _is_pow2(cfg.c) and cfg.split >= 1
+            assert (cfg.split - 1) * cfg.m < n * n  # no program without pixels
             for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
                 mix = KL.mix_blocks(B * n * n, C, C, dtype)
-                assert all(_is_pow2(mix[k]) and mix[k] >= 16 for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                assert all(_is_pow2(t) and t >= 16 for t in (mix.m, mix.n, mix.k))
     if not interpreting:
-        # C = 320 (ActiveMLP-T stage 3): channel tiles that divide it
-        assert 320 % KL.means_blocks(128, 196, 320)["BLOCK_C"] == 0
-        assert 320 % KL.mix_blocks(128 * 196, 320, 320, torch.bfloat16)["BLOCK_N"] == 0
+        # C = 320 (ActiveMLP-T stage 3): channel tiles that divide it, or (fp16/bf16) 128-wide
+        # column tiles: 3 gathers of each A tile rather than 5
+        assert 320 % KL.means_blocks(128, 196, 320).c == 0
+        assert 320 % KL.mix_blocks(128 * 196, 320, 320, torch.float32).n == 0
+        for C in (64, 128, 320, 512):
+            assert KL.mix_blocks(128 * 196, C, C, torch.bfloat16).n == min(triton.next_power_of_2(C), 128)
 
 
 # --- the new kernels compile for sm_90 without spills -------------------------------------------
@@ -372,38 +375,50 @@ _BUILDS = {
     "means-bf16-n320": ("means", "bf16", _STAGES[2], None),
     **{f"mix-{d}": ("mix", d, _STAGES[0], (True, False)) for d in _PTR},
     **{f"mix-{d}-n320": ("mix", d, _STAGES[2], (True, False)) for d in ("fp16", "bf16")},
+    **{f"mix-{d}-n512": ("mix", d, _STAGES[3], (True, False)) for d in _PTR},
     "mix-fp32-tf32": ("mix", "fp32", _STAGES[2], (True, True)),
     "mix-bf16-nobias": ("mix", "bf16", _STAGES[3], (False, False)),
 }
+
+
+def _arg_values(fn, dtype, stage, ptr):
+    """The runtime arguments of a launch on ActiveBlock's tensors at a stage, for
+    sm90_compile.jit_signature: x and out contiguous [128, n, n, C], the two offsets the halves
+    of one [128, n, n, 2G] tensor (as forward_compact gets them), contiguous weights and
+    biases, alpha contiguous [128, C, 3]."""
+    n, C, share = stage
+    G = C // share
+    values = dict(M=128 * n * n, H=n, W=n, C=C, C_OUT=C, SPLIT=1, s_bw=1, s_bh=1, sa_b=3 * C, sa_n=3, sa_k=1)
+    for prefix, t in (("sx", (n * n * C, n * C, C, 1)), ("sy", (n * n * C, n * C, C, 1)),
+                      ("sow", (n * n * 2 * G, n * 2 * G, 2 * G, 1)), ("soh", (n * n * 2 * G, n * 2 * G, 2 * G, 1))):
+        last = "g" if prefix.startswith("so") else "c"
+        values.update(zip((f"{prefix}_b", f"{prefix}_h", f"{prefix}_w", f"{prefix}_{last}"), t))
+    for w in ("sww", "swh", "swc"):
+        values.update({f"{w}_n": C, f"{w}_k": 1})
+    values.update({name: ptr.get(name, _PTR[dtype]) for name in fn.arg_names if name.endswith("_ptr")})
+    return values
 
 
 def _build(kernel, dtype, stage, needs):
     n, C, share = stage
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[dtype]
     compute = tl.float64 if dtype == "fp64" else tl.float32
-    options = {}
     if kernel == "means":
         fn, cfg = KL._atm_means_kernel, KL.means_blocks(128, n * n, C)
-        cfg.pop("SPLIT")
-        consts = dict(SHARE=share, COMPUTE=compute)
+        consts = dict(SHARE=share, COMPUTE=compute, BLOCK_M=cfg.m, BLOCK_C=cfg.c)
+        options = dict(num_warps=cfg.num_warps)
         ptr = {"part_ptr": "*fp64" if dtype == "fp64" else "*fp32"}
     else:
         fn, cfg = KL._atm_mix_kernel, KL.mix_blocks(128 * n * n, C, C, torch_dtype)
         has_bias, tf32 = needs
-        dot_dtype, _, precision = KL._dot_dtypes(torch_dtype)
+        dot_dtype, _, precision = dot_dtypes(torch_dtype)
         consts = dict(SHARE=share, HAS_BW=has_bias, HAS_BH=has_bias, COMPUTE=compute, DOT_DTYPE=dot_dtype,
-                      PRECISION="tf32" if tf32 else precision)
-        options["num_stages"] = cfg.pop("num_stages")
+                      PRECISION="tf32" if tf32 else precision, IDX64=False, BLOCK_M=cfg.m, BLOCK_N=cfg.n,
+                      BLOCK_K=cfg.k)
+        options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         ptr = {}
-    options["num_warps"] = cfg.pop("num_warps")
-    consts.update(cfg)
-    consts.update({name: 1 for name in ("sx_c", "sow_g", "soh_g", "sy_c", "sww_k", "swh_k", "swc_k")
-                   if name in fn.arg_names})
-    signature = {
-        name: "constexpr" if name in consts else ptr.get(name, _PTR[dtype]) if name.endswith("_ptr") else "i32"
-        for name in fn.arg_names
-    }
-    return sm90_compile.compile_sm90(fn, signature, consts, options, cfg=cfg)
+    signature, consts, attrs = sm90_compile.jit_signature(fn, _arg_values(fn, dtype, stage, ptr), consts)
+    return sm90_compile.compile_sm90(fn, signature, consts, options, attrs, cfg=dataclasses.asdict(cfg))
 
 
 def _build_all():
@@ -419,6 +434,14 @@ def sm90_builds():
 @pytest.mark.parametrize("build", list(_BUILDS))
 def test_kernel_compiles_for_sm90(sm90_builds, build):
     sm90_compile.assert_built(sm90_builds[build])
+
+
+@pytest.mark.parametrize("build", [b for b in _BUILDS if b.startswith("mix-") and "fp64" not in b])
+def test_mix_builds_hold_16_warps_per_sm(sm90_builds, build):
+    """The mix kernel's branches one after the other leave 16 warps per SM (the three
+    accumulators and two gathers before them: 8, at 185-253 registers for 8 warps)."""
+    got = sm90_builds[build]
+    assert warps_per_sm(got) >= 16, (got["registers"], got["cfg"])
 
 
 # --- GPU ---------------------------------------------------------------------------------------

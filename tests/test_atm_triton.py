@@ -11,6 +11,7 @@ On CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRIT
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -21,6 +22,7 @@ import triton.language as tl  # noqa: E402
 
 import mixops  # noqa: E402
 from mixops.kernels import atm as K  # noqa: E402
+from mixops.kernels._common import Blocks, dot_dtypes  # noqa: E402
 from mixops.reference import atm as R  # noqa: E402
 import sm90_compile  # noqa: E402
 from mixops_testing import assert_close, skip_unless_runs  # noqa: E402
@@ -234,6 +236,93 @@ def test_backward_is_bit_identical_with_colliding_samples():
         assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+# --- the backward's per-target-block walk ------------------------------------------------------
+
+
+@triton.jit
+def _target_block_shifts_kernel(k_ptr, lo_ptr, hi_ptr, N, LANES: tl.constexpr, BLOCK_Q: tl.constexpr,
+                                TARGET_BLOCKS: tl.constexpr):
+    """The shift ranges that pass 1 of the backward records, for floor positions k [N, LANES]
+    (int32, contiguous): lo, hi [TARGET_BLOCKS]."""
+    lo = tl.full([TARGET_BLOCKS], N, tl.int32)
+    hi = tl.full([TARGET_BLOCKS], -N, tl.int32)
+    lanes = tl.arange(0, LANES)
+    for q0 in range(0, N, BLOCK_Q):
+        q = q0 + tl.arange(0, BLOCK_Q)
+        ok = (q < N)[:, None] & (lanes < LANES)[None, :]
+        k = tl.load(k_ptr + q[:, None] * LANES + lanes[None, :], mask=ok, other=0)
+        lo, hi = K.target_block_shifts(lo, hi, k, q[:, None], ok, N, BLOCK_Q, TARGET_BLOCKS)
+    blocks = tl.arange(0, TARGET_BLOCKS)
+    tl.store(lo_ptr + blocks, lo)
+    tl.store(hi_ptr + blocks, hi)
+
+
+def _shift_ranges(k, block_q):
+    """(lo, hi) per target block, written from the definition: every (source q, in-range target
+    t in {k, k+1}) pair widens the range of t's block by the shift q - t, and the range of the
+    other target's block too (target_block_shifts' one-shift slack)."""
+    n = k.shape[0]
+    blocks = math.ceil(n / block_q)
+    lo, hi = [n] * blocks, [-n] * blocks
+    for q in range(n):
+        for kk in k[q].tolist():
+            targets = [t for t in (kk, kk + 1) if 0 <= t < n]
+            for t in targets:
+                for j in {u // block_q for u in targets}:
+                    lo[j], hi[j] = min(lo[j], q - t), max(hi[j], q - t)
+    return lo, hi
+
+
+@on_cpu
+def test_target_block_shifts_bound_each_block_by_the_samples_that_reach_it():
+    """One sample far inside the line widens only the ranges of its targets' block; samples off
+    the line (huge offsets) widen nothing; a block no sample reaches has an empty range."""
+    n, lanes, block_q = 45, 4, 8
+    q = torch.arange(n)[:, None]
+    k = q + torch.randint(-2, 2, (n, lanes))  # |shift| <= 3 everywhere ...
+    k[3, 1] = 40  # ... but one sample from block 0 into block 5
+    k[20, 2] = 2**30  # and two far off the line, which reach no target
+    k[21, 0] = -(2**30)
+    k = torch.where((k >= 23) & (k < 32), n + 5, k)  # nothing reaches block 3 (targets 24..31)
+    target_blocks = triton.next_power_of_2(math.ceil(n / block_q))
+    lo = torch.empty(target_blocks, dtype=torch.int32)
+    hi = torch.empty(target_blocks, dtype=torch.int32)
+    _target_block_shifts_kernel[(1,)](k.to(torch.int32).contiguous(), lo, hi, n, LANES=lanes, BLOCK_Q=block_q,
+                                      TARGET_BLOCKS=target_blocks)
+    want_lo, want_hi = _shift_ranges(k, block_q)
+    blocks = math.ceil(n / block_q)
+    assert lo[:blocks].tolist() == want_lo and hi[:blocks].tolist() == want_hi
+    assert lo[5] <= 3 - 41 and lo[3] > hi[3]  # the far sample's block; the unreached block
+    for j in (0, 1, 2, 4):
+        assert -4 <= lo[j] <= hi[j] <= 4, (j, lo[j], hi[j])
+
+
+@on_cpu
+@pytest.mark.parametrize("axis", AXES)
+def test_backward_with_short_target_blocks_and_far_offsets(monkeypatch, axis):
+    """Target blocks of 4 positions (the GPU walks blocks, the interpreter whole lines), small
+    offsets plus far in-range ones and ones far off the line: the reference gradients, and the
+    same bits as the whole-line walk (each target still sums its samples in shift order)."""
+    shape, share = (2, 29, 23, 8), 2
+    x, off = strided_inputs(shape, share, axis, "normal1", torch.float64)
+    n = shape[1 if axis == "h" else 2]
+    off = off * 0.5
+    off[0, 3, 2, 1] = n - 4.5  # far, but inside the line
+    off[1, 5, 7, 0] = -(n - 3.25)
+    off[0, 8, 8, 2] = 1e30  # off the line: reaches no target
+    off[1, 1, 1, 3] = -float("inf")
+    g = torch.randn(shape, dtype=torch.float64)
+    whole = K.backward([g], [True, True], x, off, axis, share)
+    real = K.backward_blocks
+    monkeypatch.setattr(K, "backward_blocks", lambda n, c, s: dataclasses.replace(
+        real(n, c, s), q=4, target_blocks=triton.next_power_of_2(math.ceil(n / 4))))
+    short = K.backward([g], [True, True], x, off, axis, share)
+    _, want_x, want_o = _reference_grads(x, off, g, axis, share)
+    assert_close(short[0], want_x, name="grad x")
+    assert_close(short[1], want_o, name="grad offset")
+    assert torch.equal(short[0], whole[0]) and torch.equal(short[1], whole[1])
+
+
 # --- atm_fc: the gather fused into the FC GEMM ----------------------------------------------
 
 # C_out values that are no multiple of any block: below one 16-column block, across two, and
@@ -277,9 +366,7 @@ def test_fc_forward_writes_exactly_its_output(axis, share, dtype, c_out):
 def test_fc_small_tiles_loop_over_channels(monkeypatch, axis):
     """16 x 16 x 16 tiles: several row, column and reduction blocks, all with ragged edges
     (165 pixels, C = 24, C_out = 19), and the reduction loop carries the accumulator."""
-    monkeypatch.setattr(
-        K, "fc_blocks", lambda *a: {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
-    )
+    monkeypatch.setattr(K, "fc_blocks", lambda *a, **k: Blocks(m=16, n=16, k=16, num_warps=4, num_stages=1))
     B, H, W, C = AWKWARD
     for share in (1, 2, 4, 8):
         x, off = strided_inputs(AWKWARD, share, axis, "edges")
@@ -333,39 +420,51 @@ def _is_pow2(v):
     return v >= 1 and v & (v - 1) == 0
 
 
+def set_interpreting(monkeypatch, interpreting: bool):
+    """Make _common.interpreting() (read at every call) answer ``interpreting``."""
+    if interpreting:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
 @pytest.mark.parametrize("interpreting", [True, False])
 def test_block_heuristics(monkeypatch, interpreting):
-    monkeypatch.setattr(K, "_interpreting", lambda: interpreting)
+    set_interpreting(monkeypatch, interpreting)
     for n in (1, 3, 7, 14, 28, 56, 61, 128, 256):
         for C, share in ((1, 1), (8, 8), (24, 3), (64, 2), (128, 4), (320, 4), (512, 8), (64, 64)):
             cfg = K.backward_blocks(n, C, share)
-            assert all(_is_pow2(cfg[k]) for k in ("SHARE_P", "BLOCK_Q", "BLOCK_G"))
-            assert cfg["SHARE_P"] >= share and cfg["BLOCK_Q"] <= triton.next_power_of_2(n)
-            assert cfg["BLOCK_G"] <= triton.next_power_of_2(C // share)
-            lanes = cfg["BLOCK_G"] * cfg["SHARE_P"]
+            assert all(_is_pow2(v) for v in (cfg.share_p, cfg.q, cfg.g, cfg.target_blocks))
+            assert cfg.share_p >= share and cfg.q <= triton.next_power_of_2(n)
+            assert cfg.g <= triton.next_power_of_2(C // share)
+            assert cfg.target_blocks >= math.ceil(n / cfg.q) > cfg.target_blocks // 2
+            lanes = cfg.g * cfg.share_p
             if interpreting:
-                assert cfg["BLOCK_Q"] == triton.next_power_of_2(n)  # whole lines in one step
-            elif lanes * cfg["BLOCK_Q"] > 1024:
+                assert cfg.q == triton.next_power_of_2(n)  # whole lines in one step
+            elif lanes * cfg.q > 1024:
                 # past the register budget only when one share group alone exceeds it
-                assert cfg["BLOCK_G"] == 1 and cfg["BLOCK_Q"] == 1
+                assert cfg.g == 1 and cfg.q == 1
         for M in (1, 70, 10_000, 401_408):
             for C in (1, 3, 16, 64, 512):
                 cfg = K.forward_blocks(M, C)
-                assert _is_pow2(cfg["BLOCK_M"]) and _is_pow2(cfg["BLOCK_C"]) and cfg["BLOCK_C"] <= 128
+                assert _is_pow2(cfg.m) and _is_pow2(cfg.c) and cfg.c <= 128
                 for c_out in (1, 7, 64, 300, 768):
                     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
                         cfg = K.fc_blocks(M, C, c_out, dtype)
-                        tiles = [cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
                         # tl.dot needs every tile dimension >= 16
-                        assert all(_is_pow2(t) and t >= 16 for t in tiles)
-                        assert cfg["BLOCK_M"] * max(cfg["BLOCK_N"], cfg["BLOCK_K"]) <= 65536
+                        assert all(_is_pow2(t) and t >= 16 for t in (cfg.m, cfg.n, cfg.k))
+                        assert cfg.m * max(cfg.n, cfg.k) <= 65536
+                        if not interpreting and dtype in (torch.float16, torch.bfloat16) and c_out <= 512:
+                            assert cfg.n >= c_out  # one column block: each A tile gathered once
+                        if not interpreting and dtype == torch.float32 and c_out <= 512:
+                            assert cfg.n * 2 >= c_out  # at most two gathers per A tile
     # C = 320 (ActiveMLP-T stage 3): channel tiles that divide it, not a 128-lane third tile
-    assert 320 % K.forward_blocks(128 * 196, 320)["BLOCK_C"] == 0
+    assert 320 % K.forward_blocks(128 * 196, 320).c == 0
 
 
 def test_interpreter_grids_stay_small(monkeypatch):
     """The shapes of the ATM op tests launch at most ~200 interpreted programs per kernel."""
-    monkeypatch.setattr(K, "_interpreting", lambda: True)
+    set_interpreting(monkeypatch, True)
     for B, H, W, C in [(2, 5, 7, 16), (2, 4, 6, 8), (2, 4, 5, 8), (2, 6, 6, 8), (1, 3, 4, 4), AWKWARD]:
         for share in (1, 2, 4, 8):
             if C % share:
@@ -373,13 +472,12 @@ def test_interpreter_grids_stay_small(monkeypatch):
             for L, n in ((H, W), (W, H)):
                 f = K.forward_blocks(B * H * W, C)
                 b = K.backward_blocks(n, C, share)
-                fwd = math.ceil(B * H * W / f["BLOCK_M"]) * math.ceil(C / f["BLOCK_C"])
-                bwd = B * L * math.ceil(C // share / b["BLOCK_G"])
+                fwd = math.ceil(B * H * W / f.m) * math.ceil(C / f.c)
+                bwd = B * L * math.ceil(C // share / b.g)
                 assert fwd <= 200 and bwd <= 200, (B, H, W, C, share, fwd, bwd)
                 for c_out in (*FC_OUTS, 8):
                     fc = K.fc_blocks(B * H * W, C, c_out, torch.float32)
-                    steps = math.ceil(B * H * W / fc["BLOCK_M"]) * math.ceil(c_out / fc["BLOCK_N"])
-                    steps *= math.ceil(C / fc["BLOCK_K"])
+                    steps = math.ceil(B * H * W / fc.m) * math.ceil(c_out / fc.n) * math.ceil(C / fc.k)
                     assert steps <= 20, (B, H, W, C, c_out, steps)
 
 
@@ -404,10 +502,12 @@ _BUILDS = {
     "bwd-fp32-gx-only": ("bwd", "fp32", _STAGES[0], (True, False), True),
     "bwd-fp32-goff-only": ("bwd", "fp32", _STAGES[0], (False, True), True),
     "bwd-fp32-strided": ("bwd", "fp32", _STAGES[0], (True, True), False),
-    # fused gather-GEMM (needs = (bias, tf32)): every dtype at stage 1 (C_out = 64 tiles), the
-    # C_out > 64 tiles at stage 3 in the half types, no bias, TF32, a strided build
+    # fused gather-GEMM (needs = (bias, tf32)): every dtype at stages 1 and 4 (the narrowest and
+    # the widest column tiles), the half types at stages 2 and 3, no bias, TF32, a strided build
     **{f"fc-{d}": ("fc", d, _STAGES[0], (True, False), True) for d in _PTR},
+    **{f"fc-{d}-n512": ("fc", d, _STAGES[3], (True, False), True) for d in _PTR},
     **{f"fc-{d}-n320": ("fc", d, _STAGES[2], (True, False), True) for d in ("fp16", "bf16")},
+    "fc-bf16-n128": ("fc", "bf16", _STAGES[1], (True, False), True),
     "fc-fp32-nobias": ("fc", "fp32", _STAGES[0], (False, False), True),
     "fc-fp32-tf32": ("fc", "fp32", _STAGES[2], (True, True), True),
     "fc-bf16-strided": ("fc", "bf16", _STAGES[3], (True, False), False),
@@ -436,27 +536,27 @@ def _build(kernel, dtype, stage, needs, unit_strides):
     arguments specialised as the JIT specialises a launch on the stage's activations."""
     n, C, share = stage
     compute = tl.float64 if dtype == "fp64" else tl.float32
-    options = {}
     if kernel == "fwd":
         fn, cfg = K._atm_sample_fwd_kernel, K.forward_blocks(128 * n * n, C)
-        consts = dict(SHARE=share, UNIT_C=unit_strides, COMPUTE=compute)
+        consts = dict(SHARE=share, UNIT_C=unit_strides, COMPUTE=compute, IDX64=False, BLOCK_M=cfg.m, BLOCK_C=cfg.c)
+        options = dict(num_warps=cfg.num_warps)
     elif kernel == "fc":
         torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[dtype]
-        fn, cfg = K._atm_fc_fwd_kernel, K.fc_blocks(128 * n * n, C, C, torch_dtype)
+        fn, cfg = K._atm_fc_fwd_kernel, K.fc_blocks(128 * n * n, C, C, torch_dtype, unit_strides)
         has_bias, tf32 = needs
-        dot_dtype, _, precision = K._dot_dtypes(torch_dtype)
+        dot_dtype, _, precision = dot_dtypes(torch_dtype)
         consts = dict(
             SHARE=share, HAS_BIAS=has_bias, COMPUTE=compute, DOT_DTYPE=dot_dtype,
-            PRECISION="tf32" if tf32 else precision,
+            PRECISION="tf32" if tf32 else precision, IDX64=False, BLOCK_M=cfg.m, BLOCK_N=cfg.n, BLOCK_K=cfg.k,
         )
-        options["num_stages"] = cfg.pop("num_stages")
+        options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         fn, cfg = K._atm_sample_bwd_kernel, K.backward_blocks(n, C, share)
-        consts = dict(SHARE=share, COMPUTE=compute, NEED_GX=needs[0], NEED_GOFF=needs[1])
-    options["num_warps"] = cfg.pop("num_warps")
-    consts.update(cfg)
+        consts = dict(SHARE=share, COMPUTE=compute, NEED_GX=needs[0], NEED_GOFF=needs[1], SHARE_P=cfg.share_p,
+                      BLOCK_Q=cfg.q, BLOCK_G=cfg.g, TARGET_BLOCKS=cfg.target_blocks)
+        options = dict(num_warps=cfg.num_warps)
     signature, consts, attrs = sm90_compile.jit_signature(fn, _arg_values(fn, dtype, stage, unit_strides), consts)
-    return sm90_compile.compile_sm90(fn, signature, consts, options, attrs, cfg=cfg)
+    return sm90_compile.compile_sm90(fn, signature, consts, options, attrs, cfg=dataclasses.asdict(cfg))
 
 
 def _build_all():
@@ -472,6 +572,23 @@ def sm90_builds():
 @pytest.mark.parametrize("build", list(_BUILDS))
 def test_kernel_compiles_for_sm90(sm90_builds, build):
     sm90_compile.assert_built(sm90_builds[build])
+
+
+def warps_per_sm(build: dict) -> int:
+    """Warps an sm_90 SM holds of a build, as its registers allow (64K registers per SM,
+    allocated per warp in steps of 8 per thread)."""
+    regs = -(-build["registers"] // 8) * 8
+    warps = build["cfg"]["num_warps"]
+    return 65536 // (regs * 32 * warps) * warps
+
+
+@pytest.mark.parametrize("build", [b for b in _BUILDS if b.startswith("fc-") and "strided" not in b
+                                   and "fp64" not in b])
+def test_fc_builds_hold_16_warps_per_sm(sm90_builds, build):
+    """The fused gather-GEMM's wide column tiles still leave 16 warps per SM (the tiles before
+    them: 8, at 138 registers for 8 warps)."""
+    got = sm90_builds[build]
+    assert warps_per_sm(got) >= 16, (got["registers"], got["cfg"])
 
 
 _BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp64": 64}
