@@ -28,10 +28,16 @@ cd "$(dirname "$SELF")/.."
 usage() { sed -n '2,7p' "$SELF" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 ALL_STAGES=(build tests bench sanitize)
-# seconds: the most a stage may take, and what the stages before it must leave it
-declare -A CAP=([build]=300 [tests]=330 [bench]=180 [sanitize]=120)
-declare -A RESERVE=([build]=0 [tests]=0 [bench]=100 [sanitize]=60)
-MIN_STAGE_S=20      # a stage with less time than this is skipped, not started
+# seconds: the most a stage may take (MIXOPS_CHECK_CAPS="build=120 ..." changes it), and what the
+# stages before it must leave it. A stage's limit is its cap or what is left after the later
+# stages' reserves, whichever is less, so the tests get whatever the build did not use. The build
+# (one arch, 16 cores) should take 60-90 s (CI: ~240 s of CPU for sm_90a on 2 cores): its cap is
+# for a slow one. The sanitizers start a CUDA context and torch under instrumentation per tool.
+declare -A CAP=([build]=240 [tests]=400 [bench]=150 [sanitize]=150)
+declare -A RESERVE=([build]=0 [tests]=0 [bench]=90 [sanitize]=150)
+for kv in ${MIXOPS_CHECK_CAPS:-}; do CAP[${kv%%=*}]=${kv#*=}; done
+MIN_STAGE_S=20      # a stage with less time than this (or than its cap, if smaller) is skipped, not started
+PUBLISH_S=${MIXOPS_CHECK_PUBLISH_S:-30}  # how often SUMMARY.md and the archive are rewritten while a stage runs
 SUMMARY_S=10        # kept back at the end for the last summary
 TEST_WORKERS=4      # pytest-xdist processes sharing the GPU (the GPU image has xdist), so Triton's JIT
                     # compiles on several cores; --dist loadfile keeps a test file in one process
@@ -51,6 +57,15 @@ find_sanitizer() {
   return 1
 }
 
+pip_install() {  # pip install -e . offline, flags in "$@"; the caller sets MIXOPS_*_CUDA
+  python3 -m pip install --no-index --no-build-isolation --no-deps "${PIP_SYSTEM[@]}" "$@" -e . && return
+  local rc=$?
+  # a system python3 under PEP 668 refuses (the GPU image's python3 is a venv's, which never does)
+  [ ${#PIP_SYSTEM[@]} = 0 ] && grep -q externally-managed-environment "$WORK/build.log" || return $rc
+  PIP_SYSTEM=(--break-system-packages)  # for this call and the ones after it
+  pip_install "$@"
+}
+
 stage_build() {
   local arch jobs
   jobs=$(nproc)
@@ -58,18 +73,20 @@ stage_build() {
     note "dry run: not built (on a GPU: TORCH_CUDA_ARCH_LIST from the device, MAX_JOBS=$jobs, pip install -e .)"
     return 0
   fi
-  # the visible GPU's architecture, with the 'a' features (wgmma, TMA) from sm_90 on, as setup.py's default
-  arch=$(python3 -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}.{m}" + "a" * (M >= 9))') || return 1
+  # pure Python first (seconds): a CUDA build killed at the stage's limit still leaves mixops
+  # importable, so the tests stage runs the Triton and torch tests and reports the CUDA ones
+  PIP_SYSTEM=()
+  MIXOPS_SKIP_CUDA=1 pip_install || { note "pure-Python install failed: mixops is not installed"; return 1; }
+  # a TORCH_CUDA_ARCH_LIST already set, else the visible GPU's architecture with the 'a' features
+  # (wgmma, TMA) from sm_90 on: setup.py's own choice, recorded here for the summary
+  arch=${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}.{m}" + "a" * (M >= 9))')} ||
+    { note "no CUDA device: installed without the extension"; return 1; }
   echo "TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs"; command -v nvcc cmake ninja
-  if ! TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs MIXOPS_FORCE_CUDA=1 \
-    python3 -m pip install -v --no-index --no-build-isolation --no-deps -e .; then
-    # without an install mixops.kernels does not import: the Triton and torch tests still run
-    MIXOPS_SKIP_CUDA=1 python3 -m pip install --no-index --no-build-isolation --no-deps -e .
-    note "CUDA build failed (TORCH_CUDA_ARCH_LIST=$arch); installed without the extension"
-    return 1
-  fi
+  note "CUDA build (TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs) not finished: installed without the extension"
+  TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs MIXOPS_FORCE_CUDA=1 pip_install -v ||
+    { note "CUDA build failed (TORCH_CUDA_ARCH_LIST=$arch): installed without the extension"; return 1; }
   python3 -c 'import mixops, sys; print(mixops.cuda_extension_status()); sys.exit(not mixops.cuda_extension_available())' ||
-    return 1
+    { note "CUDA build done (TORCH_CUDA_ARCH_LIST=$arch) but the extension does not load"; return 1; }
   note "TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs"
 }
 
@@ -116,7 +133,8 @@ stage_sanitize() {
   fi
   for tool in memcheck racecheck; do
     t0=$SECONDS
-    # memcheck may take half the stage, racecheck what is left; without the caching allocator every
+    # memcheck may take half the stage (75 s at its reserve: pytest, torch's CUDA start and every
+    # kernel's first load run instrumented), racecheck what is left; without the caching allocator every
     # tensor is its own cudaMalloc, so memcheck sees an access past a tensor's end, not into the pool
     if [ $tool = memcheck ]; then limit=$((STAGE_LIMIT / 2)); else limit=$((STAGE_LIMIT - SECONDS - 5)); fi
     if [ $limit -lt 10 ]; then  # (`timeout 0` would mean no limit at all)
@@ -166,16 +184,23 @@ deadline=$((start + ${MIXOPS_CHECK_BUDGET_S:-530}))
 [ "$DRY" = 1 ] && echo "dry run: no GPU, no build" >"$WORK/DRY_RUN"
 
 publish() {  # SUMMARY.md, and every file of $WORK in one archive (the device returns 8 files at most)
+  local snap tmp="$OUT/.gpu-check-files.tmp"
   python3 benchmarks/gpu_check_report.py summary "$WORK" "$OUT" || echo "gpu_check: the summary failed" >&2
-  tar -czf "$OUT/.files.tmp" --exclude='./.*' -C "$WORK" . && mv "$OUT/.files.tmp" "$OUT/gpu-check-files.tar.gz"
+  # a copy first: tar exits 1 on a log that grows while it reads it (a running stage's), cp does not
+  snap=$(mktemp -d "${TMPDIR:-/tmp}/mixops-gpu-check-snap.XXXXXX") || return
+  cp -r "$WORK/." "$snap" && find "$snap" -maxdepth 1 -name '.*' -exec rm -f {} + &&
+    tar -czf "$snap.tar.gz" -C "$snap" . &&
+    cp "$snap.tar.gz" "$tmp" && mv "$tmp" "$OUT/gpu-check-files.tar.gz" ||  # the rename is atomic
+    echo "gpu_check: the archive failed" >&2
+  rm -rf "$snap" "$snap.tar.gz" "$tmp"
 }
 
-publish_while_running() {  # every 30 s until $WORK/.stage-done: even a kill from outside returns progress
+publish_while_running() {  # every $PUBLISH_S s until $WORK/.stage-done: even a kill from outside returns progress
   local n=0
   until [ -e "$WORK/.stage-done" ]; do
     sleep 1
     n=$((n + 1))
-    [ $((n % 30)) = 0 ] && publish
+    [ $((n % PUBLISH_S)) = 0 ] && publish
   done
 }
 
@@ -199,8 +224,9 @@ for s in "${stages[@]}"; do
   left=$((deadline - SECONDS - SUMMARY_S))
   limit=$((CAP[$s] < left - later ? CAP[$s] : left - later))
   # too little to leave the later stages theirs: the earlier stage, of higher priority, goes first
-  [ $limit -lt $MIN_STAGE_S ] && limit=$((CAP[$s] < left ? CAP[$s] : left))
-  if [ $limit -lt $MIN_STAGE_S ]; then
+  least=$((CAP[$s] < MIN_STAGE_S ? CAP[$s] : MIN_STAGE_S))
+  [ $limit -lt $least ] && limit=$((CAP[$s] < left ? CAP[$s] : left))
+  if [ $limit -lt $least ]; then
     set_stage "$s" "skipped" 0 "$limit" "not enough time left"
     continue
   fi

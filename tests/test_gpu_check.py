@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ def _load(name):
 
 report = _load("gpu_check_report")
 plugin = _load("gpu_check_plugin")
+NO_XDIST = pytest.mark.skipif(importlib.util.find_spec("xdist") is None,
+                              reason="pytest-xdist is not installed (as in CI)")
 
 
 def _returned_files(out: Path) -> list[str]:
@@ -76,6 +79,111 @@ def test_dry_run_end_to_end(tmp_path):
     assert data["meta"]["commit"] == "0123abc" and data["meta"]["complete"] is True
     assert {r["preset"] for r in data["results"]} == {"morphmlp-s", "activemlp-t", "morphmlp-s-branch", "activemlp-t-gather"}
     assert all(r["status"].startswith("unavailable") for r in data["results"] if r["backend"] in ("triton", "cuda"))
+
+
+# --- the GPU-only paths, through a stand-in python3 ---------------------------------------------
+
+# python3 for the script: `-m pip` and `-m pytest` are recorded (one line each: the build's
+# variables, then the arguments) and answered as STUB_MODE says; `versions` (a torch import, whose
+# time would eat a small budget unevenly) records nothing; anything else runs for real
+STUB_PYTHON = """#!/usr/bin/env bash
+[ "$1 $2" = "benchmarks/gpu_check_report.py versions" ] && { echo stub-gpu; exit 0; }
+if [ "$1" = -m ] && { [ "$2" = pip ] || [ "$2" = pytest ]; }; then
+  echo "skip=${MIXOPS_SKIP_CUDA:-} force=${MIXOPS_FORCE_CUDA:-} arch=${TORCH_CUDA_ARCH_LIST:-} args=${*:2}" >>"$STUB_LOG"
+  case "$STUB_MODE:$*" in
+  pep668:*--break-system-packages*) ;;
+  pep668:*pip*) echo "error: externally-managed-environment"; exit 1 ;;
+  slow-build:*pip*) [ -z "${MIXOPS_FORCE_CUDA:-}" ] || while :; do echo building; done ;;  # a log always growing
+  esac
+  exit 0
+fi
+exec %s "$@"
+"""
+
+
+def _run_stubbed(tmp_path, stages, mode, **env):
+    """gpu_check.sh, not a dry run, with python3's pip and pytest stood in for; returns (Popen, OUT)."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(STUB_PYTHON % sys.executable)
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "OUT": str(out),
+           "TMPDIR": str(tmp_path), "STUB_LOG": str(tmp_path / "calls.log"), "STUB_MODE": mode, **env}
+    return subprocess.Popen(["bash", str(SCRIPT), *stages], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT), out
+
+
+def _calls(tmp_path) -> list[str]:
+    return (tmp_path / "calls.log").read_text().splitlines()
+
+
+def _archive_names(path: Path) -> set[str]:
+    with tarfile.open(path) as tar:
+        return {n.lstrip("./") for n in tar.getnames()}
+
+
+def _archived_text(path: Path, name: str) -> str:
+    with tarfile.open(path) as tar:
+        return tar.extractfile(f"./{name}").read().decode()
+
+
+def test_a_build_past_its_limit_leaves_the_pure_python_install(tmp_path):
+    """The build stage times out: the pure-Python install came first, the summary says the
+    extension is missing, the stages after it are skipped for want of time, and SUMMARY.md and
+    the archive were rewritten while the build ran."""
+    # the budget (less the 10 s kept for the last summary) leaves the build its 6 s cap and the
+    # tests less than the 20 s a stage needs
+    proc, out = _run_stubbed(tmp_path, ["build", "tests"], "slow-build", TORCH_CUDA_ARCH_LIST="9.0a",
+                             MIXOPS_CHECK_BUDGET_S="24", MIXOPS_CHECK_CAPS="build=6", MIXOPS_CHECK_PUBLISH_S="2")
+    archive, archives_seen, give_up = out / report.ARCHIVE, set(), time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < give_up:
+        summary = (out / "SUMMARY.md").read_text() if (out / "SUMMARY.md").exists() else ""
+        if "| build | running" in summary and archive.exists():
+            archives_seen.add(archive.stat().st_mtime_ns)
+            if "build.log" in _archive_names(archive):  # the periodic rewrite, mid-stage
+                archives_seen.add("build.log")
+        time.sleep(0.2)
+    log = proc.communicate(timeout=1)[0]
+    assert proc.returncode == 0, log
+    assert "build.log" in archives_seen and len(archives_seen) >= 3, (archives_seen, log)
+
+    summary = (out / "SUMMARY.md").read_text()
+    assert re.search(r"^\| build \| timed out \| \d+ \| 6 \| CUDA build \(TORCH_CUDA_ARCH_LIST=9\.0a MAX_JOBS=\d+\) "
+                     r"not finished: installed without the extension \|", summary, re.M), summary
+    assert re.search(r"^\| tests \| skipped \| 0 \| -?\d+ \| not enough time left \|", summary, re.M), summary
+    assert "Stages not ok: build timed out, tests skipped." in summary
+    pure, cuda = _calls(tmp_path)
+    assert pure.startswith("skip=1 force= ") and " -v " not in pure
+    assert cuda.startswith("skip= force=1 arch=9.0a ") and "pip install --no-index --no-build-isolation" in cuda
+    assert " -v -e ." in cuda
+    assert "building" in _archived_text(archive, "build.log")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary file stays in $OUT"
+    assert not list(tmp_path.glob("mixops-gpu-check*")), "no work folder or snapshot stays behind"
+
+
+def test_the_build_retries_past_an_externally_managed_python(tmp_path):
+    """PEP 668: a system python3 refuses pip; both installs then pass --break-system-packages."""
+    proc, out = _run_stubbed(tmp_path, ["build"], "pep668", TORCH_CUDA_ARCH_LIST="8.0")
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log
+    refused, pure, cuda = _calls(tmp_path)
+    assert refused.startswith("skip=1 ") and "--break-system-packages" not in refused
+    assert pure.startswith("skip=1 ") and "--break-system-packages" in pure
+    assert cuda.startswith("skip= force=1 arch=8.0 ") and "--break-system-packages -v" in cuda
+    # the stand-in built nothing: the stage says so rather than ok
+    summary = (out / "SUMMARY.md").read_text()
+    assert re.search(r"^\| build \| failed \(exit 1\) \| .*the extension does not load \|", summary, re.M), summary
+
+
+@NO_XDIST
+def test_the_tests_stage_shares_the_gpu_among_xdist_workers(tmp_path):
+    proc, out = _run_stubbed(tmp_path, ["tests"], "ok")
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log
+    (pytest_call,) = _calls(tmp_path)
+    assert "-m needs_cuda -n 4 --dist loadfile -v" in pytest_call and "-p gpu_check_plugin" in pytest_call
+    summary = (out / "SUMMARY.md").read_text()
+    assert re.search(r"^\| tests \| ok \| \d+ \| \d+ \| -n 4 --dist loadfile \|", summary, re.M), summary
 
 
 def test_unknown_stage_is_refused():
@@ -216,11 +324,14 @@ def test_setup_error(broken):
 '''
 
 
-def test_plugin_labels_backends_and_logs_each_test(tmp_path):
+@pytest.mark.parametrize("workers", [pytest.param([], id="one-process"),
+                                     pytest.param(["-n", "2"], marks=NO_XDIST, id="xdist")])
+def test_plugin_labels_backends_and_logs_each_test(tmp_path, workers):
+    """Under pytest-xdist the controller alone writes the log: one line per test, not one per process."""
     (tmp_path / "test_family_cuda.py").write_text(PLUGIN_TESTS)
     log, xml = tmp_path / "log.tsv", tmp_path / "junit.xml"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")}
-    subprocess.run([sys.executable, "-m", "pytest", "-p", "gpu_check_plugin", "-p", "no:cacheprovider",
+    subprocess.run([sys.executable, "-m", "pytest", "-p", "gpu_check_plugin", "-p", "no:cacheprovider", *workers,
                     "-o", "junit_family=xunit1", f"--junitxml={xml}", f"--gpu-check-log={log}", "-q",
                     "test_family_cuda.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     expected = {("test_op[torch]", "torch", "passed"), ("test_op[cuda]", "cuda", "failed"),
@@ -228,5 +339,6 @@ def test_plugin_labels_backends_and_logs_each_test(tmp_path):
                 ("test_skipped", "cuda", "skipped"), ("test_setup_error", "cuda", "error")}
     lines = log.read_text().splitlines()
     assert tuple(lines[0].split("\t")) == plugin.LOG_COLUMNS
-    assert {(r[1], r[2], r[3]) for r in (line.split("\t") for line in lines[1:])} == expected
+    logged = [(r[1], r[2], r[3]) for r in (line.split("\t") for line in lines[1:])]
+    assert sorted(logged) == sorted(expected)
     assert {(r["test"], r["backend"], r["outcome"]) for r in report.read_junit(xml)} == expected
