@@ -32,7 +32,6 @@
 //
 // Not yet run on a GPU (registered auto=False): the tiling, shared-memory layouts and tensor-
 // core fragments are verified only by compilation; the CPU tests cover atm_math.cuh.
-#include <ATen/AccumulateType.h>
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -53,6 +52,7 @@
 #include "atm_math.cuh"
 #include "column_sum.cuh"
 #include "common.cuh"
+#include "tensor_checks.h"
 #include "tf32.h"
 
 namespace mixops {
@@ -63,9 +63,6 @@ using atm::LineDividers;
 using atm::LineShape;
 using atm::LineStrides;
 namespace wmma = nvcuda::wmma;
-
-template <typename scalar_t>
-using acc_type = at::acc_type<scalar_t, /*is_cuda=*/true>;
 
 __device__ __forceinline__ int64_t pixel_offset(const LineStrides& s, int64_t b, int64_t l, int64_t q) {
   return b * s.b + l * s.l + q * s.p;
@@ -104,7 +101,7 @@ __global__ void atm_sample_fwd_kernel(const scalar_t* __restrict__ x, const scal
   const PixelIndex p = pixel_index(m, d);
   const scalar_t* x_line = x + p.b * sx.b + p.l * sx.l + c * sx.c;
   const auto load = [&](int64_t t) { return x_line[t * sx.p]; };
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = Acc<scalar_t>;
   const acc_t o = static_cast<acc_t>(off[pixel_offset(so, p.b, p.l, p.q) + d.share.div(c) * so.c]);
   out[pixel_offset(sy, p.b, p.l, p.q) + c * sy.c] =
       static_cast<scalar_t>(atm::sample<acc_t>(load, p.q, o, d.n.divisor()));
@@ -121,9 +118,9 @@ void launch_sample_forward(const at::Tensor& x, const at::Tensor& offset, const 
   const int64_t M = sh.pixels();
   if (M == 0 || sh.C == 0) return;
   const dim3 block = forward_block(sh.C);
-  const int64_t grid_c = (sh.C + block.x - 1) / block.x;
+  const int64_t grid_c = cdiv(sh.C, block.x);
   TORCH_CHECK(grid_c <= 65535, "_atm_sample_cuda: too many channels (", sh.C, ")");
-  const dim3 grid(static_cast<unsigned>((M + block.y - 1) / block.y), static_cast<unsigned>(grid_c));
+  const dim3 grid(static_cast<unsigned>(cdiv(M, block.y)), static_cast<unsigned>(grid_c));
   MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t, [&] {
     atm_sample_fwd_kernel<scalar_t><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), M, sh.C,
@@ -149,7 +146,7 @@ __global__ void atm_sample_bwd_kernel(const scalar_t* __restrict__ g, const scal
                                       scalar_t* __restrict__ goff, int64_t lines, Divider L, int64_t n, int64_t G,
                                       int64_t share, LineStrides sg, LineStrides sx, LineStrides so,
                                       LineStrides sgx, LineStrides sgo) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = Acc<scalar_t>;
   extern __shared__ __align__(16) unsigned char slab_bytes[];
   acc_t* gx_slab = reinterpret_cast<acc_t*>(slab_bytes);
   const int64_t grp = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
@@ -199,7 +196,7 @@ BackwardConfig backward_config(int64_t n, int64_t G, int64_t share, size_t acc_b
 template <typename scalar_t, bool kNeedGx, bool kNeedGoff>
 void launch_sample_backward_t(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset,
                               const at::Tensor& gx, const at::Tensor& goff, const LineShape& sh) {
-  const BackwardConfig cfg = backward_config(sh.n, sh.G, sh.share, sizeof(acc_type<scalar_t>), kNeedGx);
+  const BackwardConfig cfg = backward_config(sh.n, sh.G, sh.share, sizeof(Acc<scalar_t>), kNeedGx);
   const auto kernel = atm_sample_bwd_kernel<scalar_t, kNeedGx, kNeedGoff>;
   if (cfg.smem > 48 * 1024) {
     const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
@@ -208,9 +205,9 @@ void launch_sample_backward_t(const at::Tensor& grad, const at::Tensor& x, const
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cfg.smem)));
   }
   const int64_t lines = sh.B * sh.L;
-  const int64_t grid_g = (sh.G + cfg.block.x - 1) / cfg.block.x;
+  const int64_t grid_g = cdiv(sh.G, cfg.block.x);
   TORCH_CHECK(grid_g <= 65535, "_atm_sample_cuda_backward: too many offset groups (", sh.G, ")");
-  const dim3 grid(static_cast<unsigned>((lines + cfg.block.y - 1) / cfg.block.y), static_cast<unsigned>(grid_g));
+  const dim3 grid(static_cast<unsigned>(cdiv(lines, cfg.block.y)), static_cast<unsigned>(grid_g));
   // an output that is not computed is never touched (its branch is compiled out): pass x's
   const at::Tensor& gx_t = kNeedGx ? gx : x;
   const at::Tensor& go_t = kNeedGoff ? goff : offset;
@@ -252,9 +249,9 @@ constexpr int kLdC = kTileN + 4;  // multiple of 4 floats (WMMA), rows 16 apart 
 
 // FMA in acc_t (fp32, or fp64 for fp64): thread t owns rows t/16 + 8i (i < 8) and columns
 // t%16 + 16j (j < 4). Pitch kTileK+1: the 16 column owners of a warp read 16 different banks.
-template <typename acc_type_>
+template <typename AccT>
 struct SimtTile {
-  using acc_t = acc_type_;
+  using acc_t = AccT;
   using smem_t = acc_t;
   static constexpr int kLd = kTileK + 1;
   acc_t acc[8][4];
@@ -369,7 +366,7 @@ struct TileSmem {
 // drop-in matches the official fp32 op under the same settings).
 template <typename scalar_t, bool kTensorCores>
 struct TileFor {
-  using type = SimtTile<acc_type<scalar_t>>;  // fp32 IEEE, fp64, and bf16 / TF32 before sm_80
+  using type = SimtTile<Acc<scalar_t>>;  // fp32 IEEE, fp64, and bf16 / TF32 before sm_80
 };
 template <>
 struct TileFor<c10::Half, true> {
@@ -387,7 +384,7 @@ struct TileFor<float, true> {
 #endif
 // Before sm_80, bf16 and TF32 fall back to the FMA tile (the device pass of an older architecture
 // has no such tensor cores, so the choice is made where the code is compiled). The host pass reads
-// no tile (the kernels' signatures use acc_type, not Tile::acc_t).
+// no tile (the kernels' signatures use Acc<scalar_t>, not Tile::acc_t).
 
 // A gathered operand value, rounded to the storage dtype and stored as the tile's smem_t.
 template <typename scalar_t, typename smem_t, typename acc_t>
@@ -527,13 +524,13 @@ void launch_fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::
 template <typename scalar_t, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads)
     atm_fc_dw_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                     const scalar_t* __restrict__ off, acc_type<scalar_t>* __restrict__ partial, int64_t M,
+                     const scalar_t* __restrict__ off, Acc<scalar_t>* __restrict__ partial, int64_t M,
                      int64_t C, int64_t C_out, int64_t chunk, LineDividers d, LineStrides sg, LineStrides sx,
                      LineStrides so) {
   using Tile = typename TileFor<scalar_t, kTensorCores>::type;
   using smem_t = typename Tile::smem_t;
   using acc_t = typename Tile::acc_t;
-  static_assert(std::is_same_v<acc_t, acc_type<scalar_t>>, "partial holds the tile's accumulators");
+  static_assert(std::is_same_v<acc_t, Acc<scalar_t>>, "partial holds the tile's accumulators");
   constexpr int kLd = Tile::kLd;
   __shared__ __align__(32) unsigned char smem[TileSmem<Tile>::kBytes];
   smem_t* As = reinterpret_cast<smem_t*>(smem);
@@ -588,8 +585,8 @@ at::Tensor fc_weight_grad_t(const at::Tensor& g, const at::Tensor& x, const at::
   // fixed pixel ranges of whole K steps, about 256 blocks in all: the shapes alone decide
   const RowSplit split = split_rows(M, kTileK, tiles);
   TORCH_CHECK(tiles <= INT32_MAX, "_atm_fc_cuda_backward: weight too large for the grid");
-  using acc_t = acc_type<scalar_t>;  // the tile's accumulator type
-  auto partial = at::empty({split.count, c_out, sh.C}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  using acc_t = Acc<scalar_t>;  // the tile's accumulator type
+  auto partial = at::empty({split.count, c_out, sh.C}, x.options().dtype(kAccDtype<scalar_t>));
   atm_fc_dw_kernel<scalar_t, kTensorCores>
       <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split.count)), kThreads, 0,
          at::cuda::getCurrentCUDAStream()>>>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
@@ -638,20 +635,11 @@ at::Tensor fc_bias_grad(const at::Tensor& g, const at::Tensor& x, const LineShap
 // Op entry points (registration.cpp)
 // ---------------------------------------------------------------------------------------------
 
-void check_cuda(const char* op, std::initializer_list<at::Tensor> tensors) {
-  for (const auto& t : tensors) {
-    TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors, got one on ", t.device());
-    const auto d = t.scalar_type();
-    TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16 || d == at::kDouble, op,
-                ": expected float32, float16, bfloat16 or float64 tensors, got ", d);
-  }
-}
-
 // Every entry point runs under x's device (its current stream included), whatever device is
 // current: the checks have put every tensor there.
 at::Tensor atm_sample_cuda(const at::Tensor& x, const at::Tensor& offset, std::string_view axis, int64_t share) {
   const char* op = "_atm_sample_cuda";
-  check_cuda(op, {x, offset});
+  check_device_and_dtype(op, c10::kCUDA, {{"x", x}, {"offset", offset}});
   const LineShape sh = atm::check_gather(op, x, offset, axis, share);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty(x.sizes(), x.options());
@@ -663,7 +651,7 @@ std::vector<at::Tensor> atm_sample_backward_cuda(at::TensorList grads, const c10
                                                  const at::Tensor& x, const at::Tensor& offset,
                                                  std::string_view axis, int64_t share) {
   const char* op = "_atm_sample_cuda_backward";
-  check_cuda(op, {x, offset});
+  check_device_and_dtype(op, c10::kCUDA, {{"x", x}, {"offset", offset}});
   const LineShape sh = atm::check_gather(op, x, offset, axis, share);
   atm::check_grads(op, grads, needs.size(), 2, x.sizes(), x);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -679,7 +667,7 @@ std::vector<at::Tensor> atm_sample_backward_cuda(at::TensorList grads, const c10
 at::Tensor atm_fc_cuda(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, std::string_view axis, int64_t share) {
   const char* op = "_atm_fc_cuda";
-  check_cuda(op, {x, offset, weight});
+  check_device_and_dtype(op, c10::kCUDA, {{"x", x}, {"offset", offset}, {"weight", weight}});
   const LineShape sh = atm::check_gather(op, x, offset, axis, share);
   atm::check_fc(op, x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -693,7 +681,7 @@ std::vector<at::Tensor> atm_fc_backward_cuda(at::TensorList grads, const c10::Li
                                              const std::optional<at::Tensor>& bias, std::string_view axis,
                                              int64_t share) {
   const char* op = "_atm_fc_cuda_backward";
-  check_cuda(op, {x, offset, weight});
+  check_device_and_dtype(op, c10::kCUDA, {{"x", x}, {"offset", offset}, {"weight", weight}});
   const LineShape sh = atm::check_gather(op, x, offset, axis, share);
   atm::check_fc(op, x, weight, bias);
   atm::check_grads(op, grads, needs.size(), 4, {x.size(0), x.size(1), x.size(2), weight.size(0)}, x);

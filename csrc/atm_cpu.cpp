@@ -2,11 +2,10 @@
 // host loops over the SAME per-element functions the CUDA kernels run (atm_math.cuh: positions,
 // corners, zero padding, the slope rule, the owner-computes backward walk), so the CPU tests
 // verify the index math of the GPU path. Simple, not fast: for tests only. Accumulates in
-// at::acc_type<scalar_t, true> (fp32 for fp16/bf16/fp32, as on the GPU; fp64 for fp64).
+// Acc<scalar_t> (common.cuh: fp32 for fp16/bf16/fp32, as on the GPU; fp64 for fp64).
 //
 // What only the GPU path does (tiling, shared memory, the tensor-core fragments of the fused
 // GEMM, the split of the weight gradient) is not exercised here.
-#include <ATen/AccumulateType.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/sum.h>
@@ -17,6 +16,7 @@
 #include "atm_host.cuh"
 #include "atm_math.cuh"
 #include "common.cuh"
+#include "tensor_checks.h"
 
 namespace mixops {
 
@@ -41,7 +41,7 @@ LineView<T> view(const at::Tensor& t, const LineShape& shape) {
 
 template <typename scalar_t>
 void sample_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& out, const LineShape& sh) {
-  using acc_t = at::acc_type<scalar_t, true>;
+  using acc_t = Acc<scalar_t>;
   const auto xv = view<const scalar_t>(x, sh);
   const auto ov = view<const scalar_t>(offset, sh);
   const auto yv = view<scalar_t>(out, sh);
@@ -61,7 +61,7 @@ void sample_forward(const at::Tensor& x, const at::Tensor& offset, const at::Ten
 template <typename scalar_t, bool kNeedGx, bool kNeedGoff>
 void sample_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& gx,
                      const at::Tensor& goff, const LineShape& sh) {
-  using acc_t = at::acc_type<scalar_t, true>;
+  using acc_t = Acc<scalar_t>;
   const auto gv = view<const scalar_t>(grad, sh);
   const auto xv = view<const scalar_t>(x, sh);
   const auto ov = view<const scalar_t>(offset, sh);
@@ -105,7 +105,7 @@ void dispatch_sample_backward(const at::Tensor& grad, const at::Tensor& x, const
 template <typename scalar_t>
 void fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& weight,
                 const std::optional<at::Tensor>& bias, const at::Tensor& out, const LineShape& sh) {
-  using acc_t = at::acc_type<scalar_t, true>;
+  using acc_t = Acc<scalar_t>;
   const auto xv = view<const scalar_t>(x, sh);
   const auto ov = view<const scalar_t>(offset, sh);
   const auto yv = view<scalar_t>(out, sh);
@@ -130,7 +130,9 @@ void fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor&
 }
 
 at::Tensor atm_sample_cpu(const at::Tensor& x, const at::Tensor& offset, std::string_view axis, int64_t share) {
-  const LineShape sh = atm::check_gather("_atm_sample_cuda", x, offset, axis, share);
+  const char* op = "_atm_sample_cuda";
+  check_device_and_dtype(op, c10::kCPU, {{"x", x}, {"offset", offset}});
+  const LineShape sh = atm::check_gather(op, x, offset, axis, share);
   auto out = at::empty(x.sizes(), x.options());
   MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t, [&] { sample_forward<scalar_t>(x, offset, out, sh); });
   return out;
@@ -140,6 +142,7 @@ std::vector<at::Tensor> atm_sample_backward_cpu(at::TensorList grads, const c10:
                                                 const at::Tensor& x, const at::Tensor& offset, std::string_view axis,
                                                 int64_t share) {
   const char* op = "_atm_sample_cuda_backward";
+  check_device_and_dtype(op, c10::kCPU, {{"x", x}, {"offset", offset}});
   const LineShape sh = atm::check_gather(op, x, offset, axis, share);
   atm::check_grads(op, grads, needs.size(), 2, x.sizes(), x);
   const at::Tensor gx = needs.get(0) ? at::empty(x.sizes(), x.options()) : at::Tensor();
@@ -154,6 +157,7 @@ std::vector<at::Tensor> atm_sample_backward_cpu(at::TensorList grads, const c10:
 at::Tensor atm_fc_cpu(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, std::string_view axis, int64_t share) {
   const char* op = "_atm_fc_cuda";
+  check_device_and_dtype(op, c10::kCPU, {{"x", x}, {"offset", offset}, {"weight", weight}});
   const LineShape sh = atm::check_gather(op, x, offset, axis, share);
   atm::check_fc(op, x, weight, bias);
   auto out = at::empty({x.size(0), x.size(1), x.size(2), weight.size(0)}, x.options());
@@ -166,6 +170,7 @@ std::vector<at::Tensor> atm_fc_backward_cpu(at::TensorList grads, const c10::Lis
                                             const std::optional<at::Tensor>& bias, std::string_view axis,
                                             int64_t share) {
   const char* op = "_atm_fc_cuda_backward";
+  check_device_and_dtype(op, c10::kCPU, {{"x", x}, {"offset", offset}, {"weight", weight}});
   const LineShape sh = atm::check_gather(op, x, offset, axis, share);
   atm::check_fc(op, x, weight, bias);
   atm::check_grads(op, grads, needs.size(), 4, {x.size(0), x.size(1), x.size(2), weight.size(0)}, x);
@@ -173,7 +178,8 @@ std::vector<at::Tensor> atm_fc_backward_cpu(at::TensorList grads, const c10::Lis
   std::vector<at::Tensor> result;
   // the same decomposition as the CUDA path: dS = g @ W, then the gather backward; dW = g^T @ S
   // with S recomputed; db = g summed over the pixels (each in the accumulation dtype)
-  const auto acc = at::toAccumulateType(x.scalar_type(), c10::DeviceType::CUDA);
+  const c10::ScalarType acc =
+      MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t, [] { return kAccDtype<scalar_t>; });
   if (needs.get(0) || needs.get(1)) {
     const at::Tensor ds = at::matmul(g.to(acc), weight.to(acc)).to(x.scalar_type());
     for (const auto& t : atm_sample_backward_cpu({ds}, c10::List<bool>({needs.get(0), needs.get(1)}), x, offset, axis, share))

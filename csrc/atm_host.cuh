@@ -11,6 +11,7 @@
 #include <string_view>
 
 #include "common.cuh"
+#include "tensor_checks.h"
 
 namespace mixops::atm {
 
@@ -53,9 +54,7 @@ inline LineShape check_gather(const char* op, const at::Tensor& x, const at::Ten
   TORCH_CHECK(C % share == 0, op, ": x.shape[-1] (channels) = ", C, " must be divisible by share = ", share);
   TORCH_CHECK(offset.sizes() == at::IntArrayRef({B, H, W, C / share}), op, ": offset must have shape [",
               B, ", ", H, ", ", W, ", ", C / share, "] (x's [B,H,W] and C/share), got ", offset.sizes());
-  TORCH_CHECK(offset.scalar_type() == x.scalar_type(), op, ": offset dtype ", offset.scalar_type(),
-              " must match x's ", x.scalar_type());
-  TORCH_CHECK(offset.device() == x.device(), op, ": offset is on ", offset.device(), ", x on ", x.device());
+  check_like_x(op, x, {{"offset", offset}});
   const bool along_w = axis == "w";
   return {B, along_w ? H : W, along_w ? W : H, C, C / share, share, along_w};
 }
@@ -64,15 +63,11 @@ inline void check_fc(const char* op, const at::Tensor& x, const at::Tensor& weig
                      const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(3), op, ": weight must be [C_out, ", x.size(3),
               "], got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(), op,
-              ": weight must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
-              weight.scalar_type(), ", ", weight.device());
+  check_like_x(op, x, {{"weight", weight}});
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [", weight.size(0),
                 "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), op,
-                ": bias must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
-                bias->scalar_type(), ", ", bias->device());
+    check_like_x(op, x, {{"bias", *bias}});
   }
 }
 
@@ -84,9 +79,7 @@ inline void check_grads(const char* op, at::TensorList grads, size_t n_needs, si
   TORCH_CHECK(n_needs == n_inputs, op, ": expected ", n_inputs, " needs flags, got ", n_needs);
   TORCH_CHECK(grads[0].sizes() == out_shape, op, ": the incoming gradient must have the output's shape ",
               out_shape, ", got ", grads[0].sizes());
-  TORCH_CHECK(grads[0].scalar_type() == x.scalar_type() && grads[0].device() == x.device(), op,
-              ": the incoming gradient must have x's dtype and device (", x.scalar_type(), ", ", x.device(),
-              "), got ", grads[0].scalar_type(), ", ", grads[0].device());
+  check_like_x(op, x, {{"grads[0]", grads[0]}});
 }
 
 }  // namespace mixops::atm

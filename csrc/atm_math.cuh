@@ -1,7 +1,7 @@
 // Per-element math of ActiveMLP's ATM gather (docs/atm.md sections 3-4), shared by
 // the CUDA kernels (atm.cu) and the CPU emulation (atm_cpu.cpp), so the position, corner, zero-
 // padding and gradient rules that the GPU runs are the ones the CPU tests verify. They are the
-// Triton kernel's rules (kernels/atm.py: _sample_position, _corner_values, the backward walk).
+// Triton kernel's rules (kernels/atm.py: sample_position, _corner_values, the backward walk).
 //
 // A *line* is one row (axis "w") or one column (axis "h") of one image, n positions long; the
 // sample at position q with offset o is  lerp0(v, q + o),  lerp0(v, p) = (1-f)·V(k) + f·V(k+1),

@@ -20,8 +20,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 
-#include <type_traits>
-
 #include "common.cuh"
 
 namespace mixops {
@@ -60,9 +58,9 @@ __global__ void __launch_bounds__(kColumnSumThreads)
 // [rows, cols] matrix `data` seen through `map`, on the device of `options`; rows, cols > 0.
 template <typename T, typename Map>
 at::Tensor column_sums(const T* data, int64_t rows, int64_t cols, const Map& map, const at::TensorOptions& options) {
-  using AccT = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  using AccT = Acc<T>;
   const RowSplit split = split_rows(rows, kColumnSumThreads, cdiv(cols, kColumnSumThreads));
-  at::Tensor partial = at::empty({split.count, cols}, options.dtype(c10::CppTypeToScalarType<AccT>::value));
+  at::Tensor partial = at::empty({split.count, cols}, options.dtype(kAccDtype<T>));
   const dim3 grid(static_cast<unsigned>(cdiv(cols, kColumnSumThreads)), static_cast<unsigned>(split.count));
   column_sum_partials_kernel<T, AccT, Map><<<grid, kColumnSumThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       data, partial.mutable_data_ptr<AccT>(), rows, cols, split.rows, map);

@@ -1,7 +1,7 @@
 // Plumbing every kernel family of csrc/ shares: the host/device qualifier, ceil division, a
-// divider by a per-launch constant, the shape-only split rule of reductions, and the switches
-// that turn runtime values (dtype, flags) into template parameters. Included by CUDA and by
-// plain C++ (CPU) translation units alike.
+// divider by a per-launch constant, the shape-only split rule of reductions, the switches that
+// turn runtime values (dtype, flags) into template parameters, and the accumulator type.
+// Included by CUDA and by plain C++ (CPU) translation units alike.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -114,7 +114,8 @@ inline RowSplit split_rows(int64_t length, int64_t step, int64_t tiles) {
   }()
 
 // The storage dtypes of every kernel: fp32, fp16, bf16 (accumulated in fp32) and fp64 (the exact-
-// check dtype, accumulated in fp64). NAME is the ATen type (double, float, at::Half, at::BFloat16).
+// check dtype, accumulated in fp64; Acc below). NAME is the ATen type (double, float, at::Half,
+// at::BFloat16).
 #define MIXOPS_FLOAT_SWITCH(DTYPE, NAME, ...)                                                        \
   [&] {                                                                                              \
     const ::c10::ScalarType mixops_dtype_ = (DTYPE);                                                 \
@@ -135,6 +136,16 @@ inline RowSplit split_rows(int64_t length, int64_t step, int64_t tiles) {
     using NAME = ::c10::BFloat16;                                                                    \
     return __VA_ARGS__();                                                                            \
   }()
+
+// The accumulator type of a storage type T (the ATen type or its CUDA twin, __half or
+// __nv_bfloat16): fp64 for fp64, fp32 for the others, as at::acc_type<T, /*is_cuda=*/true>. The one
+// spelling of it in csrc/, for the kernels, the CPU emulations and the partial buffers alike.
+template <typename T>
+using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Acc as a dtype, for the tensors that hold accumulators (split partials, the CPU emulation's).
+template <typename T>
+inline constexpr ::c10::ScalarType kAccDtype = ::c10::CppTypeToScalarType<Acc<T>>::value;
 
 // The GEMM math of a storage dtype: fp16 and bf16 on tensor cores, fp32 on TF32 tensor cores only
 // when TF32 (a bool: torch allows TF32 for its own fp32 matmuls, tf32.h), fp64 never (IEEE FMAs).

@@ -49,6 +49,7 @@
 #include "column_sum.cuh"
 #include "common.cuh"
 #include "morph_fc_args.cuh"
+#include "tensor_checks.h"
 #include "tf32.h"
 
 namespace mixops {
@@ -84,10 +85,6 @@ template <>
 struct DeviceType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
-
-// The accumulator type of a storage type: fp64 for fp64, fp32 for the others.
-template <typename T>
-using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Storage -> accumulator (the return type is Acc<T>).
 __device__ __forceinline__ double to_acc(double v) { return v; }
@@ -432,7 +429,7 @@ template <typename scalar_t, bool kTensorCores>
 at::Tensor grad_weight(const Geometry& g, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight) {
   using T = typename DeviceType<scalar_t>::type;
   const RowSplit split = grad_weight_split(g);
-  at::Tensor part = at::empty({split.count, g.F, g.F}, x.options().dtype(c10::CppTypeToScalarType<Acc<T>>::value));
+  at::Tensor part = at::empty({split.count, g.F, g.F}, x.options().dtype(kAccDtype<T>));
   const dim3 grid(static_cast<unsigned>(cdiv(g.F, kBM) * cdiv(g.F, kBN)), static_cast<unsigned>(split.count));
   grad_weight_kernel<T, kTensorCores><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       ptr<T>(dy), ptr<T>(x), part.mutable_data_ptr<Acc<T>>(), g, morph_fc::strides5(dy), morph_fc::strides5(x),
@@ -450,15 +447,11 @@ at::Tensor grad_bias(const Geometry& g, const at::Tensor& dy, const at::Tensor& 
       .to(bias.scalar_type());
 }
 
-void check_cuda(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "morph_fc (CUDA): x must be a CUDA tensor, got ", x.device());
-}
-
 // Every entry point runs under x's device (its current stream included), whatever device is
 // current: the checks have put every tensor there.
 at::Tensor morph_fc_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          int64_t segment_dim, const std::string& axis) {
-  check_cuda(x);
+  check_device_and_dtype("morph_fc", c10::kCUDA, {{"x", x}});
   const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -472,7 +465,7 @@ at::Tensor morph_fc_cuda(const at::Tensor& x, const at::Tensor& weight, const st
 std::vector<at::Tensor> morph_fc_backward_cuda(at::TensorList grads, const c10::List<bool>& needs, const at::Tensor& x,
                                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                                int64_t segment_dim, const std::string& axis) {
-  check_cuda(x);
+  check_device_and_dtype("morph_fc backward", c10::kCUDA, {{"x", x}});
   const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis);
   const morph_fc::BackwardNeeds need = morph_fc::check_backward_args(grads, needs, x, bias);
   const c10::cuda::CUDAGuard guard(x.device());

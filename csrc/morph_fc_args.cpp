@@ -5,6 +5,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "tensor_checks.h"
+
 namespace mixops {
 namespace morph_fc {
 
@@ -23,17 +25,11 @@ int axis_id(const std::string& axis) {
 Geometry check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             int64_t segment_dim, const std::string& axis) {
   const int id = axis_id(axis);
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "morph_fc: x must be float32, float16, bfloat16 or float64, got ", dtype);
   TORCH_CHECK(id == kAxisT ? x.dim() == 5 : (x.dim() == 4 || x.dim() == 5), "morph_fc: x must be ",
               id == kAxisT ? "[B, T, H, W, C] for axis 't'" : "[B, H, W, C] or [B, T, H, W, C]", ", got ", x.dim(),
               " dimensions");
   TORCH_CHECK(segment_dim > 0, "morph_fc: segment_dim must be positive, got ", segment_dim);
-  TORCH_CHECK(weight.device() == x.device(), "morph_fc: weight must be on the device of x (", x.device(), "), got ",
-              weight.device());
-  TORCH_CHECK(weight.scalar_type() == dtype, "morph_fc: weight must have the dtype of x (", dtype, "), got ",
-              weight.scalar_type());
+  check_like_x("morph_fc", x, {{"weight", weight}});
   const bool video = x.dim() == 5;
   const int64_t B = x.size(0), T = video ? x.size(1) : 1, H = x.size(-3), W = x.size(-2), C = x.size(-1);
   TORCH_CHECK(C % segment_dim == 0, "morph_fc: x channels (", C, ") must be divisible by segment_dim (", segment_dim,
@@ -54,10 +50,7 @@ Geometry check_forward_args(const at::Tensor& x, const at::Tensor& weight, const
               g.F, ", ", g.F, ") for axis '", axis, "', got ", weight.sizes());
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK(b.device() == x.device(), "morph_fc: bias must be on the device of x (", x.device(), "), got ",
-                b.device());
-    TORCH_CHECK(b.scalar_type() == dtype, "morph_fc: bias must have the dtype of x (", dtype, "), got ",
-                b.scalar_type());
+    check_like_x("morph_fc", x, {{"bias", b}});
     TORCH_CHECK(b.dim() == 1 && b.size(0) == g.F, "morph_fc: bias must have shape (", g.F, ",), got ", b.sizes());
   }
   return g;
@@ -68,10 +61,7 @@ BackwardNeeds check_backward_args(at::TensorList grads, const c10::List<bool>& n
   TORCH_CHECK(grads.size() == 1, "morph_fc backward: grads must hold one tensor (the output's), got ", grads.size());
   TORCH_CHECK(needs.size() == 3, "morph_fc backward: needs must hold 3 flags (x, weight, bias), got ", needs.size());
   const at::Tensor& g = grads[0];
-  TORCH_CHECK(g.device() == x.device(), "morph_fc backward: grads[0] must be on the device of x (", x.device(),
-              "), got ", g.device());
-  TORCH_CHECK(g.scalar_type() == x.scalar_type(), "morph_fc backward: grads[0] must have the dtype of x (",
-              x.scalar_type(), "), got ", g.scalar_type());
+  check_like_x("morph_fc backward", x, {{"grads[0]", g}});
   TORCH_CHECK(g.sizes() == x.sizes(), "morph_fc backward: grads[0] must have the shape of x ", x.sizes(), ", got ",
               g.sizes());
   const BackwardNeeds n{needs.get(0), needs.get(1), needs.get(2)};

@@ -14,8 +14,9 @@
 namespace mixops {
 namespace morph_fc {
 
-// Checks x, weight, bias, segment_dim, axis (device, dtype, ranks, shapes, divisibility) and
-// returns the map. Storage: fp32, fp16, bf16 or fp64 (both implementations take all four).
+// Checks weight and bias (x's device and dtype, shapes), x's rank and shape, segment_dim and axis,
+// and returns the map. x's own device type and dtype are the entry point's first check
+// (tensor_checks.h).
 Geometry check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             int64_t segment_dim, const std::string& axis);
 

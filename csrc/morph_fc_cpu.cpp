@@ -3,7 +3,6 @@
 // the kernels' gather / scatter math against the float64 reference. Not meant to be fast:
 // per GEMM row it gathers the operand row through the map, does a dense GEMV, and scatters
 // the result back through the map. Accumulates in fp32 (fp64 for fp64 inputs).
-#include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -11,6 +10,7 @@
 
 #include "common.cuh"
 #include "morph_fc_args.cuh"
+#include "tensor_checks.h"
 
 namespace mixops {
 
@@ -30,7 +30,7 @@ void gather_row(const Geometry& g, const Strides& s, const scalar_t* a, int64_t 
 template <typename scalar_t>
 void gathered_gemm(const Geometry& g, const at::Tensor& a, const at::Tensor& w, bool transpose_weight,
                    const std::optional<at::Tensor>& bias, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = Acc<scalar_t>;
   const Strides sa = morph_fc::strides5(a), so = morph_fc::strides5(out);
   const int64_t swk = transpose_weight ? w.stride(1) : w.stride(0);
   const int64_t swn = transpose_weight ? w.stride(0) : w.stride(1);
@@ -53,7 +53,7 @@ void gathered_gemm(const Geometry& g, const at::Tensor& a, const at::Tensor& w, 
 // dW[n, f] = sum_m dY_g[m, n] * X_g[m, f] and db[n] = sum_m dY_g[m, n], in row order.
 template <typename scalar_t>
 void grad_weight_bias(const Geometry& g, const at::Tensor& dy, const at::Tensor& x, at::Tensor* dw, at::Tensor* db) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = Acc<scalar_t>;
   const Strides sy = morph_fc::strides5(dy), sx = morph_fc::strides5(x);
   std::vector<acc_t> u(g.F), v(g.F), dw_acc(dw ? g.F * g.F : 0), db_acc(db ? g.F : 0);
   for (int64_t m = 0; m < g.M; ++m) {
@@ -75,13 +75,9 @@ void grad_weight_bias(const Geometry& g, const at::Tensor& dy, const at::Tensor&
   }
 }
 
-void check_cpu(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cpu(), "morph_fc (CPU emulation): x must be a CPU tensor, got ", x.device());
-}
-
 at::Tensor morph_fc_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         int64_t segment_dim, const std::string& axis) {
-  check_cpu(x);
+  check_device_and_dtype("morph_fc", c10::kCPU, {{"x", x}});
   const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis);
   at::Tensor out = at::empty(x.sizes(), x.options());
   MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t,
@@ -92,7 +88,7 @@ at::Tensor morph_fc_cpu(const at::Tensor& x, const at::Tensor& weight, const std
 std::vector<at::Tensor> morph_fc_backward_cpu(at::TensorList grads, const c10::List<bool>& needs, const at::Tensor& x,
                                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                               int64_t segment_dim, const std::string& axis) {
-  check_cpu(x);
+  check_device_and_dtype("morph_fc backward", c10::kCPU, {{"x", x}});
   const Geometry g = morph_fc::check_forward_args(x, weight, bias, segment_dim, axis);
   const morph_fc::BackwardNeeds need = morph_fc::check_backward_args(grads, needs, x, bias);
   const at::Tensor& dy = grads[0];

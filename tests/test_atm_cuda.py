@@ -258,7 +258,8 @@ def _good():
         (lambda a: a.update(offset=a["offset"][0]), "offset must be"),
         (lambda a: a.update(offset=torch.randn(2, 3, 4, 8)), "offset must have shape"),
         (lambda a: a.update(offset=torch.randn(2, 4, 3, 4)), "offset must have shape"),
-        (lambda a: a.update(offset=a["offset"].double()), "offset dtype"),
+        (lambda a: a.update(offset=a["offset"].double()), "offset must have the dtype of x"),
+        (lambda a: a.update(x=a["x"].long(), offset=a["offset"].long()), "x must be float32, float16, bfloat16 or"),
         (lambda a: a.update(axis="c"), "axis must be"),
         (lambda a: a.update(share=3), "divisible by share"),
         (lambda a: a.update(share=0), "share must be"),
@@ -282,11 +283,11 @@ def test_fc_and_grad_checks():
     x, off, w, b = _good()
     with pytest.raises(RuntimeError, match="weight must be"):
         _ops()._atm_fc_cuda(x, off, torch.randn(5, 7), b, "h", 2)
-    with pytest.raises(RuntimeError, match="weight must have x's dtype"):
+    with pytest.raises(RuntimeError, match="weight must have the dtype of x"):
         _ops()._atm_fc_cuda(x, off, w.double(), b, "h", 2)
     with pytest.raises(RuntimeError, match="bias must be"):
         _ops()._atm_fc_cuda(x, off, w, torch.randn(4), "h", 2)
-    with pytest.raises(RuntimeError, match="bias must have x's dtype"):
+    with pytest.raises(RuntimeError, match="bias must have the dtype of x"):
         _ops()._atm_fc_cuda(x, off, w, b.half(), "h", 2)
     g = torch.randn(2, 3, 4, 5)
     with pytest.raises(RuntimeError, match="expected 1 incoming gradient"):
@@ -295,7 +296,7 @@ def test_fc_and_grad_checks():
         _ops()._atm_fc_cuda_backward([g], [True] * 2, x, off, w, b, "h", 2)
     with pytest.raises(RuntimeError, match="output's shape"):
         _ops()._atm_fc_cuda_backward([torch.randn(2, 3, 4, 8)], [True] * 4, x, off, w, b, "h", 2)
-    with pytest.raises(RuntimeError, match="incoming gradient must have x's dtype"):
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must have the dtype of x"):
         _ops()._atm_fc_cuda_backward([g.double()], [True] * 4, x, off, w, b, "h", 2)
 
 
@@ -507,7 +508,7 @@ def test_gpu_float64_and_bad_devices():
     _gpu_check_sample(AWKWARD, 4, "w", "normal5", torch.float64)
     _gpu_check_fc(AWKWARD, 13, 4, "h", "normal5", torch.float64)
     x, off = strided_inputs((1, 3, 4, 8), 2, "w", "normal1", torch.float32, "cuda")
-    with pytest.raises(RuntimeError, match="expected CUDA tensors"):
+    with pytest.raises(RuntimeError, match="offset must be a CUDA tensor"):
         _ops()._atm_sample_cuda(x, off.cpu(), "w", 2)
-    with pytest.raises(RuntimeError, match="expected float32"):
+    with pytest.raises(RuntimeError, match="x must be float32, float16, bfloat16 or float64"):
         _ops()._atm_sample_cuda(x.long(), off.long(), "w", 2)

@@ -53,6 +53,28 @@ def test_cmake_builds_every_source_by_the_rule_the_tests_read():
     assert {"atm.cu", "diagnostics.cu", "morph_fc.cu"} <= set(SOURCES)
 
 
+# Issue 9: csrc/ spells each shared idiom once. pattern -> the files that may spell it (its
+# definition); every other file uses the definition (Acc<T> / kAccDtype<T>, cdiv, MIXOPS_HD,
+# MIXOPS_FLOAT_SWITCH / MIXOPS_GEMM_SWITCH in common.cuh; check_device_and_dtype and check_like_x
+# in tensor_checks.h).
+ONE_SPELLING = {
+    r"std::conditional_t<std::is_same_v<\w+, double>, double, float>": {"common.cuh"},
+    r"at::acc_type|opmath_type|toAccumulateType|CppTypeToScalarType<Acc": {"common.cuh"},
+    r"\(\s*([\w.]+)\s*\+\s*([\w.]+)\s*-\s*1\s*\)\s*/\s*\2\b": {"common.cuh"},
+    r"__host__\s+__device__|C10_HOST_DEVICE": {"common.cuh"},
+    r"AT_DISPATCH_": set(),
+    r"float32, float16, bfloat16 or float64": {"common.cuh", "tensor_checks.h"},
+    r"(device|scalar_type)\(\) ==": {"tensor_checks.h"},
+}
+
+
+@pytest.mark.parametrize("pattern", ONE_SPELLING)
+def test_shared_idioms_are_spelled_once(pattern):
+    spelled = {p.name for p in CSRC.iterdir() if p.suffix in {".cu", ".cpp", ".cuh", ".h"}
+               if re.search(pattern, p.read_text())}
+    assert spelled <= ONE_SPELLING[pattern], sorted(spelled - ONE_SPELLING[pattern])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source", SOURCES)
 def test_compiles_for_sm75_and_sm80(source, tmp_path):
