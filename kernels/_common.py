@@ -92,7 +92,8 @@ def interpreter_gemm_blocks(M: int, N: int, K: int) -> Blocks:
 
 
 # Deterministic reductions split a long axis into fixed ranges, each program writing one partial
-# that a fixed-order torch.sum adds up. The number of ranges is a function of the shapes alone,
+# that column_sum (below) adds up in a fixed order -- never an ATen sum, whose CUDA split of one
+# output across CTAs follows the SM count. The number of ranges is a function of the shapes alone,
 # so gradients are bit-identical on every GPU model (not only from run to run): enough programs
 # to fill ~2 waves of a 132-SM H100, whichever GPU runs it.
 SPLIT_TARGET_PROGRAMS = 256

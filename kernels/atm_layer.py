@@ -293,8 +293,8 @@ def means_blocks(batch: int, pixels: int, channels: int) -> MeansBlocks:
     On a GPU: 64 channel lanes (a 128-byte bf16 row segment) x 16 pixels, three fp32
     accumulators of 1024 values (8 per thread at 4 warps); the pixels of an image cut by
     deterministic_split over the B·cdiv(C, BLOCK_C) tiles (a function of the shapes alone,
-    at most 256 ranges: column_sum adds them). Under the interpreter (~1 ms per program and per step): one
-    program per image and channel block, tiles of up to 16K elements."""
+    at most 256 ranges: column_sum adds them). Under the interpreter (~1 ms per program and
+    per step): one program per image and channel block, tiles of up to 16K elements."""
     if interpreting():
         block_c = min(triton.next_power_of_2(channels), 64)
         block_m = max(1, min(triton.next_power_of_2(pixels), 16384 // block_c))
@@ -446,8 +446,8 @@ def alpha_grad_by_identity(channels: int, pixels: int) -> bool:
 def mix_backward(grads: list, needs: list, x, offset_w, offset_h, weight_w, weight_h, weight_c,
                  bias_w, bias_h, alpha, share: int) -> list:
     """``mixops::_atm_mix`` backward, deterministic (torch GEMMs, _common.column_sum for every
-    sum and the atomic-free atm_sample backward kernel): the gradients of the flagged inputs among
-    (x, offset_w, offset_h, weight_w, weight_h, weight_c, bias_w, bias_h, alpha).
+    sum and the atomic-free atm_sample backward kernel): the gradients of the flagged inputs
+    among (x, offset_w, offset_h, weight_w, weight_h, weight_c, bias_w, bias_h, alpha).
 
     Branch k (w, h, c) with features S_k (the gathers, recomputed; x for c), weight W_k, bias
     b_k and weights a_k: dS_k = (a_k·dY) @ W_k (then the gather backward for x and offsets),
