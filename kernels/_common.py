@@ -92,7 +92,8 @@ def interpreter_gemm_blocks(M: int, N: int, K: int) -> Blocks:
 
 
 # Deterministic reductions split a long axis into fixed ranges, each program writing one partial
-# that a fixed-order torch.sum adds up. The number of ranges is a function of the shapes alone,
+# that column_sum (below) adds up in a fixed order -- never an ATen sum, whose CUDA split of one
+# output across CTAs follows the SM count. The number of ranges is a function of the shapes alone,
 # so gradients are bit-identical on every GPU model (not only from run to run): enough programs
 # to fill ~2 waves of a 132-SM H100, whichever GPU runs it.
 SPLIT_TARGET_PROGRAMS = 256
@@ -220,3 +221,124 @@ def on_input_device(fn):
             return fn(*args)
 
     return guarded
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic column sums
+# ---------------------------------------------------------------------------------------------
+#
+# out[b, n] = sum over m of x[b, m, n] for a [B, M, N] view of any strides, with no ATen
+# reduction anywhere: ATen's CUDA sum (setReduceConfig) splits one output across several CTAs
+# by the SM count once an output has many values, so its bits would depend on the GPU model.
+# Pass 1 splits M into deterministic_split fixed row ranges, each program writing one fp32
+# (fp64 for fp64) partial [SPLIT, B, N]; pass 2 is the same kernel over those partials with a
+# single range, so they are added in one fixed order. One pass when the split is 1 (always
+# under the interpreter, and when B·N alone fills the GPU).
+# Minimal HBM traffic (e = element size, a = 4 or 8 the accumulator size): B·M·N·e read and
+# B·N·a written; the split adds SPLIT·B·N·a written and re-read (SPLIT <= 256 / tiles, so at
+# most 256 column tiles' worth of partials).
+# Grid (B · cdiv(N, BLOCK_N), SPLIT); program (b, column block, s) sums rows
+# [s·ROWS, (s+1)·ROWS) BLOCK_M at a time in registers and reduces over the rows once at the end.
+
+
+@triton.jit
+def _column_sum_kernel(
+    x_ptr, out_ptr,
+    M, N, ROWS,
+    sx_b, sx_m, sx_n,
+    so_s, so_b, so_n,
+    COMPUTE: tl.constexpr,
+    IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[s, b, n] = sum of x[b, m, n] over the rows m in [s·ROWS, min((s+1)·ROWS, M)), in
+    COMPUTE, summed in a fixed order (BLOCK_M-row steps, then one tl.sum over the tile rows).
+
+    x_ptr   [B, M, N] input, any dtype and strides: sx_b, sx_m, sx_n (elements).
+    out_ptr [SPLIT, B, N] partials in COMPUTE: so_s, so_b, so_n (SPLIT = grid dim 1).
+    ROWS: rows per range, a multiple of BLOCK_M. IDX64: element offsets in int64.
+    Program (pid 0 = b · cdiv(N, BLOCK_N) + column block, pid 1 = s).
+    """
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    b = pid // num_n
+    cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = cols < N
+    if IDX64:
+        b = b.to(tl.int64)
+        cols = cols.to(tl.int64)
+        s = s.to(tl.int64)
+    start = s * ROWS
+    stop = tl.minimum(start + ROWS, M)
+    base = x_ptr + b * sx_b + cols[None, :] * sx_n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
+    for m0 in range(start, stop, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        mask = (rows < stop)[:, None] & c_ok[None, :]
+        acc += tl.load(base + rows[:, None] * sx_m, mask=mask, other=0.0).to(COMPUTE)
+    tl.store(out_ptr + s * so_s + b * so_b + cols * so_n, tl.sum(acc, axis=0), mask=c_ok)
+
+
+def column_sum_blocks(M: int, N: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of _column_sum_kernel: up to 64 columns (256 bytes of an fp32 row)
+    by up to 32 rows on a GPU, 2048 accumulators (16 per thread at 4 warps); under the
+    interpreter (~1 ms per program and per step) tiles of up to 16K elements."""
+    block_n = pow2_between(N, 16, 64)
+    limit = 16384 if interpreting() else 2048
+    return pow2_between(M, 1, limit // block_n), block_n
+
+
+def _range_rows(M: int, split: int, block_m: int) -> int:
+    """Rows per range when M rows are cut into ``split`` ranges of whole BLOCK_M steps."""
+    return triton.cdiv(triton.cdiv(max(M, 1), split), block_m) * block_m
+
+
+def column_sum_split(B: int, M: int, N: int) -> int:
+    """How many fixed row ranges column_sum's first pass cuts M into: deterministic_split over
+    the B · cdiv(N, BLOCK_N) column tiles, less any range that would be empty -- the shape
+    alone decides, never the device."""
+    block_m, block_n = column_sum_blocks(M, N)
+    split = deterministic_split(M, block_m, B * triton.cdiv(N, block_n))
+    return triton.cdiv(max(M, 1), _range_rows(M, split, block_m))
+
+
+def _launch_column_sum(x: torch.Tensor, out: torch.Tensor, split: int) -> None:
+    """Fill out [split, B, N] with the partials of x [B, M, N] over ``split`` row ranges."""
+    B, M, N = x.shape
+    block_m, block_n = column_sum_blocks(M, N)
+    rows = _range_rows(M, split, block_m)
+    _column_sum_kernel[(B * triton.cdiv(N, block_n), split)](
+        x, out,
+        M, N, rows,
+        *strides(x), *strides(out),
+        COMPUTE=compute_dtype(x.dtype),
+        IDX64=needs_idx64(x, out),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=4,
+    )  # fmt: skip
+
+
+def column_sum(x: torch.Tensor) -> torch.Tensor:
+    """[B, N] = x.sum(dim=1) of a [B, M, N] tensor (any strides, expanded views included) in
+    accumulate_dtype(x.dtype), with the same bits on every GPU model: column_sum_split fixed
+    row ranges, then their partials added in a fixed order (see the header above)."""
+    if x.dim() != 3:
+        raise ValueError(f"column_sum: x must be [B, M, N], got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"column_sum: x must be a floating-point tensor, got {x.dtype}")
+    B, M, N = x.shape
+    acc = accumulate_dtype(x.dtype)
+    out = torch.zeros((B, N), dtype=acc, device=x.device)
+    if B * N == 0 or M == 0:
+        return out
+    split = column_sum_split(B, M, N)
+    if split == 1:
+        _launch_column_sum(x, out[None], 1)
+        return out
+    part = torch.empty((split, B, N), dtype=acc, device=x.device)
+    _launch_column_sum(x, part, split)
+    _launch_column_sum(part.permute(1, 0, 2), out[None], 1)
+    return out

@@ -42,7 +42,8 @@ channels) is lerped in registers from x and the offsets (lerp_gather, shared wit
 atm_sample kernels and kernels/atm_layer.py), so S never reaches HBM. Backward is
 deterministic and reuses the atm_sample kernels: dS = g @ W (torch matmul), then the
 owner-computes backward turns dS into gX and gOff; dW = g^T @ S with S recomputed by the
-atm_sample forward (a transient); db = g summed over the pixels (torch.sum).
+atm_sample forward (a transient); db = g summed over the pixels by _common.column_sum (split
+by shape only: the same bits on every GPU).
 - forward: 2·M·C·C_out FLOP (+ ~8 per gathered element and column block); minimal HBM traffic
   (M·C·(1 + 1/S) + C·C_out + M·C_out)·e (read x, offsets, W once; write out) against
   (M·C·(3 + 1/S) + ...)·e for gather then GEMM.
@@ -67,7 +68,7 @@ import triton.language as tl
 
 from ._common import (
     Blocks,
-    accumulate_dtype,
+    column_sum,
     compute_dtype,
     dot_dtypes,
     interpreter_gemm_blocks,
@@ -180,17 +181,23 @@ def lerp_gather(x_ptr, x_row, off_ptr, o_row, q, c0, C, N, sx_p, sx_c, so_g, m_o
 
 @triton.jit
 def gather_gemm(acc, x_ptr, x_row, off_ptr, o_row, q, N, sx_p, sx_c, so_g, m_ok, w_ptr, n, n_ok, sw_n, sw_k, C,
-                SHARE: tl.constexpr, COMPUTE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                SHARE: tl.constexpr, GATHER: tl.constexpr, COMPUTE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                PRECISION: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc + S·W^T, the K loop of every ATM GEMM: S [BLOCK_M, C] the lerp gather of the pixels
     that lerp_gather's x_row, o_row, q, m_ok describe (lines of N positions), formed BLOCK_K
-    channels at a time in the A-load stage; W [C_OUT, C] at n·sw_n + c·sw_k for the output
+    channels at a time in the A-load stage -- or, unless GATHER, x itself at each pixel's own
+    position q (ATMLayer's channel branch; off_ptr, o_row, so_g, SHARE unused), loaded in the
+    storage dtype straight into the dot. W [C_OUT, C] at n·sw_n + c·sw_k for the output
     channels n (valid where n_ok). DOT_DTYPE / PRECISION: the tl.dot operand type and precision
     (_common.dot_dtypes); acc [BLOCK_M, len(n)] in COMPUTE."""
     for k0 in range(0, C, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
-        a = lerp_gather(x_ptr, x_row, off_ptr, o_row, q, k0, C, N, sx_p, sx_c, so_g, m_ok, SHARE, True, COMPUTE,
-                        IDX64, BLOCK_M, BLOCK_K)
+        if GATHER:
+            a = lerp_gather(x_ptr, x_row, off_ptr, o_row, q, k0, C, N, sx_p, sx_c, so_g, m_ok, SHARE, True, COMPUTE,
+                            IDX64, BLOCK_M, BLOCK_K)
+        else:
+            a = tl.load(x_ptr + ((x_row + q * sx_p)[:, None] + c[None, :] * sx_c),
+                        mask=m_ok[:, None] & (c < C)[None, :], other=0.0)
         w = tl.load(w_ptr + (n[None, :] * sw_n + c[:, None] * sw_k), mask=(c < C)[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=COMPUTE)
     return acc
@@ -431,8 +438,8 @@ def _atm_fc_fwd_kernel(
     o_row = b * so_b + l * so_l + q * so_p
 
     acc = gather_gemm(tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE), x_ptr, x_row, off_ptr, o_row, q, N, sx_p, sx_c,
-                      so_g, m_ok, w_ptr, n, n_ok, sw_n, sw_k, C, SHARE, COMPUTE, DOT_DTYPE, PRECISION, IDX64, BLOCK_M,
-                      BLOCK_K)
+                      so_g, m_ok, w_ptr, n, n_ok, sw_n, sw_k, C, SHARE, True, COMPUTE, DOT_DTYPE, PRECISION, IDX64,
+                      BLOCK_M, BLOCK_K)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + n * s_bias, mask=n_ok, other=0.0)
         acc += bias.to(COMPUTE)[None, :]
@@ -692,7 +699,7 @@ def fc_backward(grads: list, needs: list, x, offset, weight, bias, axis: str, sh
 
     - dS = g @ W (one GEMM), then the atm_sample backward kernel turns dS into gX and gOffset;
     - dW = g^T @ S, with S recomputed by the atm_sample forward kernel (a transient);
-    - db = g summed over the pixels.
+    - db = g summed over the pixels by _common.column_sum (shape-only split, fixed order).
     """
     need_x, need_off, need_w, need_b = needs
     g = grads[0]
@@ -704,5 +711,5 @@ def fc_backward(grads: list, needs: list, x, offset, weight, bias, axis: str, sh
         s = forward(x, offset, axis, share)
         result.append((g.reshape(-1, g.shape[-1]).t() @ s.reshape(-1, s.shape[-1])).to(weight.dtype))
     if need_b:
-        result.append(g.sum(dim=(0, 1, 2), dtype=accumulate_dtype(g.dtype)).to(bias.dtype))
+        result.append(column_sum(g.reshape(1, -1, g.shape[-1]))[0].to(bias.dtype))
     return result

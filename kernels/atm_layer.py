@@ -31,8 +31,9 @@ Cost, N = B·H·W·C, e = element size, C_out = C for ATMLayer:
 
 Grids:
 - means: (B, SPLIT, cdiv(C, BLOCK_C)) -- program (b, s, c-block) sums the pixel blocks
-  s, s + SPLIT, ... of image b in a fixed order and writes one fp32 partial; torch.sum over the
-  SPLIT axis finishes the mean deterministically (no atomics).
+  s, s + SPLIT, ... of image b in a fixed order and writes one fp32 partial; _common.column_sum
+  over the SPLIT axis finishes the mean deterministically (no atomics). SPLIT is
+  deterministic_split's: the shapes alone decide it.
 - mix: (cdiv(M, BLOCK_M) · cdiv(C_out, BLOCK_N),) over the M = B·H·W pixels (tiles may span
   images: alpha is read per row); the column blocks of one row block are adjacent, so the
   gathers are re-read from L2.
@@ -49,7 +50,9 @@ import triton.language as tl
 from ._common import (
     Blocks,
     accumulate_dtype,
+    column_sum,
     compute_dtype,
+    deterministic_split,
     dot_dtypes,
     interpreter_gemm_blocks,
     interpreting,
@@ -175,26 +178,19 @@ def _branch_gemm(
     ATMLayer branch: BRANCH 0 gathers S along W (the pixel's row), 1 along H (its column), with
     offsets off_ptr (strides so_*); 2 takes x itself (off_ptr unused). W [C_OUT, C] at
     n·sw_n + c·sw_k."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    if BRANCH == 2:
-        x_pix = (b * sx_b + i * sx_h + j * sx_w)[:, None]
-        for k0 in range(0, C, BLOCK_K):
-            c = k0 + tl.arange(0, BLOCK_K)
-            c_ok = c < C
-            # x itself, no lerp: the storage dtype straight into the dot
-            a = tl.load(x_ptr + (x_pix + c[None, :] * sx_c), mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-            wt = tl.load(w_ptr + (n[None, :] * sw_n + c[:, None] * sw_k), mask=c_ok[:, None] & n_ok[None, :],
-                         other=0.0)
-            acc = tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=COMPUTE)
-    elif BRANCH == 1:
-        acc = gather_gemm(acc, x_ptr, b * sx_b + j * sx_w, off_ptr, b * so_b + i * so_h + j * so_w, i, H, sx_h, sx_c,
-                          so_g, m_ok, w_ptr, n, n_ok, sw_n, sw_k, C, SHARE, COMPUTE, DOT_DTYPE, PRECISION, IDX64,
-                          BLOCK_M, BLOCK_K)
-    else:
-        acc = gather_gemm(acc, x_ptr, b * sx_b + i * sx_h, off_ptr, b * so_b + i * so_h + j * so_w, j, W, sx_w, sx_c,
-                          so_g, m_ok, w_ptr, n, n_ok, sw_n, sw_k, C, SHARE, COMPUTE, DOT_DTYPE, PRECISION, IDX64,
-                          BLOCK_M, BLOCK_K)
-    return acc
+    if BRANCH == 1:  # lines along H: the pixel's column
+        x_line = b * sx_b + j * sx_w
+        q = i
+        N = H
+        sx_p = sx_h
+    else:  # lines along W: the pixel's row
+        x_line = b * sx_b + i * sx_h
+        q = j
+        N = W
+        sx_p = sx_w
+    return gather_gemm(tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE), x_ptr, x_line, off_ptr,
+                       b * so_b + i * so_h + j * so_w, q, N, sx_p, sx_c, so_g, m_ok, w_ptr, n, n_ok, sw_n, sw_k, C,
+                       SHARE, BRANCH != 2, COMPUTE, DOT_DTYPE, PRECISION, IDX64, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
@@ -280,9 +276,6 @@ def _atm_mix_kernel(
 # Block-size heuristics
 # ---------------------------------------------------------------------------------------------
 
-_GPU_PROGRAMS = 1024  # enough programs to keep an H100's 132 SMs streaming (~8 per SM)
-
-
 @dataclass(frozen=True)
 class MeansBlocks:
     """Tile and pixel split of the means kernel: m pixels x c channels per step, split
@@ -298,9 +291,10 @@ def means_blocks(batch: int, pixels: int, channels: int) -> MeansBlocks:
     """Tiles and pixel split of the means kernel for ``pixels = H·W`` per image.
 
     On a GPU: 64 channel lanes (a 128-byte bf16 row segment) x 16 pixels, three fp32
-    accumulators of 1024 values (8 per thread at 4 warps); a split per image so the grid
-    reaches ~1024 programs. Under the interpreter (~1 ms per program and per step): one
-    program per image and channel block, tiles of up to 16K elements."""
+    accumulators of 1024 values (8 per thread at 4 warps); the pixels of an image cut by
+    deterministic_split over the B·cdiv(C, BLOCK_C) tiles (a function of the shapes alone,
+    at most 256 ranges: column_sum adds them). Under the interpreter (~1 ms per program and
+    per step): one program per image and channel block, tiles of up to 16K elements."""
     if interpreting():
         block_c = min(triton.next_power_of_2(channels), 64)
         block_m = max(1, min(triton.next_power_of_2(pixels), 16384 // block_c))
@@ -308,7 +302,7 @@ def means_blocks(batch: int, pixels: int, channels: int) -> MeansBlocks:
     block_c = channel_tile(channels, 64)
     block_m = max(1, min(triton.next_power_of_2(pixels), 1024 // block_c))
     c_blocks = triton.cdiv(channels, block_c)
-    split = max(1, min(triton.cdiv(pixels, block_m), _GPU_PROGRAMS // max(1, batch * c_blocks)))
+    split = deterministic_split(pixels, block_m, batch * c_blocks)
     return MeansBlocks(m=block_m, c=block_c, split=split, num_warps=4)
 
 
@@ -410,7 +404,8 @@ def launch_mix(
 def means_forward(x, offset_w, offset_h, share: int) -> torch.Tensor:
     """``mixops::_atm_means`` forward: ``[B, 3, C]`` token means of (sw, sh, x)."""
     part = launch_means(x, offset_w, offset_h, share)
-    return part.sum(dim=1) / (x.shape[1] * x.shape[2])
+    B, split, _, C = part.shape
+    return column_sum(part.view(B, split, 3 * C)).view(B, 3, C) / (x.shape[1] * x.shape[2])
 
 
 def means_backward(grads: list, needs: list, x, offset_w, offset_h, share: int) -> list:
@@ -450,9 +445,9 @@ def alpha_grad_by_identity(channels: int, pixels: int) -> bool:
 
 def mix_backward(grads: list, needs: list, x, offset_w, offset_h, weight_w, weight_h, weight_c,
                  bias_w, bias_h, alpha, share: int) -> list:
-    """``mixops::_atm_mix`` backward, deterministic (torch GEMMs, ordered torch sums and the
-    atomic-free atm_sample backward kernel): the gradients of the flagged inputs among
-    (x, offset_w, offset_h, weight_w, weight_h, weight_c, bias_w, bias_h, alpha).
+    """``mixops::_atm_mix`` backward, deterministic (torch GEMMs, _common.column_sum for every
+    sum and the atomic-free atm_sample backward kernel): the gradients of the flagged inputs
+    among (x, offset_w, offset_h, weight_w, weight_h, weight_c, bias_w, bias_h, alpha).
 
     Branch k (w, h, c) with features S_k (the gathers, recomputed; x for c), weight W_k, bias
     b_k and weights a_k: dS_k = (a_k·dY) @ W_k (then the gather backward for x and offsets),
@@ -466,7 +461,7 @@ def mix_backward(grads: list, needs: list, x, offset_w, offset_h, weight_w, weig
     c_out = g.shape[-1]
     al = alpha.to(acc)
     g_acc = g.to(acc)
-    gsum = g_acc.sum(dim=(1, 2))  # [B, C_out]
+    gsum = column_sum(g.reshape(B, H * W, c_out))  # [B, C_out]
     identity = alpha_grad_by_identity(C, H * W)
     branches = (
         ("w", offset_w, weight_w, bias_w, need_ow, need_ww, need_bw),
@@ -497,20 +492,21 @@ def mix_backward(grads: list, needs: list, x, offset_w, offset_h, weight_w, weig
             if identity:
                 p = torch.bmm(g.reshape(B, H * W, c_out).transpose(1, 2), s2).to(acc)  # [B, C_out, C]
                 if need_w:
-                    got[f"w_{axis}"] = (p * al[:, :, k, None]).sum(dim=0).to(weight.dtype)
+                    dw = column_sum((p * al[:, :, k, None]).reshape(1, B, c_out * C))
+                    got[f"w_{axis}"] = dw.view(c_out, C).to(weight.dtype)
                 if need_alpha:
-                    d = (p * weight.to(acc)).sum(dim=2)
+                    d = column_sum((p * weight.to(acc)).transpose(1, 2))
             else:
                 if need_w:
                     got[f"w_{axis}"] = (ga.reshape(-1, c_out).t() @ s2.reshape(-1, C)).to(weight.dtype)
                 if need_alpha:
-                    d = (g_acc.reshape(B, H * W, c_out) * torch.matmul(s2, weight.t()).to(acc)).sum(dim=1)
+                    d = column_sum(g_acc.reshape(B, H * W, c_out) * torch.matmul(s2, weight.t()).to(acc))
             if need_alpha:
                 if bias is not None:
                     d = d + gsum * bias.to(acc)
                 dalpha.append(d)
         if need_b:
-            got[f"b_{axis}"] = (gsum * al[:, :, k]).sum(dim=0).to(bias.dtype)
+            got[f"b_{axis}"] = column_sum((gsum * al[:, :, k])[None])[0].to(bias.dtype)
     order = [("x", need_x), ("off_w", need_ow), ("off_h", need_oh), ("w_w", need_ww), ("w_h", need_wh),
              ("w_c", need_wc), ("b_w", need_bw), ("b_h", need_bh)]
     if need_x:

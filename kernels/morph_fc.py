@@ -17,8 +17,8 @@
 # indexed by the GEMM feature (p*D + s / t*D + s), not by output channel.
 # Backward: dX = scatter(dY_g @ W) -- the same kernel, W not transposed; dW = dY_g^T @ X_g and
 # db = colsum(dY_g), reduced over M deterministically: each of SPLIT programs along M writes an
-# fp32 (fp64 for fp64) partial and torch.sum over the split axis adds them in a fixed order;
-# SPLIT is a function of (M, F, dtype) alone (grad_weight_split), never of the GPU.
+# fp32 (fp64 for fp64) partial and _common.column_sum adds them in a fixed order; SPLIT is a
+# function of (M, F, dtype) alone (grad_weight_split), never of the GPU.
 #
 # FLOPs (numel = M*F = x.numel()): forward 2*numel*F; backward 2*numel*F for dX plus 2*numel*F
 # for dW.
@@ -30,8 +30,9 @@
 # token maps: per row the sum over chunk positions, [cdiv(F, BLOCK_N), M, D] (extra bytes
 # 2*4*M*D*cdiv(F, BLOCK_N) written + re-read, e.g. 29% of y's bf16 bytes at F = 112, D = 8,
 # BLOCK_N = 64); channel FC: per tile and batch item a column sum, ~4*F*cdiv(M, BLOCK_M) bytes --
-# reduced by one torch.sum (reduce_mean). Their gradient is added to dY in the dX / dW load
-# stage from a [B, C] fp32 tensor: no broadcast gradient in HBM.
+# reduced by _common.column_sum (reduce_mean; no ATen reduction, whose CUDA split follows the
+# SM count). Their gradient is added to dY in the dX / dW load stage from a [B, C] fp32 tensor:
+# no broadcast gradient in HBM.
 # Reweighted operand (NBR = 2 or 3; mixops::_reweighted_proj, kernels/morph_fc_proj.py): the
 # forward GEMM's and the dW kernel's operand load forms sum_k alpha[b, f, k] * branch_k from
 # NBR branches of one layout, so the channel-FC map (L = 1) runs the proj without the summed
@@ -60,6 +61,7 @@ import triton.language as tl
 from ._common import (
     Blocks,
     accumulate_dtype,
+    column_sum,
     deterministic_split,
     dot_dtypes,
     interpreter_gemm_blocks,
@@ -638,7 +640,8 @@ def batch_partials(geo: Geometry, blocks: Blocks, width: int, dtype: torch.dtype
 
 def batch_sums(part: torch.Tensor, geo: Geometry, batch: int, blocks: Blocks) -> torch.Tensor:
     """[B, width] per-batch-item sums of batch_partials' buffer in a fixed order (a padded
-    gather, then one torch.sum): deterministic."""
+    gather, then column_sum over the cdiv(rows_per_b, BLOCK_M) + 1 slots of each item, past
+    256 for video): the same bits on every GPU."""
     slots = batch_slots(geo, blocks)
     # tiles overlapping batch item b: first..last; slot of b in tile t: b - (t*BLOCK_M) // rows_per_b
     b = torch.arange(batch, device=part.device)
@@ -647,17 +650,23 @@ def batch_sums(part: torch.Tensor, geo: Geometry, batch: int, blocks: Blocks) ->
     tiles = first[:, None] + torch.arange(triton.cdiv(geo.rows_per_b, blocks.m) + 1, device=part.device)
     slot = b[:, None] - tiles * blocks.m // geo.rows_per_b
     index = torch.where(tiles <= last[:, None], tiles * slots + slot, part.shape[0] - 1)
-    return part[index].sum(dim=1)
+    return column_sum(part[index])
 
 
 def reduce_mean(part: torch.Tensor, geo: Geometry, batch: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, C] channel means over the T*H*W tokens from mean_partials' buffer, in a fixed order
-    (one torch.sum, or a padded gather then one torch.sum): deterministic. dtype: the storage
-    dtype of the launch (it chose the tiles)."""
+    (column_sum; for MEAN 2 after batch_sums' padded gather): the same bits on every GPU.
+    dtype: the storage dtype of the launch (it chose the tiles).
+
+    MEAN 1 sums [cdiv(F, BLOCK_N), B, rows_per_b / L, L·D] over its first and third axes, which
+    share no stride: column_sum first adds the rows_per_b / L rows of each (column block, batch
+    item) -- the long reduction -- then the cdiv(F, BLOCK_N) <= 13 results of each output in a
+    tiny [1, blocks, B·C] pass, rather than first folding the blocks into a second M·D partial."""
     tokens = geo.rows_per_b if _mean_mode(geo) == 2 else geo.T * geo.H * geo.W
     if _mean_mode(geo) == 1:
-        sums = part.view(part.shape[0], batch, -1, geo.L, geo.D).sum(dim=(0, 2)).reshape(batch, geo.L * geo.D)
-        return sums / tokens
+        blocks = part.shape[0]
+        per_block = column_sum(part.view(blocks * batch, -1, geo.L * geo.D))  # [blocks * B, C]
+        return column_sum(per_block.view(1, blocks, batch * geo.L * geo.D)).view(batch, -1) / tokens
     return batch_sums(part, geo, batch, gemm_blocks(geo.M, geo.F, dtype)) / tokens
 
 
@@ -707,13 +716,17 @@ def weight_grads(
 ) -> list[torch.Tensor]:
     """[dW][, db], those flagged, in weight's / bias's dtype: launch_grad_weight (``launch``: its
     grad_mean / more / alpha) into grad_weight_split partials (fp32; fp64 for fp64), added up
-    by one torch.sum in a fixed order."""
+    by column_sum in a fixed order."""
     split = grad_weight_split(geo.M, geo.F, x5.dtype)
     part_dtype = accumulate_dtype(x5.dtype)
     dw_part = torch.empty((split, geo.F, geo.F), dtype=part_dtype, device=x5.device) if need_w else None
     db_part = torch.empty((split, geo.F), dtype=part_dtype, device=x5.device) if need_b else None
     launch_grad_weight(dy5, x5, geo, dw_part, db_part, **launch)
-    return [p.sum(dim=0).to(t.dtype) for p, t in ((dw_part, weight), (db_part, bias)) if p is not None]
+    return [
+        column_sum(p.view(1, split, -1)).view(p.shape[1:]).to(t.dtype)
+        for p, t in ((dw_part, weight), (db_part, bias))
+        if p is not None
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

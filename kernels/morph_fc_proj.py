@@ -10,7 +10,8 @@
 # The kernel of this file is the dA GEMM dA = dOut @ W, whose epilogue writes, instead of dA,
 #   dX_k = a_k * dA                           (K outputs from one GEMM)
 #   dalpha partials: per tile and batch item, sum over its rows of dA * X_k (batch_colsums),
-# reduced by one torch.sum (kernels.morph_fc.batch_sums): deterministic, no atomics.
+# reduced by _common.column_sum (kernels.morph_fc.batch_sums): deterministic on every GPU, no
+# atomics.
 # alpha is read once per batch item a tile spans (kernels.morph_fc.alpha_tile).
 #
 # FLOPs (numel = M*C): forward 2*numel*C (+ 2K*numel for the weighted sum); backward 2*numel*C

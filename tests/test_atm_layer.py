@@ -19,7 +19,7 @@ import triton.language as tl  # noqa: E402
 
 import mixops  # noqa: E402
 from mixops.kernels import atm_layer as KL  # noqa: E402
-from mixops.kernels._common import Blocks, dot_dtypes  # noqa: E402
+from mixops.kernels._common import SPLIT_TARGET_PROGRAMS, Blocks, deterministic_split, dot_dtypes  # noqa: E402
 from mixops.nn.atm import ActiveBlock, ATMLayer  # noqa: E402
 from mixops.ops import atm_layer as OL  # noqa: E402
 from mixops.reference import atm as R  # noqa: E402
@@ -356,6 +356,8 @@ def test_block_heuristics(monkeypatch, interpreting):
             cfg = KL.means_blocks(B, n * n, C)
             assert _is_pow2(cfg.m) and _is_pow2(cfg.c) and cfg.split >= 1
             assert (cfg.split - 1) * cfg.m < n * n  # no program without pixels
+            # the shapes alone decide the split, and column_sum's partials stay <= 256 per output
+            assert cfg.split == deterministic_split(n * n, cfg.m, B * triton.cdiv(C, cfg.c)) <= SPLIT_TARGET_PROGRAMS
             for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
                 mix = KL.mix_blocks(B * n * n, C, C, dtype)
                 assert all(_is_pow2(t) and t >= 16 for t in (mix.m, mix.n, mix.k))

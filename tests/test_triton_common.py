@@ -182,3 +182,70 @@ def test_deterministic_split_is_a_function_of_the_shapes(monkeypatch):
     assert _common.deterministic_split(100, 32, 1) == 4
     assert _common.deterministic_split(10**6, 32, 2 * target) == 1
     assert _common.deterministic_split(0, 32, 1) == 1
+
+
+def _column_sum_cases(dtype):
+    """Awkward [B, M, N] views: N = 1, M prime, B > 1 with N past one column tile, a
+    permuted and sliced view, an expanded (zero-stride) one."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(shape, dtype=dtype, generator=g)
+
+    return {
+        "n1": rand(1, 1009, 1),
+        "batched": rand(3, 37, 70),
+        "strided": rand(41, 3, 50).permute(1, 0, 2)[:, ::2, 1::3],
+        "expanded": rand(2, 1, 5).expand(2, 300, 5),
+    }
+
+
+def _gpu_split_rule(monkeypatch):
+    """The GPU's split and tiles (not the interpreter's single range) while the kernel still
+    runs under the interpreter; asking the device for its properties fails the test."""
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+
+    def no_device_query(*args, **kwargs):
+        raise AssertionError("the split asked the device")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_device_query)
+
+
+@pytest.mark.parametrize("gpu_split", [False, True], ids=["interpreter-split", "gpu-split"])
+@pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16])
+def test_column_sum_matches_torch_sum(dtype, gpu_split, monkeypatch):
+    """column_sum = x.sum(dim=1) in accumulate_dtype on every awkward view, with one range
+    (interpreter) and with the GPU's split into fixed ranges plus the second pass; the same
+    bits twice."""
+    if gpu_split:
+        _gpu_split_rule(monkeypatch)
+    for name, x in _column_sum_cases(dtype).items():
+        got = _common.column_sum(x)
+        assert got.dtype == _common.accumulate_dtype(dtype)
+        assert_close(got, x.to(f64).sum(dim=1), _common.accumulate_dtype(dtype), name=name)
+        assert torch.equal(got, _common.column_sum(x)), name
+    if gpu_split:
+        assert _common.column_sum_split(1, 1009, 1) > 1  # the two-pass path ran
+
+
+def test_column_sum_split_is_a_function_of_the_shape(monkeypatch):
+    """The GPU split: deterministic_split over the column tiles, no empty range, never asking
+    the device; empty inputs give zeros and bad input is refused before any launch."""
+    _gpu_split_rule(monkeypatch)
+    assert _common.column_sum_blocks(3136, 64) == (32, 64)
+    assert _common.column_sum_split(1, 3136, 64) == triton_cdiv(3136, 32)  # 98 ranges of 32 rows
+    assert _common.column_sum_split(2, 2**17, 64) == _common.SPLIT_TARGET_PROGRAMS // 2
+    assert _common.column_sum_split(1, 10**6, 300 * 64) == 1
+    assert _common.column_sum_blocks(1000, 1) == (128, 16)
+    assert _common.column_sum_split(1, 1000, 1) == 8  # ranges of 128 rows
+    assert _common.deterministic_split(1000, 32, 20) == 12
+    assert _common.column_sum_split(20, 1000, 64) == 11  # 12 ranges of 96 rows would leave one empty
+    assert torch.equal(_common.column_sum(torch.ones(2, 0, 3)), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="x must be"):
+        _common.column_sum(torch.ones(4, 4))
+    with pytest.raises(TypeError, match="floating-point"):
+        _common.column_sum(torch.ones(1, 4, 4, dtype=torch.int32))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
