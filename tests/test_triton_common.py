@@ -10,6 +10,7 @@ import pytest
 import torch
 import triton.language as tl
 from mixops.kernels import _common
+import sm90_compile
 from mixops_testing import assert_close, fp32_matmul
 
 import mixops
@@ -249,3 +250,44 @@ def test_column_sum_split_is_a_function_of_the_shape(monkeypatch):
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# sm_90 builds of the column sum (tests/sm90_compile.py; child process without the interpreter):
+# storage dtype -> (pointer types, COMPUTE) at its largest use, the ATM stage 1 bias gradient
+# (M = 128 * 56 * 56 pixels, N = 64 channels); pass 2 is the same kernel over fp32/fp64 partials
+_COLUMN_SUM_BUILDS = {
+    "fp32": ("*fp32", "*fp32", "fp32"), "bf16": ("*bf16", "*fp32", "fp32"), "fp16": ("*fp16", "*fp32", "fp32"),
+    "fp64": ("*fp64", "*fp64", "fp64")
+}  # fmt: skip
+
+
+def _build(x_type, out_type, compute):
+    M, N = 128 * 56 * 56, 64
+    fn = _common._column_sum_kernel
+    block_m, block_n = _common.column_sum_blocks(M, N)
+    split = _common.column_sum_split(1, M, N)
+    values = dict(x_ptr=x_type, out_ptr=out_type, M=M, N=N, ROWS=triton_cdiv(M, split),
+                  sx_b=M * N, sx_m=N, sx_n=1, so_s=N, so_b=N, so_n=1)  # fmt: skip
+    consts = dict(COMPUTE=getattr(tl, {"fp32": "float32", "fp64": "float64"}[compute]), IDX64=False,
+                  BLOCK_M=block_m, BLOCK_N=block_n)  # fmt: skip
+    signature, consts, attrs = sm90_compile.jit_signature(fn, values, consts)
+    return sm90_compile.compile_sm90(fn, signature, consts, dict(num_warps=4), attrs)
+
+
+def _build_all():
+    """Child-process entry point (sm90_compile.run_builds)."""
+    sm90_compile.build_all(_COLUMN_SUM_BUILDS, _build)
+
+
+@pytest.fixture(scope="module")
+def sm90_builds():
+    return sm90_compile.run_builds("test_triton_common", timeout=600)
+
+
+@pytest.mark.parametrize("build", list(_COLUMN_SUM_BUILDS))
+def test_column_sum_compiles_for_sm90(sm90_builds, build):
+    """The GPU build of the column sum compiles without spills; its unit-stride rows of a
+    16-byte aligned tensor load as 16-byte vectors (N = 64 is a multiple of 16)."""
+    got = sm90_builds[build]
+    sm90_compile.assert_built(got)
+    assert max(got["load_bits"]) == 128, got["load_bits"]
