@@ -76,14 +76,15 @@ stage_build() {
   # pure Python first (seconds): a CUDA build killed at the stage's limit still leaves mixops
   # importable, so the tests stage runs the Triton and torch tests and reports the CUDA ones
   PIP_SYSTEM=()
-  MIXOPS_SKIP_CUDA=1 pip_install || { note "pure-Python install failed: mixops is not installed"; return 1; }
+  # (each install names both switches: a caller's MIXOPS_FORCE_CUDA / MIXOPS_SKIP_CUDA must not leak in)
+  MIXOPS_FORCE_CUDA= MIXOPS_SKIP_CUDA=1 pip_install || { note "pure-Python install failed: mixops is not installed"; return 1; }
   # a TORCH_CUDA_ARCH_LIST already set, else the visible GPU's architecture with the 'a' features
   # (wgmma, TMA) from sm_90 on: setup.py's own choice, recorded here for the summary
   arch=${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}.{m}" + "a" * (M >= 9))')} ||
     { note "no CUDA device: installed without the extension"; return 1; }
   echo "TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs"; command -v nvcc cmake ninja
   note "CUDA build (TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs) not finished: installed without the extension"
-  TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs MIXOPS_FORCE_CUDA=1 pip_install -v ||
+  TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs MIXOPS_SKIP_CUDA= MIXOPS_FORCE_CUDA=1 pip_install -v ||
     { note "CUDA build failed (TORCH_CUDA_ARCH_LIST=$arch): installed without the extension"; return 1; }
   python3 -c 'import mixops, sys; print(mixops.cuda_extension_status()); sys.exit(not mixops.cuda_extension_available())' ||
     { note "CUDA build done (TORCH_CUDA_ARCH_LIST=$arch) but the extension does not load"; return 1; }

@@ -88,6 +88,8 @@ def test_dry_run_end_to_end(tmp_path):
 # time would eat a small budget unevenly) records nothing; anything else runs for real
 STUB_PYTHON = """#!/usr/bin/env bash
 [ "$1 $2" = "benchmarks/gpu_check_report.py versions" ] && { echo stub-gpu; exit 0; }
+# the stand-in pip builds nothing: the extension check answers so, whatever this machine has built
+if [ "$1" = -c ] && [[ "$2" == *cuda_extension_available* ]]; then echo "stub: no extension"; exit 1; fi
 if [ "$1" = -m ] && { [ "$2" = pip ] || [ "$2" = pytest ]; }; then
   echo "skip=${MIXOPS_SKIP_CUDA:-} force=${MIXOPS_FORCE_CUDA:-} arch=${TORCH_CUDA_ARCH_LIST:-} args=${*:2}" >>"$STUB_LOG"
   case "$STUB_MODE:$*" in
@@ -107,7 +109,9 @@ def _run_stubbed(tmp_path, stages, mode, **env):
     bin_dir.mkdir()
     (bin_dir / "python3").write_text(STUB_PYTHON % sys.executable)
     (bin_dir / "python3").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "OUT": str(out),
+    # hermetic: CI exports MIXOPS_FORCE_CUDA, TORCH_CUDA_ARCH_LIST, ... for its own build
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MIXOPS_") and k != "TORCH_CUDA_ARCH_LIST"}
+    env = {**base, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "OUT": str(out),
            "TMPDIR": str(tmp_path), "STUB_LOG": str(tmp_path / "calls.log"), "STUB_MODE": mode, **env}
     return subprocess.Popen(["bash", str(SCRIPT), *stages], env=env, cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT), out
