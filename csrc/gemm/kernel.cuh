@@ -1,0 +1,228 @@
+// The gathered-GEMM engine: every CUDA GEMM of mixops (MorphFC's forward, dX and dW; ATM's
+// fused gather-FC, its dS and dW) is this kernel with a family's operands and epilogue
+// (gemm/operands.cuh). Built on CuTe: its TiledMMA atoms issue the tensor-core instructions
+// (wgmma on sm_90a, mma.sync on sm_80+, FMAs for IEEE fp32/fp64) and its swizzled layouts
+// address the shared tiles; the operand loads are the engine's own (gemm/tile_loader.cuh),
+// because a family's index map is not an affine layout a TMA descriptor or a CuTe copy could
+// describe.
+//
+// One block computes a kBM x kBN tile of C over its K range (the whole K, or one range of a
+// split fixed by the shapes: common.cuh split_rows) in steps of kBK through a kStages-deep ring:
+//
+//   prologue: stages 0 .. S-2 are filled (cp.async groups, or registers stored directly)
+//   step k:   wait until stage k landed (cp.async.wait_group S-2; barrier)
+//             fetch the register-staged operands of step k+S-1 (loads in flight ...)
+//             MMAs on stage k               (... while the tensor cores work)
+//             sm_90a: wgmma.wait_group 1 (step k-1 retired), barrier: its stage is free
+//             fill stage (k+S-1) % S = (k-1) % S: cp.async, or the fetched registers
+//
+// K tails: a step past the end of the block's K range is zero-filled, and the MMAs of its
+// k-blocks wholly past the end are skipped (F = 112 at kBK = 64 runs 7 of 8 k-blocks, not 8).
+// Epilogue: the accumulators go through shared memory (the ring is free by then) so that the
+// family's store map sees consecutive n on consecutive threads and evaluates its row share once
+// per row (staged in shared memory) and its column share once per thread.
+//
+// Grid: (tiles_m * tiles_n, splits); block b covers rows (b / tiles_n) * kBM and columns
+// (b % tiles_n) * kBN, so the column tiles of one row tile are adjacent in launch order and the
+// gathered rows they share are re-read from L2.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cute/tensor.hpp>
+
+#include <limits>
+
+#include "operands.cuh"
+#include "tile_loader.cuh"
+#include "tiles.cuh"
+
+namespace mixops::gemm {
+
+// The problem of one launch: C [M, N] over K, each block summing k in [split * k_per_split,
+// min(K, (split + 1) * k_per_split)) (k_per_split = K: no split).
+struct Problem {
+  int64_t M, N, K, k_per_split;
+  int splits;
+};
+
+// Round the fp32 bits of a TF32 operand fragment to nearest (ties away), as cuBLAS does; the
+// tensor cores would truncate the low 13 bits.
+template <class Fragment>
+__device__ __forceinline__ void round_to_tf32(Fragment&& frag) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  CUTE_UNROLL
+  for (int i = 0; i < cute::size(frag); ++i) {
+    uint32_t& bits = reinterpret_cast<uint32_t&>(frag(i));
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(__uint_as_float(bits)));
+  }
+#endif
+}
+
+// Shared memory of one launch: the ring of A and B stages, reused after the K loop as the
+// accumulator tile [kBM][kBN + 4] followed by the epilogue's row shares.
+template <class Tile, class OpA, class OpB, class Epi>
+struct SmemPlan {
+  using SmemA = typename Tile::template SmemLayout<OpA::kMajor, Tile::kBM>;
+  using SmemB = typename Tile::template SmemLayout<OpB::kMajor, Tile::kBN>;
+  static constexpr int kLdC = Tile::kBN + 4;  // +4 words: the 16x8 fragment rows land in different banks
+  static constexpr size_t kRing =
+      (cute::cosize_v<SmemA> + cute::cosize_v<SmemB>) * sizeof(typename Tile::SmemT);
+  static constexpr size_t kAccTile = static_cast<size_t>(Tile::kBM) * kLdC * sizeof(typename Tile::AccT);
+  static constexpr size_t kRowShares = Tile::kBM * sizeof(typename Epi::Row);
+  static constexpr size_t kBytes = kRing > kAccTile + kRowShares ? kRing : kAccTile + kRowShares;
+};
+
+template <class Tile, class OpA, class OpB, class Epi>
+__global__ void __launch_bounds__(Tile::kThreads)
+    gathered_gemm_kernel(Problem p, OpA a, OpB b, Epi epi) {
+  using namespace cute;
+  if constexpr (!Tile::kCompiledHere) {
+    __trap();  // never launched: the host picks the tile of the device's architecture
+  } else {
+    using T = typename Tile::Element;
+    using SmemT = typename Tile::SmemT;
+    using AccT = typename Tile::AccT;
+    using Plan = SmemPlan<Tile, OpA, OpB, Epi>;
+    constexpr int kBM = Tile::kBM, kBN = Tile::kBN, kBK = Tile::kBK, kStages = Tile::kStages;
+    static_assert(std::is_same_v<typename OpA::Element, T> && std::is_same_v<typename OpB::Element, T>);
+
+    extern __shared__ __align__(128) unsigned char smem[];
+    SmemT* smem_a = reinterpret_cast<SmemT*>(smem);
+    Tensor sA = make_tensor(make_smem_ptr(smem_a), typename Plan::SmemA{});  // (BM, BK, S)
+    Tensor sB = make_tensor(make_smem_ptr(smem_a + cosize_v<typename Plan::SmemA>), typename Plan::SmemB{});
+
+    const int tiles_n = static_cast<int>(cdiv(p.N, kBN));
+    const int64_t m0 = static_cast<int64_t>(blockIdx.x / tiles_n) * kBM;
+    const int64_t n0 = static_cast<int64_t>(blockIdx.x % tiles_n) * kBN;
+    const int split = static_cast<int>(blockIdx.y);
+    const int64_t k_begin = split * p.k_per_split;
+    const int64_t k_end = k_begin + p.k_per_split < p.K ? k_begin + p.k_per_split : p.K;
+    const int steps = static_cast<int>(cdiv(k_end - k_begin, kBK));
+
+    TileLoader<OpA, kBM, kBK, Tile::kThreads> load_a(a, m0, p.M);
+    TileLoader<OpB, kBN, kBK, Tile::kThreads> load_b(b, n0, p.N);
+    const auto fill = [&](int step, int stage, bool fetch) {
+      const int64_t k0 = k_begin + static_cast<int64_t>(step) * kBK;
+      if (fetch) {
+        load_a.fetch(k0, k_end);
+        load_b.fetch(k0, k_end);
+      }
+      load_a.write(sA(_, _, stage), k0, k_end);
+      load_b.write(sB(_, _, stage), k0, k_end);
+      cp_async_fence();
+    };
+
+    using TiledMma = typename Tile::template TiledMma<OpA::kMajor, OpB::kMajor>;
+    TiledMma mma;
+    ThrMMA thr_mma = mma.get_slice(threadIdx.x);
+    Tensor accum = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});  // (MMA, MMA_M, MMA_N)
+    clear(accum);
+
+    CUTE_UNROLL
+    for (int s = 0; s < kStages - 1; ++s) fill(s, s, true);
+
+    // The MMAs of one stage, k-blocks past the end of the K range skipped.
+    const auto compute = [&](int step, int stage) {
+      const int64_t k_valid = k_end - (k_begin + static_cast<int64_t>(step) * kBK);
+      if constexpr (Tile::kWgmma) {
+        Tensor tCsA = thr_mma.partition_A(sA);  // (MMA, MMA_M, MMA_K, S)
+        Tensor tCsB = thr_mma.partition_B(sB);
+        Tensor tCrA = thr_mma.make_fragment_A(tCsA);  // smem descriptors
+        Tensor tCrB = thr_mma.make_fragment_B(tCsB);
+        warpgroup_fence_operand(accum);
+        warpgroup_arrive();
+        // (a branch between two wgmmas makes ptxas serialize them: the K tail has its own loop)
+        if (k_valid >= kBK) {
+          CUTE_UNROLL
+          for (int kb = 0; kb < size<2>(tCrA); ++kb) cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), accum);
+        } else {
+          for (int kb = 0; kb * Tile::kAtomK < k_valid; ++kb)
+            cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), accum);
+        }
+        warpgroup_commit_batch();
+        warpgroup_fence_operand(accum);
+      } else {
+        auto s2r_a = make_tiled_copy_A(typename Tile::template S2RAtom<OpA::kMajor>{}, mma);
+        auto s2r_b = make_tiled_copy_B(typename Tile::template S2RAtom<OpB::kMajor>{}, mma);
+        auto thr_a = s2r_a.get_slice(threadIdx.x);
+        auto thr_b = s2r_b.get_slice(threadIdx.x);
+        Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
+        Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));
+        Tensor tXsA = thr_a.partition_S(sA);  // (CPY, MMA_M, MMA_K, S)
+        Tensor tXsB = thr_b.partition_S(sB);
+        Tensor tXrA = thr_a.retile_D(tCrA);
+        Tensor tXrB = thr_b.retile_D(tCrB);
+        CUTE_UNROLL
+        for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+          if (kb * Tile::kAtomK >= k_valid) break;
+          copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, kb));
+          copy(s2r_b, tXsB(_, _, kb, stage), tXrB(_, _, kb));
+          if constexpr (std::is_same_v<SmemT, cutlass::tfloat32_t>) {
+            round_to_tf32(tCrA(_, _, kb));
+            round_to_tf32(tCrB(_, _, kb));
+          }
+          cute::gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), accum);
+        }
+      }
+    };
+
+    for (int step = 0; step < steps; ++step) {
+      const int stage = step % kStages;
+      cp_async_wait<kStages - 2>();
+      // wgmma reads shared memory through the async proxy: the writes of this thread (cp.async
+      // and st.shared, generic proxy) are made visible to it before the barrier publishes them
+      if constexpr (Tile::kWgmma) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      __syncthreads();  // stage `step` is in shared memory for every thread
+      const int next = step + kStages - 1;
+      load_a.fetch(k_begin + static_cast<int64_t>(next) * kBK, k_end);
+      load_b.fetch(k_begin + static_cast<int64_t>(next) * kBK, k_end);
+      compute(step, stage);
+      if constexpr (Tile::kWgmma) warpgroup_wait<1>();  // step - 1 retired: its stage may be refilled
+      __syncthreads();
+      fill(next, next % kStages, false);
+    }
+    if constexpr (Tile::kWgmma) warpgroup_wait<0>();
+    cp_async_wait<0>();
+    __syncthreads();  // the ring is free
+
+    // Epilogue: accumulators -> shared [kBM][kLdC] -> the family's store map.
+    AccT* acc_tile = reinterpret_cast<AccT*>(smem);
+    Tensor sC = make_tensor(make_smem_ptr(acc_tile),
+                            make_layout(Shape<Int<kBM>, Int<kBN>>{}, Stride<Int<Plan::kLdC>, _1>{}));
+    copy(accum, thr_mma.partition_C(sC));
+    using Row = typename Epi::Row;
+    Row* row_shares = reinterpret_cast<Row*>(smem + Plan::kAccTile);
+    for (int r = threadIdx.x; r < kBM; r += Tile::kThreads)
+      if (m0 + r < p.M) row_shares[r] = epi.row(m0 + r, split);
+    __syncthreads();
+    constexpr int kLanes = kBN < Tile::kThreads ? kBN : Tile::kThreads;
+    const int c = threadIdx.x % kLanes;
+    if (n0 + c < p.N && threadIdx.x / kLanes < Tile::kThreads / kLanes) {
+      const typename Epi::Col col = epi.col(n0 + c);
+      for (int r = threadIdx.x / kLanes; r < kBM; r += Tile::kThreads / kLanes) {
+        if (m0 + r >= p.M) break;
+        epi.store(row_shares[r], col, acc_tile[r * Plan::kLdC + c]);
+      }
+    }
+  }
+}
+
+// Launches the engine for C = A B^T on `Tile` (the caller picked it: select.cuh).
+template <class Tile, class OpA, class OpB, class Epi>
+void launch(const Problem& p, const OpA& a, const OpB& b, const Epi& epi) {
+  if (p.M == 0 || p.N == 0) return;
+  using Plan = SmemPlan<Tile, OpA, OpB, Epi>;
+  const int64_t tiles = cdiv(p.M, Tile::kBM) * cdiv(p.N, Tile::kBN);
+  TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max() && p.splits <= 65535,
+              "mixops: GEMM too large for one launch (", tiles, " tiles x ", p.splits, " splits)");
+  const auto kernel = gathered_gemm_kernel<Tile, OpA, OpB, Epi>;
+  // the rings are over the 48 KB of static shared memory: opt in (per device, so on every launch)
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(Plan::kBytes)));
+  kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.splits)), Tile::kThreads, Plan::kBytes,
+           at::cuda::getCurrentCUDAStream()>>>(p, a, b, epi);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace mixops::gemm

@@ -1,0 +1,91 @@
+// The operands and outputs of the gathered-GEMM engine (gemm/kernel.cuh): how a family tells the
+// engine where the elements of its GEMM live. The engine computes
+//     C[m, n] = sum_k A[m, k] * B[n, k]        (m < M, n < N, k in the block's K range)
+// and never sees a tensor: A and B are *operands*, C goes to an *epilogue*, each a small value
+// type holding pointers, strides and dividers, passed to the kernel by value.
+//
+// Operand (A as [M, K], B as [N, K]):
+//   using Element = T;                  storage type (cutlass::half_t, cutlass::bfloat16_t, float, double)
+//   static constexpr Major kMajor;      the axis along which consecutive elements are contiguous
+//   static constexpr bool kComputed;    false: element (r, k) is data[offset(row(r), col(k))], and
+//                                       runs of `vec` elements along kMajor are contiguous and
+//                                       aligned to vec elements (checked on the host: vector_width);
+//                                       the engine moves them by cp.async. true: the element is a
+//                                       value the operand computes (ATM's lerp of two loads),
+//                                       loaded into registers one element at a time.
+//   __device__ Row row(int64_t r), Col col(int64_t k):  each index's share of the element; the
+//                                       divisions of a family's index map live here, computed once
+//                                       per tile row / per K step, never per element.
+//   copy:     const T* data; int vec;  __device__ int64_t offset(const Row&, const Col&)
+//   computed: __device__ Acc<T> value(const Row&, const Col&)
+// Row and Col may be any trivially copyable type (an int64_t offset, or a struct of digits).
+//
+// Epilogue (C as [M, N], one element at a time, after the tile's accumulators went through
+// shared memory so that consecutive threads write consecutive n):
+//   __device__ Row row(int64_t m, int split), Col col(int64_t n)
+//   __device__ void store(const Row&, const Col&, Acc v)   (bias, dtype, scatter: the family's)
+// `split` is the block's index along the split of K (0 unless the launch splits K).
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+
+#include "../common.cuh"
+
+namespace mixops::gemm {
+
+// The contiguous axis of an operand: its K axis (A = X[m, k] with k along the channels) or its
+// rows (B = W[k, n] read as [N, K]: contiguous along n).
+enum class Major { K, Rows };
+
+// A strided 2-D matrix M[r, k] = data[r * stride_r + k * stride_k]: the weights, the plain
+// incoming gradients. kMajor says which stride is the unit one (checked by vector_width).
+template <typename T, Major kMajorAxis>
+struct Matrix {
+  using Element = T;
+  using Row = int64_t;
+  using Col = int64_t;
+  static constexpr Major kMajor = kMajorAxis;
+  static constexpr bool kComputed = false;
+  const T* data;
+  int64_t stride_r, stride_k;
+  int vec;
+
+  MIXOPS_HD int64_t row(int64_t r) const { return r * stride_r; }
+  MIXOPS_HD int64_t col(int64_t k) const { return k * stride_k; }
+  MIXOPS_HD int64_t offset(int64_t r, int64_t c) const { return r + c; }
+};
+
+// Split-K partials of the weight gradients: partial[split, m, n] (Acc<T>, contiguous) = the
+// block's sum over its K range; the caller adds the splits in a fixed order (at::sum).
+template <typename AccT>
+struct PartialEpilogue {
+  using Row = int64_t;
+  using Col = int64_t;
+  AccT* partial;
+  int64_t M, N;
+
+  MIXOPS_HD int64_t row(int64_t m, int split) const { return (split * M + m) * N; }
+  MIXOPS_HD int64_t col(int64_t n) const { return n; }
+  MIXOPS_HD void store(int64_t r, int64_t c, AccT v) const { partial[r + c] = v; }
+};
+
+// The widest run (in elements, a power of two of at most 16 bytes) in which an operand's elements
+// are contiguous and aligned: `extent` elements along the contiguous axis (the run must divide
+// it), every stride of the other axes a multiple of it, the base pointer aligned to it. 1 when
+// the contiguous stride is not 1.
+inline int vector_width(const void* data, int64_t element_size, int64_t unit_stride, int64_t extent,
+                        std::initializer_list<int64_t> other_strides) {
+  if (unit_stride != 1) return 1;
+  int vec = static_cast<int>(16 / element_size);
+  const auto fits = [&](int v) {
+    if (extent % v != 0 || reinterpret_cast<uintptr_t>(data) % (v * element_size) != 0) return false;
+    for (const int64_t s : other_strides)
+      if (s % v != 0) return false;
+    return true;
+  };
+  while (vec > 1 && !fits(vec)) vec /= 2;
+  return vec;
+}
+
+}  // namespace mixops::gemm

@@ -1,0 +1,180 @@
+// How the gathered-GEMM engine fills one pipeline stage of an operand tile ([kRows, kK] of A or
+// B) in shared memory: gemm/operands.cuh says what an operand is.
+//
+// The 256 threads of a block split the tile into 16-byte chunks along the operand's contiguous
+// axis (8 fp16/bf16, 4 fp32, 2 fp64 elements), consecutive threads on consecutive chunks, so a
+// warp reads whole 128-byte lines of a channels-last tensor. A chunk is moved in runs of vec
+// elements (the operand's host-checked contiguous run):
+//   - copy operands, runs of 4, 8 or 16 bytes: cp.async (LDGSTS), zero-filled past the edges of
+//     the problem, so a stage's loads stay in flight while the tensor cores work on older stages;
+//   - copy operands with 2-byte runs (fp16/bf16 with no two neighbours contiguous, e.g. a
+//     transposed view; no cp.async is that small): one load and store per element, in `write`;
+//   - computed operands (ATM's lerp): registers. `fetch` issues the loads of a stage into
+//     registers before the block's math on the current stage, `write` stores them after it: the
+//     pre-Ampere double buffer, which hides the load latency behind one stage of MMAs.
+// The map's divisions run once per tile row (the fixed axis: rows for K-major operands, kept in
+// registers for the whole K loop) and once per K step and chunk column.
+#pragma once
+
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/tensor.hpp>
+
+#include "operands.cuh"
+
+namespace mixops::gemm {
+
+// global -> shared copy of kBytes (4, 8 or 16), zero-fill when !valid (src-size 0 reads nothing).
+// 16-byte copies bypass L1 (.cg): the operands are streamed once per block; smaller ones must use
+// .ca (PTX allows .cg for 16 bytes only).
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
+  const int src_size = valid ? kBytes : 0;
+  if constexpr (kBytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_size));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem), "n"(kBytes),
+                 "r"(src_size));
+#endif
+}
+
+template <class Op, int kRows, int kK, int kThreads>
+class TileLoader {
+ public:
+  using T = typename Op::Element;
+  using AccT = Acc<T>;
+  static constexpr bool kAlongK = Op::kMajor == Major::K;
+  static constexpr int kChunk = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kLineLength = kAlongK ? kK : kRows;      // the contiguous axis of the tile
+  static constexpr int kLines = kAlongK ? kRows : kK;           // the other one
+  static constexpr int kChunksPerLine = kLineLength / kChunk;
+  static constexpr int kLinesPerPass = kThreads / kChunksPerLine;
+  static constexpr int kPasses = kLines / kLinesPerPass;
+  static_assert(kLineLength % kChunk == 0 && kThreads % kChunksPerLine == 0 && kLines % kLinesPerPass == 0,
+                "the tile must split into whole 16-byte chunks over the block's threads");
+
+  // rows [row0, row0 + kRows) of an operand with `rows` rows
+  __device__ TileLoader(const Op& op, int64_t row0, int64_t rows) : op_(op), row0_(row0), rows_(rows) {
+    const int tid = threadIdx.x;
+    chunk_ = tid % kChunksPerLine;
+    line_ = tid / kChunksPerLine;
+    // runs per chunk (computed operands and 2-byte runs: one element each)
+    runs_ = kChunk / run_len();
+    if constexpr (kAlongK) {
+#pragma unroll
+      for (int p = 0; p < kPasses; ++p) {
+        const int64_t r = row0_ + line_ + p * kLinesPerPass;
+        fixed_[p] = op_.row(r < rows_ ? r : 0);
+      }
+    } else {
+      // (unrolled with a guard: a register array indexed by a runtime bound would live in local memory)
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        if (j >= runs_) break;
+        const int64_t r = row0_ + chunk_ * kChunk + j * run_len();
+        fixed_[j] = op_.row(r < rows_ ? r : 0);
+      }
+    }
+  }
+
+  // Registers of a computed operand's stage: its values of K step [k0, min(k0 + kK, k_end)).
+  __device__ void fetch(int64_t k0, int64_t k_end) {
+    if constexpr (Op::kComputed) {
+#pragma unroll
+      for (int p = 0; p < kPasses; ++p)
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) {
+          int64_t r, k;
+          element(p, e, k0, r, k);
+          staged_[p][e] = (r < rows_ && k < k_end) ? op_.value(fixed_[kAlongK ? p : e], op_.col(k)) : AccT(0);
+        }
+    }
+  }
+
+  // Fill `tile` (a [kRows, kK] view of one stage) with K step [k0, k_end): the fetched registers
+  // of a computed operand; cp.async runs of a copy operand, or, when its runs are 2 bytes
+  // (no cp.async that small), loads and stores of one element each.
+  template <class Tile>
+  __device__ void write(Tile&& tile, int64_t k0, int64_t k_end) {
+    if constexpr (Op::kComputed) {
+#pragma unroll
+      for (int p = 0; p < kPasses; ++p)
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) {
+          int64_t r, k;
+          element(p, e, k0, r, k);
+          smem_ref(tile, r - row0_, k - k0) = static_cast<T>(staged_[p][e]);
+        }
+    } else {
+      const int bytes = vec() * static_cast<int>(sizeof(T));
+      if (bytes == 16) return copy_runs<16>(tile, k0, k_end);
+      if constexpr (sizeof(T) <= 8)
+        if (bytes == 8) return copy_runs<8>(tile, k0, k_end);
+      if constexpr (sizeof(T) <= 4)
+        if (bytes == 4) return copy_runs<4>(tile, k0, k_end);
+      copy_elements(tile, k0, k_end);
+    }
+  }
+
+ private:
+  __device__ int vec() const {
+    if constexpr (Op::kComputed) return 1;
+    else return op_.vec < kChunk ? op_.vec : kChunk;
+  }
+  __device__ int run_len() const { return vec(); }
+
+  // The (row, k) of element e of the chunk of pass p (element-wise paths).
+  __device__ void element(int p, int e, int64_t k0, int64_t& r, int64_t& k) const {
+    const int line = line_ + p * kLinesPerPass, along = chunk_ * kChunk + e;
+    r = row0_ + (kAlongK ? line : along);
+    k = k0 + (kAlongK ? along : line);
+  }
+
+  template <int kBytes, class Tile>
+  __device__ void copy_runs(Tile& tile, int64_t k0, int64_t k_end) {
+    constexpr int len = kBytes / static_cast<int>(sizeof(T)), runs = kChunk / len;
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int line = line_ + p * kLinesPerPass;
+#pragma unroll
+      for (int j = 0; j < runs; ++j) {
+        const int along = chunk_ * kChunk + j * len;
+        const int tr = kAlongK ? line : along, tk = kAlongK ? along : line;
+        const int64_t r = row0_ + tr, k = k0 + tk;
+        // a run is valid whole or not at all: vec divides the contiguous extent (vector_width)
+        const bool ok = r < rows_ && k < k_end;
+        const typename Op::Row& row = fixed_[kAlongK ? p : j];
+        const T* src = ok ? op_.data + op_.offset(row, op_.col(k)) : op_.data;
+        cp_async<kBytes>(&smem_ref(tile, tr, tk), src, ok);
+      }
+    }
+  }
+
+  template <class Tile>
+  __device__ void copy_elements(Tile& tile, int64_t k0, int64_t k_end) {
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p)
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) {
+        int64_t r, k;
+        element(p, e, k0, r, k);
+        const bool ok = r < rows_ && k < k_end;
+        smem_ref(tile, r - row0_, k - k0) = ok ? op_.data[op_.offset(fixed_[kAlongK ? p : e], op_.col(k))] : T(0);
+      }
+  }
+
+  template <class Tile>
+  __device__ static T& smem_ref(Tile& tile, int64_t r, int64_t k) {
+    return reinterpret_cast<T&>(tile(static_cast<int>(r), static_cast<int>(k)));
+  }
+
+  static constexpr int kFixed = kPasses > kChunk ? kPasses : kChunk;
+  Op op_;
+  int64_t row0_, rows_;
+  int chunk_, line_, runs_;
+  typename Op::Row fixed_[kFixed];
+  AccT staged_[Op::kComputed ? kPasses : 1][Op::kComputed ? kChunk : 1];  // (computed operands only)
+};
+
+}  // namespace mixops::gemm
