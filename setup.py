@@ -9,12 +9,22 @@ CMake (``CMakeLists.txt``) when PyTorch is a CUDA build and nvcc is found, or wh
                             GPU, else "8.0;9.0a;9.0+PTX")
     MAX_JOBS                parallel compile jobs (default: all cores)
     CUDA_HOME / CUDA_PATH   the CUDA toolkit, when nvcc is not on PATH
+    MIXOPS_CUTLASS_INCLUDE  a directory holding CUTLASS 4.2's ``cute/`` and ``cutlass/`` headers
+                            (default: ``.cutlass/include`` in the checkout, the staging folder of
+                            the offline GPU machine, else those of the installed ``nvidia-cutlass``)
+
+The extension's GEMMs are built on CUTLASS/CuTe, header-only, from the ``nvidia-cutlass`` wheel:
+``pip install --no-deps nvidia-cutlass==4.2.0.0`` (its declared dependencies are for its Python
+kernel generator, which the build does not use). Without the headers the extension is skipped,
+or the build fails when forced.
 
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +65,47 @@ def _cuda_library_root() -> str | None:
     return None
 
 
+CUTLASS_VERSION = (4, 2)
+CUTLASS_INSTALL = "pip install --no-deps nvidia-cutlass==4.2.0.0"
+
+
+class CutlassHeadersMissing(Exception):
+    """The CUTLASS/CuTe headers the extension needs are not there (or not version 4.2)."""
+
+
+def _cutlass_version(include: Path) -> tuple[int, int, int]:
+    text = (include / "cutlass" / "version.h").read_text()
+    return tuple(int(re.search(rf"#define CUTLASS_{part}\s+(\d+)", text)[1]) for part in ("MAJOR", "MINOR", "PATCH"))
+
+
+def installed_cutlass_include() -> Path | None:
+    """``cutlass_library/source/include`` of the installed ``nvidia-cutlass`` wheel. Located, not
+    imported: importing ``cutlass_library`` loads its whole kernel generator."""
+    spec = importlib.util.find_spec("cutlass_library")
+    return Path(spec.origin).parent / "source" / "include" if spec and spec.origin else None
+
+
+def cutlass_include() -> Path:
+    """The directory holding CUTLASS 4.2's ``cute/`` and ``cutlass/``: ``MIXOPS_CUTLASS_INCLUDE``
+    alone when it is set, else the first of ``.cutlass/include`` and the installed wheel's that
+    holds them. Raises CutlassHeadersMissing saying what to install."""
+    if os.environ.get("MIXOPS_CUTLASS_INCLUDE"):
+        candidates = {"MIXOPS_CUTLASS_INCLUDE": Path(os.environ["MIXOPS_CUTLASS_INCLUDE"])}
+    else:
+        candidates = {".cutlass/include": ROOT / ".cutlass" / "include", "nvidia-cutlass": installed_cutlass_include()}
+    for source, include in candidates.items():
+        if include is None or not (include / "cute").is_dir() or not (include / "cutlass" / "version.h").is_file():
+            continue
+        version = _cutlass_version(include)
+        if version[:2] != CUTLASS_VERSION:
+            raise CutlassHeadersMissing(
+                f"{include} ({source}) holds CUTLASS {'.'.join(map(str, version))}, mixops needs "
+                f"{'.'.join(map(str, CUTLASS_VERSION))}.x: {CUTLASS_INSTALL}")
+        return include.resolve()
+    looked = ", ".join(f"{source} ({include})" for source, include in candidates.items())
+    raise CutlassHeadersMissing(f"no CUTLASS/CuTe headers (cute/, cutlass/) in {looked}: {CUTLASS_INSTALL}")
+
+
 def _cuda_build_decision() -> tuple[bool, str]:
     """(build?, why) for the CUDA extension."""
     if _flag("MIXOPS_SKIP_CUDA"):
@@ -73,6 +124,12 @@ def _cuda_build_decision() -> tuple[bool, str]:
         if force:
             raise RuntimeError("MIXOPS_FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME)")
         return False, "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    try:
+        cutlass_include()
+    except CutlassHeadersMissing as missing:
+        if force:
+            raise RuntimeError(f"MIXOPS_FORCE_CUDA=1 but {missing}") from None
+        return False, str(missing)
     return True, "forced" if force else f"torch {torch.__version__} with CUDA {torch.version.cuda}"
 
 
@@ -111,6 +168,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             # the real nvcc, not a wrapper script, so CMake can locate the toolkit next to it
             f"-DCMAKE_CUDA_COMPILER={os.path.realpath(nvcc)}",
+            f"-DMIXOPS_CUTLASS_INCLUDE={cutlass_include()}",
         ]
         lib_root = _cuda_library_root()
         if lib_root:
@@ -123,27 +181,29 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
 
 
-BUILD_CUDA, WHY = _cuda_build_decision()
-print(f"mixops: {'building' if BUILD_CUDA else 'skipping'} the CUDA extension ({WHY})")
+# behind __main__ (which is how pip runs it) so that tests can import the functions above
+if __name__ == "__main__":
+    BUILD_CUDA, WHY = _cuda_build_decision()
+    print(f"mixops: {'building' if BUILD_CUDA else 'skipping'} the CUDA extension ({WHY})")
 
-setup(
-    name="mixops",
-    version="0.1.0",
-    description="Fused Triton and CUDA kernels for the token mixers of MLP-like and hybrid vision backbones",
-    long_description=(ROOT / "README.md").read_text(),
-    long_description_content_type="text/markdown",
-    license="MIT",
-    python_requires=">=3.10",
-    packages=find_packages(include=["mixops", "mixops.*"]) + ["mixops.kernels"],
-    package_dir={"mixops.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "torchvision"],
-        # torchvision: deform_conv2d, the official ATM baseline; matplotlib: the PNG plot
-        "bench": ["torchvision", "matplotlib"],
-    },
-    entry_points={"console_scripts": ["mixops-bench = mixops.bench.cli:main"]},
-    ext_modules=[CMakeExtension("mixops._C")] if BUILD_CUDA else [],
-    cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
-)
+    setup(
+        name="mixops",
+        version="0.1.0",
+        description="Fused Triton and CUDA kernels for the token mixers of MLP-like and hybrid vision backbones",
+        long_description=(ROOT / "README.md").read_text(),
+        long_description_content_type="text/markdown",
+        license="MIT",
+        python_requires=">=3.10",
+        packages=find_packages(include=["mixops", "mixops.*"]) + ["mixops.kernels"],
+        package_dir={"mixops.kernels": "kernels"},
+        install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
+        extras_require={
+            "test": ["pytest", "pytest-benchmark", "torchvision"],
+            # torchvision: deform_conv2d, the official ATM baseline; matplotlib: the PNG plot
+            "bench": ["torchvision", "matplotlib"],
+        },
+        entry_points={"console_scripts": ["mixops-bench = mixops.bench.cli:main"]},
+        ext_modules=[CMakeExtension("mixops._C")] if BUILD_CUDA else [],
+        cmdclass={"build_ext": CMakeBuild},
+        zip_safe=False,
+    )

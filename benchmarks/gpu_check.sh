@@ -8,7 +8,9 @@
 #
 # Stages, in priority order, each under its own time limit inside one budget
 # (MIXOPS_CHECK_BUDGET_S, default 530 s, so the device's ~560 s limit is never what stops it):
-#   build     the extension for the visible GPU (TORCH_CUDA_ARCH_LIST from the device)
+#   build     the extension for the visible GPU (TORCH_CUDA_ARCH_LIST from the device); it needs the
+#             CUTLASS headers staged first (benchmarks/stage_cutlass.sh, carry: [".cutlass"]), and the
+#             script stops at once without them
 #   tests     pytest -m needs_cuda: every kernel x backend x dtype against float64 (junit XML)
 #   bench     mixops-bench's `headline` preset (the DESIGN.md targets) in bf16, ceilings in the same run
 #   sanitize  compute-sanitizer memcheck + racecheck on the small case of each tests/test_*_cuda.py
@@ -70,7 +72,7 @@ stage_build() {
   local arch jobs
   jobs=$(nproc)
   if [ "$DRY" = 1 ]; then
-    note "dry run: not built (on a GPU: TORCH_CUDA_ARCH_LIST from the device, MAX_JOBS=$jobs, pip install -e .)"
+    note "dry run: not built (on a GPU: TORCH_CUDA_ARCH_LIST from the device, MAX_JOBS=$jobs, pip install -e .; CUTLASS headers: $CUTLASS_INCLUDE)"
     return 0
   fi
   # pure Python first (seconds): a CUDA build killed at the stage's limit still leaves mixops
@@ -82,7 +84,7 @@ stage_build() {
   # (wgmma, TMA) from sm_90 on: setup.py's own choice, recorded here for the summary
   arch=${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}.{m}" + "a" * (M >= 9))')} ||
     { note "no CUDA device: installed without the extension"; return 1; }
-  echo "TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs"; command -v nvcc cmake ninja
+  echo "TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs CUTLASS headers: $CUTLASS_INCLUDE"; command -v nvcc cmake ninja
   note "CUDA build (TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs) not finished: installed without the extension"
   TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$jobs MIXOPS_SKIP_CUDA= MIXOPS_FORCE_CUDA=1 pip_install -v ||
     { note "CUDA build failed (TORCH_CUDA_ARCH_LIST=$arch): installed without the extension"; return 1; }
@@ -175,6 +177,15 @@ for arg in "$@"; do
 done
 [ ${#stages[@]} -gt 0 ] || stages=("${ALL_STAGES[@]}")
 
+# The CUDA build needs the CUTLASS/CuTe headers, which the offline GPU machine cannot download:
+# stop before anything runs (seconds of the loan, not a build's minutes) when they are missing.
+CUTLASS_INCLUDE=
+if [[ " ${stages[*]} " == *" build "* ]] && ! CUTLASS_INCLUDE=$(bash benchmarks/stage_cutlass.sh --check); then
+  echo "gpu_check: the CUDA build needs the CUTLASS/CuTe headers. On the calling machine run" \
+    "'bash benchmarks/stage_cutlass.sh', then the device call with carry: [\".cutlass\"] (benchmarks/README.md)" >&2
+  exit 1
+fi
+
 # nvcc (the build) and compute-sanitizer where an image keeps the toolkit off the PATH
 command -v nvcc >/dev/null || PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
 OUT=${OUT:-${TMPDIR:-/tmp}/mixops-gpu-check-out}
@@ -214,7 +225,7 @@ printf 'stage\tstatus\tseconds\tlimit\tnote\n' >"$WORK/stages.tsv"
 for s in "${stages[@]}"; do printf '%s\tpending\t\t\t\n' "$s" >>"$WORK/stages.tsv"; done
 
 GPU=$(python3 benchmarks/gpu_check_report.py versions "$WORK" 2>"$WORK/versions.log") || GPU=unknown-gpu
-export OUT WORK DRY GPU
+export OUT WORK DRY GPU CUTLASS_INCLUDE
 
 for s in "${stages[@]}"; do
   later=0 after=0  # what the stages after this one must be left

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +85,23 @@ def fp32_matmul(api: str = "fp32_precision", value="tf32"):
     finally:
         torch.set_float32_matmul_precision(legacy)
         matmul.fp32_precision = precision
+
+
+@functools.cache
+def setup_py():
+    """The repository's setup.py as a module, for the build's own lookups (``cutlass_include``,
+    ...): ``setup()`` itself runs only when pip runs the file as ``__main__``."""
+    spec = importlib.util.spec_from_file_location("mixops_setup", Path(__file__).resolve().parent.parent / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_cutlass_headers(include: Path, version=(4, 2, 1)) -> Path:
+    """A stand-in for the CUTLASS headers, in the layout setup.py looks for (cute/, cutlass/version.h)."""
+    (include / "cute").mkdir(parents=True)
+    (include / "cute" / "tensor.hpp").write_text("")
+    (include / "cutlass").mkdir()
+    (include / "cutlass" / "version.h").write_text(
+        "#define CUTLASS_MAJOR {}\n#define CUTLASS_MINOR {}\n#define CUTLASS_PATCH {} \n".format(*version))
+    return include

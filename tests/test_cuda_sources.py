@@ -20,6 +20,7 @@ import torch
 from torch.utils import cpp_extension
 
 from cuda_sass import CSRC, cuda_sources
+from mixops_testing import setup_py
 
 SOURCES = [p.name for p in cuda_sources()]
 expected = os.environ.get("MIXOPS_EXPECT_CUDA_EXTENSION") == "1"
@@ -33,6 +34,16 @@ def _cuda_library_include() -> list[str]:
         return []
     major = torch.version.cuda.split(".")[0]
     return [str(Path(b) / f"cu{major}" / "include") for b in nvidia.__path__ if (Path(b) / f"cu{major}" / "include").is_dir()]
+
+
+def _cutlass_include() -> list[str]:
+    """The CUTLASS/CuTe headers, found as setup.py finds them for the CMake build."""
+    try:
+        return [str(setup_py().cutlass_include())]
+    except setup_py().CutlassHeadersMissing:
+        if expected:
+            raise
+        return []  # a source that includes them then fails with the header it misses
 
 
 def _nvcc() -> str:
@@ -78,7 +89,7 @@ def test_shared_idioms_are_spelled_once(pattern):
 @pytest.mark.slow
 @pytest.mark.parametrize("source", SOURCES)
 def test_compiles_for_sm75_and_sm80(source, tmp_path):
-    includes = [str(CSRC), *_cuda_library_include(), sysconfig.get_paths()["include"],
+    includes = [str(CSRC), *_cutlass_include(), *_cuda_library_include(), sysconfig.get_paths()["include"],
                 *cpp_extension.include_paths(device_type="cuda")]
     cmd = [
         _nvcc(), "-c", str(CSRC / source), "-o", str(tmp_path / "k.o"),

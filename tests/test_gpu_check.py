@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mixops_testing import fake_cutlass_headers, setup_py
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
@@ -57,6 +59,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert "`0123abc` (MIXOPS_COMMIT)" in summary
     for stage in ("build", "tests", "bench", "sanitize"):
         assert re.search(rf"^\| {stage} \| ok \| \d+ \| \d+ \|", summary, re.M), stage
+    # the headers the CUDA build would use, found as setup.py finds them
+    assert f"CUTLASS headers: {setup_py().cutlass_include()})" in summary
     assert "compute-sanitizer: not available" in summary or "compute-sanitizer found at" in summary
     assert "`tests/test_atm_cuda.py::test_gpu_small_case_for_compute_sanitizer`" in summary
     assert "CUDA test files with no sanitizer case" not in summary
@@ -104,9 +108,11 @@ exec %s "$@"
 
 
 def _run_stubbed(tmp_path, stages, mode, **env):
-    """gpu_check.sh, not a dry run, with python3's pip and pytest stood in for; returns (Popen, OUT)."""
+    """gpu_check.sh, not a dry run, with python3's pip and pytest stood in for and stand-in CUTLASS
+    headers (MIXOPS_CUTLASS_INCLUDE, unless given); returns (Popen, OUT)."""
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
     bin_dir.mkdir()
+    env.setdefault("MIXOPS_CUTLASS_INCLUDE", str(fake_cutlass_headers(tmp_path / "cutlass-include")))
     (bin_dir / "python3").write_text(STUB_PYTHON % sys.executable)
     (bin_dir / "python3").chmod(0o755)
     # hermetic: CI exports MIXOPS_FORCE_CUDA, TORCH_CUDA_ARCH_LIST, ... for its own build
@@ -188,6 +194,24 @@ def test_the_tests_stage_shares_the_gpu_among_xdist_workers(tmp_path):
     assert "-m needs_cuda -n 4 --dist loadfile -v" in pytest_call and "-p gpu_check_plugin" in pytest_call
     summary = (out / "SUMMARY.md").read_text()
     assert re.search(r"^\| tests \| ok \| \d+ \| \d+ \| -n 4 --dist loadfile \|", summary, re.M), summary
+
+
+def test_missing_cutlass_headers_stop_the_check_before_any_stage(tmp_path):
+    """On the GPU machine the headers come only from the staged .cutlass: without them the script
+    stops in seconds, saying how to stage them, instead of spending the loan on a failing build."""
+    proc, out = _run_stubbed(tmp_path, ["build", "tests"], "ok", MIXOPS_CUTLASS_INCLUDE=str(tmp_path))
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, log
+    assert re.search(r"no CUTLASS/CuTe headers .*: pip install --no-deps nvidia-cutlass==4\.2\.0\.0", log), log
+    assert "run 'bash benchmarks/stage_cutlass.sh', then the device call with carry: [\".cutlass\"]" in log, log
+    assert not (tmp_path / "calls.log").exists(), "nothing was installed or tested"
+    assert not out.exists() and not list(tmp_path.glob("mixops-gpu-check*"))
+
+
+def test_the_headers_matter_only_to_the_build(tmp_path):
+    proc, _ = _run_stubbed(tmp_path, ["tests"], "ok", MIXOPS_CUTLASS_INCLUDE=str(tmp_path))
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log
 
 
 def test_unknown_stage_is_refused():
