@@ -53,7 +53,7 @@ Geometry check_forward_args(const at::Tensor& x, const at::Tensor& weight, const
     check_like_x("morph_fc", x, {{"bias", b}});
     TORCH_CHECK(b.dim() == 1 && b.size(0) == g.F, "morph_fc: bias must have shape (", g.F, ",), got ", b.sizes());
   }
-  return g;
+  return with_dividers(g);
 }
 
 BackwardNeeds check_backward_args(at::TensorList grads, const c10::List<bool>& needs, const at::Tensor& x,

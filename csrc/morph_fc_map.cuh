@@ -29,6 +29,12 @@ namespace morph_fc {
 
 enum Axis : int { kAxisW = 0, kAxisH = 1, kAxisHS = 2, kAxisT = 3 };
 
+// Division by each size the map divides by, without the 64-bit division sequence (its CALL in a
+// GEMM mainloop makes ptxas save the accumulators around it): common.cuh Divider.
+struct Dividers {
+  Divider L, W, H, NCH, T, D, R;  // R: the sequence radix (radix() below)
+};
+
 // The integer parameters of one call's map; the same for every tensor the call touches.
 struct Geometry {
   int axis;
@@ -38,6 +44,7 @@ struct Geometry {
   int64_t L;    // chunk length (spatial) or channel-group count G ("t")
   int64_t D;    // channels per group
   int64_t NCH;  // chunks per frame H*W/L (spatial); 1 for "t"
+  Dividers div;  // by the sizes above (with_dividers)
 };
 
 // Strides (in elements) of one [B, T, H, W, C] tensor.
@@ -49,7 +56,7 @@ struct Strides {
 // the sequence (0 on the temporal axis, which has no sequence).
 struct Part {
   int64_t off;
-  int64_t inner;
+  int32_t inner;  // < the radix R (H or W): 32 bits, one register less per share the GEMMs keep
 };
 
 // The sequence radix and the strides of its outer / inner digit: the row-major sequence
@@ -58,35 +65,37 @@ MIXOPS_HD int64_t radix(const Geometry& g) { return g.axis == kAxisH ? g.H : g.W
 MIXOPS_HD int64_t outer_stride(const Geometry& g, const Strides& s) { return g.axis == kAxisH ? s.w : s.h; }
 MIXOPS_HD int64_t inner_stride(const Geometry& g, const Strides& s) { return g.axis == kAxisH ? s.h : s.w; }
 
+// g with its dividers set (after the sizes are).
+// (a zero size, e.g. an empty frame, divides nothing: M = 0)
+inline Geometry with_dividers(Geometry g) {
+  const auto by = [](int64_t d) { return Divider(d > 1 ? d : 1); };
+  g.div = {by(g.L), by(g.W), by(g.H), by(g.NCH), by(g.T), by(g.D), by(radix(g))};
+  return g;
+}
+
 MIXOPS_HD Part row_part(const Geometry& g, const Strides& s, int64_t row) {
-  const int64_t grp = row % g.L;
-  int64_t r = row / g.L;
+  int64_t grp, k, t, w, h, inner;
+  int64_t r = g.div.L.divmod(row, grp);
   if (g.axis == kAxisT) {
-    const int64_t w = r % g.W;
-    r /= g.W;
-    const int64_t h = r % g.H;
-    const int64_t b = r / g.H;
+    r = g.div.W.divmod(r, w);
+    const int64_t b = g.div.H.divmod(r, h);
     return {b * s.b + h * s.h + w * s.w + grp * g.D * s.c, 0};
   }
-  const int64_t k = r % g.NCH;
-  r /= g.NCH;
-  const int64_t t = r % g.T;
-  const int64_t b = r / g.T;
+  r = g.div.NCH.divmod(r, k);
+  const int64_t b = g.div.T.divmod(r, t);
   const int64_t seq = g.axis == kAxisHS ? k : k * g.L;
-  const int64_t R = radix(g);
-  const int64_t inner = seq % R;
-  return {b * s.b + t * s.t + grp * g.D * s.c + (seq / R) * outer_stride(g, s) + inner * inner_stride(g, s),
-          inner};
+  const int64_t outer = g.div.R.divmod(seq, inner);
+  return {b * s.b + t * s.t + grp * g.D * s.c + outer * outer_stride(g, s) + inner * inner_stride(g, s),
+          static_cast<int32_t>(inner)};
 }
 
 MIXOPS_HD Part feature_part(const Geometry& g, const Strides& s, int64_t feature) {
-  const int64_t q = feature / g.D;  // position p in the chunk, or frame t
-  const int64_t ch = feature % g.D;
+  int64_t ch, inner;
+  const int64_t q = g.div.D.divmod(feature, ch);  // position p in the chunk, or frame t
   if (g.axis == kAxisT) return {q * s.t + ch * s.c, 0};
   const int64_t seq = g.axis == kAxisHS ? q * g.NCH : q;
-  const int64_t R = radix(g);
-  const int64_t inner = seq % R;
-  return {(seq / R) * outer_stride(g, s) + inner * inner_stride(g, s) + ch * s.c, inner};
+  const int64_t outer = g.div.R.divmod(seq, inner);
+  return {outer * outer_stride(g, s) + inner * inner_stride(g, s) + ch * s.c, static_cast<int32_t>(inner)};
 }
 
 // The inner digits sum to < 2R: a carry is one outer step forward and R inner steps back.

@@ -32,23 +32,62 @@ def _cuobjdump() -> str | None:
     return bundled if os.path.exists(bundled) else None
 
 
-def extension_sass(family: str) -> dict[tuple[str, str], str]:
-    """(arch, mangled kernel name) -> SASS of every kernel of ``csrc/<family>.cu`` in the build
-    (skips the test when there is no extension or no cuobjdump)."""
-    ext = pytest.importorskip("mixops._C", reason="the CUDA extension is not built")
+def object_sass(path: str, keep=lambda name: True) -> dict[tuple[str, str], str]:
+    """(arch, mangled kernel name) -> SASS of the kernels of a binary (extension or object file)
+    whose name passes ``keep`` (skips the test when there is no cuobjdump)."""
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (toolkit or Triton's bundle) to read the device code with")
-    dump = subprocess.run([tool, "-sass", ext.__file__], capture_output=True, text=True, check=True).stdout
+    dump = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
     kernels, arch = {}, None
     for block in re.split(r"\n(?=arch = |\s+Function : )", dump):
         if block.startswith("arch = "):
             arch = block.split()[2]
         elif "Function : " in block:
             name = block.split("Function : ")[1].split()[0]
-            if f"_{family}_cu_" in name:
+            if keep(name):
                 kernels[(arch, name)] = block
     return kernels
+
+
+def extension_sass(family: str) -> dict[tuple[str, str], str]:
+    """(arch, mangled kernel name) -> SASS of every kernel of ``csrc/<family>.cu`` in the build
+    that is not an engine GEMM (skips the test when there is no extension or no cuobjdump)."""
+    ext = pytest.importorskip("mixops._C", reason="the CUDA extension is not built")
+    return object_sass(ext.__file__, lambda name: f"_{family}_cu_" in name and ENGINE_KERNEL not in name)
+
+
+ENGINE_KERNEL = "gathered_gemm_kernel"
+
+
+def engine_tile(name: str) -> str:
+    """The engine tile (csrc/gemm/tiles.cuh) of a mangled gathered_gemm_kernel name."""
+    return re.search(r"gathered_gemm_kernelINS0_\d+(Sm90Wgmma|Sm80Mma|Tf32Mma|Simt)", name).group(1)
+
+
+# tile -> the instructions its SASS must hold (every pattern), per architecture
+ENGINE_MUST = {
+    "sm_90a": {"Sm90Wgmma": [r"\bHGMMA\.", r"\bLDGSTS"], "Tf32Mma": [r"\bHMMA\.", r"\bLDGSTS"],
+               "Simt": [r"\b[FD]FMA\b", r"\bLDGSTS"]},
+    "sm_80": {"Sm80Mma": [r"\bHMMA\.", r"\bLDGSTS", r"\bLDSM"], "Tf32Mma": [r"\bHMMA\.", r"\bLDGSTS"],
+              "Simt": [r"\b[FD]FMA\b", r"\bLDGSTS"]},
+}
+
+
+def check_engine_kernels(kernels: dict[tuple[str, str], str], arch: str) -> set[str]:
+    """Asserts ENGINE_MUST[arch], no spills and no trap for every engine kernel of `arch`; returns the tiles seen."""
+    tiles = set()
+    for (a, name), sass in kernels.items():
+        if a != arch:
+            continue
+        tile = engine_tile(name)
+        tiles.add(tile)
+        assert tile in ENGINE_MUST[arch], f"{tile} has no business on {arch}: {name}"
+        for pattern in ENGINE_MUST[arch][tile]:
+            assert re.search(pattern, sass), f"{name} on {arch} lacks {pattern}"
+        assert "BPT.TRAP" not in sass, f"{name} on {arch} is a trap stand-in"
+        assert not spills(sass), f"{name} spills on {arch}"
+    return tiles
 
 
 def ampere_or_newer(kernels: dict[tuple[str, str], str]) -> list[str]:

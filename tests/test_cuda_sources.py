@@ -1,10 +1,10 @@
 """The CUDA sources: CMake builds every one of them, and they compile for the oldest
-architectures the build supports.
+architecture the build supports.
 
 CI builds the extension for sm_90a only (two cores compile slowly), so this compiles each kernel
-file once more, object only, for sm_75 (the oldest CUDA 13 targets: fp16 tensor cores, no bf16/
-TF32 ones) and sm_80 (bf16/TF32 tensor cores), with the flags the CMake build uses. (Register
-spills are checked on the sm_90a build itself, in the family's CUDA tests.)
+file once more, object only, for sm_80 (the oldest architecture of the GEMM engine: cp.async,
+bf16/TF32 tensor cores), with the flags the CMake build uses. (The sm_90a build itself is read
+in tests/test_gemm_engine.py and the families' CUDA tests.)
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+import cuda_sass
 from cuda_sass import CSRC, cuda_sources
 from mixops_testing import setup_py
 
@@ -87,15 +88,24 @@ def test_shared_idioms_are_spelled_once(pattern):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", SOURCES)
-def test_compiles_for_sm75_and_sm80(source, tmp_path):
+def test_compiles_for_sm80_with_tensor_core_engine_tiles(tmp_path):
+    """Every source compiled for sm_80, the oldest architecture the GEMM engine runs on (cp.async),
+    all at once (each takes minutes on one core); its engine kernels hold what
+    cuda_sass.ENGINE_MUST asks of sm_80 (HMMA, ldmatrix, LDGSTS; no wgmma, no spills)."""
+    nvcc = _nvcc()
     includes = [str(CSRC), *_cutlass_include(), *_cuda_library_include(), sysconfig.get_paths()["include"],
                 *cpp_extension.include_paths(device_type="cuda")]
-    cmd = [
-        _nvcc(), "-c", str(CSRC / source), "-o", str(tmp_path / "k.o"),
-        "-gencode", "arch=compute_75,code=sm_75", "-gencode", "arch=compute_80,code=sm_80",
-        "-std=c++20", "-O3", "-DNDEBUG", "-Xcompiler=-fPIC", "--expt-relaxed-constexpr",
-        *(f"-I{d}" for d in includes),
-    ]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-4000:]
+    runs = {}
+    for source in SOURCES:
+        obj = tmp_path / f"{source}.o"
+        cmd = [nvcc, "-c", str(CSRC / source), "-o", str(obj), "-gencode", "arch=compute_80,code=sm_80",
+               "-std=c++20", "-O3", "-DNDEBUG", "-Xcompiler=-fPIC", "--expt-relaxed-constexpr",
+               *(f"-I{d}" for d in includes)]
+        runs[source] = (obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    tiles = set()
+    for source, (obj, proc) in runs.items():
+        out, _ = proc.communicate()
+        assert proc.returncode == 0, f"{source}:\n{out[-4000:]}"
+        kernels = cuda_sass.object_sass(str(obj), lambda name: cuda_sass.ENGINE_KERNEL in name)
+        tiles |= cuda_sass.check_engine_kernels(kernels, "sm_80")
+    assert tiles == {"Sm80Mma", "Tf32Mma", "Simt"}, tiles

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 
 import pytest
 import torch
@@ -195,20 +194,23 @@ def test_bad_input_raises_torch_check(call, match):
         call()
 
 
-def test_build_has_tensor_core_gemms_and_no_spills():
-    """The device code of the build (no GPU needed): in each sm_80+ code, the bf16 and TF32
-    GEMMs (forward/dX and dW) run tensor-core MMAs, never a trap; fp16 does from sm_75; on
-    sm_90a no kernel touches local memory (register spills)."""
-    kernels = cuda_sass.extension_sass("morph_fc")
-    for arch in cuda_sass.ampere_or_newer(kernels):
-        tiles = [k for a, k in kernels if a == arch and
-                 re.search(r"(gathered_gemm|grad_weight)_kernelI(13__nv_bfloat16|6__half|f)Lb1E", k)]
-        assert len(tiles) == 6, (arch, tiles)
-        for name in tiles:
-            assert "HMMA" in kernels[(arch, name)] and "BPT.TRAP" not in kernels[(arch, name)], (arch, name)
+def test_build_runs_every_gemm_on_the_engine():
+    """MorphFC's GEMMs are the shared engine's kernels (tests/test_gemm_engine.py checks their
+    instructions): on sm_90a, the forward/dX GEMM (the chunk map as a K-major A, the weight as B,
+    the scatter store) and the dW GEMM (both operands the transposed map, split-K partials), for
+    fp16 and bf16 on wgmma, fp32 on TF32 and on IEEE FMAs, fp64. The map divides through
+    Dividers: no kernel calls nvcc's 64-bit division subroutine (a CALL in the mainloop makes
+    ptxas save the accumulators around it)."""
+    ext = pytest.importorskip("mixops._C", reason="the CUDA extension is not built")
+    kernels = cuda_sass.object_sass(ext.__file__, lambda n: cuda_sass.ENGINE_KERNEL in n and "8morph_fc" in n)
+    sm90 = {name for arch, name in kernels if arch == "sm_90a"}
+    if not sm90:
+        pytest.skip(f"the build has no sm_90a code: {sorted({a for a, _ in kernels})}")
+    forward = {(cuda_sass.engine_tile(n), n.split("ChunkOperandI")[1][:8]) for n in sm90 if "10ChunkStore" in n}
+    weight = {(cuda_sass.engine_tile(n), n.split("ChunkOperandI")[1][:8]) for n in sm90 if "PartialEpilogue" in n}
+    assert len(forward) == len(weight) == 5 and {t for t, _ in forward} == {"Sm90Wgmma", "Tf32Mma", "Simt"}, sorted(sm90)
     for (arch, name), sass in kernels.items():
-        if arch == "sm_90a":
-            assert not cuda_sass.spills(sass), f"{name} spills on {arch}"
+        assert not cuda_sass.calls(sass), f"{name} on {arch} calls the 64-bit division subroutine"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,8 +53,10 @@ __device__ __forceinline__ void round_to_tf32(Fragment&& frag) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   CUTE_UNROLL
   for (int i = 0; i < cute::size(frag); ++i) {
-    uint32_t& bits = reinterpret_cast<uint32_t&>(frag(i));
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(__uint_as_float(bits)));
+    // (through the storage member: a reference cast of a fragment element sends it to local memory)
+    uint32_t rounded;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(rounded) : "f"(__uint_as_float(frag(i).storage)));
+    frag(i).storage = rounded;
   }
 #endif
 }

@@ -60,20 +60,14 @@ class TileLoader {
     chunk_ = tid % kChunksPerLine;
     line_ = tid / kChunksPerLine;
     // runs per chunk (computed operands and 2-byte runs: one element each)
-    runs_ = kChunk / run_len();
+    // K-major: a thread's rows are the same in every K step, their shares stay in registers.
+    // (Rows-major operands recompute theirs per step, in rows_major_shares: up to kChunk of them
+    // would otherwise be live across the whole K loop, and the MMA accumulators need the room.)
     if constexpr (kAlongK) {
 #pragma unroll
       for (int p = 0; p < kPasses; ++p) {
         const int64_t r = row0_ + line_ + p * kLinesPerPass;
-        fixed_[p] = op_.row(r < rows_ ? r : 0);
-      }
-    } else {
-      // (unrolled with a guard: a register array indexed by a runtime bound would live in local memory)
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) {
-        if (j >= runs_) break;
-        const int64_t r = row0_ + chunk_ * kChunk + j * run_len();
-        fixed_[j] = op_.row(r < rows_ ? r : 0);
+        rows_k_[p] = op_.row(r < rows_ ? r : 0);
       }
     }
   }
@@ -81,13 +75,16 @@ class TileLoader {
   // Registers of a computed operand's stage: its values of K step [k0, min(k0 + kK, k_end)).
   __device__ void fetch(int64_t k0, int64_t k_end) {
     if constexpr (Op::kComputed) {
+      typename Op::Row rows[kAlongK ? 1 : kChunk];
+      if constexpr (!kAlongK) rows_major_shares<1>(rows);
 #pragma unroll
       for (int p = 0; p < kPasses; ++p)
 #pragma unroll
         for (int e = 0; e < kChunk; ++e) {
           int64_t r, k;
           element(p, e, k0, r, k);
-          staged_[p][e] = (r < rows_ && k < k_end) ? op_.value(fixed_[kAlongK ? p : e], op_.col(k)) : AccT(0);
+          const typename Op::Row& row = kAlongK ? rows_k_[p] : rows[kAlongK ? 0 : e];
+          staged_[p][e] = (r < rows_ && k < k_end) ? op_.value(row, op_.col(k)) : AccT(0);
         }
     }
   }
@@ -122,7 +119,16 @@ class TileLoader {
     if constexpr (Op::kComputed) return 1;
     else return op_.vec < kChunk ? op_.vec : kChunk;
   }
-  __device__ int run_len() const { return vec(); }
+
+  // The row shares of this thread's runs of kLen elements along the rows (Rows-major operands).
+  template <int kLen, class Row>
+  __device__ void rows_major_shares(Row (&rows)[kChunk / kLen]) const {
+#pragma unroll
+    for (int j = 0; j < kChunk / kLen; ++j) {
+      const int64_t r = row0_ + chunk_ * kChunk + j * kLen;
+      rows[j] = op_.row(r < rows_ ? r : 0);
+    }
+  }
 
   // The (row, k) of element e of the chunk of pass p (element-wise paths).
   __device__ void element(int p, int e, int64_t k0, int64_t& r, int64_t& k) const {
@@ -134,9 +140,11 @@ class TileLoader {
   template <int kBytes, class Tile>
   __device__ void copy_runs(Tile& tile, int64_t k0, int64_t k_end) {
     constexpr int len = kBytes / static_cast<int>(sizeof(T)), runs = kChunk / len;
-#pragma unroll
-    for (int p = 0; p < kPasses; ++p) {
+    typename Op::Row rows[kAlongK ? 1 : runs];
+    if constexpr (!kAlongK) rows_major_shares<len>(rows);
+    const auto pass = [&](int p) {
       const int line = line_ + p * kLinesPerPass;
+      const typename Op::Col col_line = op_.col(kAlongK ? 0 : k0 + line);  // (Rows-major: the pass's K index)
 #pragma unroll
       for (int j = 0; j < runs; ++j) {
         const int along = chunk_ * kChunk + j * len;
@@ -144,24 +152,47 @@ class TileLoader {
         const int64_t r = row0_ + tr, k = k0 + tk;
         // a run is valid whole or not at all: vec divides the contiguous extent (vector_width)
         const bool ok = r < rows_ && k < k_end;
-        const typename Op::Row& row = fixed_[kAlongK ? p : j];
-        const T* src = ok ? op_.data + op_.offset(row, op_.col(k)) : op_.data;
+        const int64_t offset =
+            kAlongK ? op_.offset(rows_k_[p], op_.col(k)) : op_.offset(rows[kAlongK ? 0 : j], col_line);
+        const T* src = ok ? op_.data + offset : op_.data;
         cp_async<kBytes>(&smem_ref(tile, tr, tk), src, ok);
       }
+    };
+    for_each_pass(pass);
+  }
+
+  // pass(0 .. kPasses-1): unrolled along K (rows_k_[p] must be a register, so p a constant); one
+  // pass at a time along the rows, where each pass computes its own K share: unrolled, ptxas
+  // keeps all of them live with the in-flight wgmma's accumulators and spills (ptxas -v).
+  template <class Pass>
+  __device__ static void for_each_pass(const Pass& pass) {
+    if constexpr (kAlongK) {
+#pragma unroll
+      for (int p = 0; p < kPasses; ++p) pass(p);
+    } else {
+#pragma unroll 1
+      for (int p = 0; p < kPasses; ++p) pass(p);
     }
   }
 
   template <class Tile>
   __device__ void copy_elements(Tile& tile, int64_t k0, int64_t k_end) {
-#pragma unroll
-    for (int p = 0; p < kPasses; ++p)
+    typename Op::Row rows[kAlongK ? 1 : kChunk];
+    if constexpr (!kAlongK) rows_major_shares<1>(rows);
+    const auto pass = [&](int p) {
+      const int line = line_ + p * kLinesPerPass;
+      // Rows-major: the pass's one K index, its share once
+      const typename Op::Col col_line = op_.col(kAlongK ? 0 : k0 + line);
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) {
         int64_t r, k;
         element(p, e, k0, r, k);
         const bool ok = r < rows_ && k < k_end;
-        smem_ref(tile, r - row0_, k - k0) = ok ? op_.data[op_.offset(fixed_[kAlongK ? p : e], op_.col(k))] : T(0);
+        const T* src = op_.data + (kAlongK ? op_.offset(rows_k_[p], op_.col(k)) : op_.offset(rows[kAlongK ? 0 : e], col_line));
+        smem_ref(tile, r - row0_, k - k0) = ok ? *src : T(0);
       }
+    };
+    for_each_pass(pass);
   }
 
   template <class Tile>
@@ -169,11 +200,10 @@ class TileLoader {
     return reinterpret_cast<T&>(tile(static_cast<int>(r), static_cast<int>(k)));
   }
 
-  static constexpr int kFixed = kPasses > kChunk ? kPasses : kChunk;
   Op op_;
   int64_t row0_, rows_;
-  int chunk_, line_, runs_;
-  typename Op::Row fixed_[kFixed];
+  int chunk_, line_;
+  typename Op::Row rows_k_[kAlongK ? kPasses : 1];  // (K-major only)
   AccT staged_[Op::kComputed ? kPasses : 1][Op::kComputed ? kChunk : 1];  // (computed operands only)
 };
 

@@ -132,7 +132,11 @@ template <typename T>
 struct Simt : TileBase<T, 64, 64, 16, 3, T, 1> {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
   static constexpr bool kWgmma = false;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  static constexpr bool kCompiledHere = false;  // the ring is filled by cp.async
+#else
   static constexpr bool kCompiledHere = true;
+#endif
   template <Major, Major>
   using TiledMma = decltype(cute::make_tiled_mma(cute::UniversalFMA<T, T, T, T>{},
                                                  cute::Layout<cute::Shape<cute::_16, cute::_16, cute::_1>>{}));
