@@ -55,7 +55,7 @@ constexpr bool built_for(int lo, int hi) {
 }
 
 // Calls fn.template operator()<Tile>() with the tile of (ATen storage type T, TF32 allowed) on the
-// current device: fp16/bf16 on wgmma (sm_90) or mma.sync (sm_80-sm_89); fp32 on TF32 mma.sync when
+// current device: fp16/bf16 on wgmma (sm_90) or mma.sync (sm_80+ otherwise); fp32 on TF32 mma.sync when
 // kTensorCores, else IEEE FMAs like fp64. Every tile pipelines with cp.async: sm_80 or newer.
 template <typename T, bool kTensorCores, class Fn>
 decltype(auto) with_tile(Fn&& fn) {
@@ -67,7 +67,7 @@ decltype(auto) with_tile(Fn&& fn) {
     if constexpr (built_for(900, 1000)) {
       if (major == 9) return fn.template operator()<Sm90Wgmma<E>>();
     }
-    if constexpr (built_for(800, 900)) {
+    if constexpr (built_for(800, 900) || built_for(1000, 1 << 30)) {
       if (major != 9) return fn.template operator()<Sm80Mma<E>>();
     }
     TORCH_CHECK(false, "mixops: this build of the CUDA extension has no fp16/bf16 GEMM for sm_", major,

@@ -4,7 +4,7 @@
 //
 //   Sm90Wgmma<T>  fp16/bf16 on sm_90a: 128x128x64, 3 stages, 2 warpgroups each issuing async
 //                 wgmma.m64n128k16 straight from the swizzled shared tiles.
-//   Sm80Mma<T>    fp16/bf16 on sm_80-sm_89: 128x128x64, 3 stages, 8 warps of mma.sync.m16n8k16
+//   Sm80Mma<T>    fp16/bf16 on every other architecture from sm_80: 128x128x64, 3 stages, 8 warps of mma.sync.m16n8k16
 //                 fed by ldmatrix (.trans for operands contiguous along their rows).
 //   Tf32Mma       fp32 where torch allows TF32 (tf32.h), every architecture from sm_80:
 //                 128x128x32, 3 stages, mma.sync.m16n8k8 (wgmma's TF32 form takes K-major operands
@@ -96,8 +96,9 @@ struct Sm90Wgmma : TileBase<T, 128, 128, 64, 3, T, 16> {
 template <typename T>
 struct Sm80Mma : TileBase<T, 128, 128, 64, 3, T, 16> {
   static constexpr bool kWgmma = false;
-  // sm_90a runs fp16/bf16 on Sm90Wgmma: no mma.sync copy of them there
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 800 || __CUDA_ARCH__ >= 900)
+  // sm_90a runs fp16/bf16 on Sm90Wgmma: no mma.sync copy of them there (a plain compute_90 PTX,
+  // which later GPUs JIT, keeps one)
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 800 || defined(__CUDA_ARCH_FEAT_SM90_ALL))
   static constexpr bool kCompiledHere = false;
 #else
   static constexpr bool kCompiledHere = true;
