@@ -149,22 +149,25 @@ __global__ void __launch_bounds__(Tile::kThreads)
         auto s2r_b = make_tiled_copy_B(typename Tile::template S2RAtom<OpB::kMajor>{}, mma);
         auto thr_a = s2r_a.get_slice(threadIdx.x);
         auto thr_b = s2r_b.get_slice(threadIdx.x);
-        Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
-        Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));
         Tensor tXsA = thr_a.partition_S(sA);  // (CPY, MMA_M, MMA_K, S)
         Tensor tXsB = thr_b.partition_S(sB);
+        Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
+        Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));
         Tensor tXrA = thr_a.retile_D(tCrA);
         Tensor tXrB = thr_b.retile_D(tCrB);
+        // every k-block goes through the registers of k-block 0 (the others are never touched, so
+        // they take no registers): MMA_K sets at once would be 64 more registers next to the 64
+        // accumulators, and ptxas spilled the fp16/bf16 tiles on sm_80
         CUTE_UNROLL
         for (int kb = 0; kb < size<2>(tCrA); ++kb) {
           if (kb * Tile::kAtomK >= k_valid) break;
-          copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, kb));
-          copy(s2r_b, tXsB(_, _, kb, stage), tXrB(_, _, kb));
+          copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, 0));
+          copy(s2r_b, tXsB(_, _, kb, stage), tXrB(_, _, 0));
           if constexpr (std::is_same_v<SmemT, cutlass::tfloat32_t>) {
-            round_to_tf32(tCrA(_, _, kb));
-            round_to_tf32(tCrB(_, _, kb));
+            round_to_tf32(tCrA(_, _, 0));
+            round_to_tf32(tCrB(_, _, 0));
           }
-          cute::gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), accum);
+          cute::gemm(mma, tCrA(_, _, 0), tCrB(_, _, 0), accum);
         }
       }
     };
