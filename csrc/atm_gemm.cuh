@@ -24,6 +24,9 @@
 #include "gemm/select.cuh"
 
 namespace mixops::atm {
+// (internal linkage, as atm.cu's own kernels: the engine's instantiations on these types are named
+// after the including file, _atm_cu_, as tests/cuda_sass.py extension_sass("atm") selects them)
+namespace {
 
 MIXOPS_HD int64_t pixel_offset(const LineStrides& s, int64_t b, int64_t l, int64_t q) {
   return b * s.b + l * s.l + q * s.p;
@@ -191,4 +194,5 @@ PixelStore<gemm::engine_t<scalar_t>> pixel_store(at::Tensor& out, const std::opt
           bias.has_value() ? bias->stride(0) : 0, pixel_matrix(sh, out)};
 }
 
+}  // namespace
 }  // namespace mixops::atm
