@@ -19,39 +19,42 @@
 //   one (line, offset group) and walks the line in order, accumulating gX in a private fp32
 //   shared-memory slab (lanes over groups: conflict-free banks) and summing the group's offset
 //   gradient in registers. Grid (cdiv(B·L, lines per block), cdiv(G, group lanes)).
-// - atm_fc forward: 2·M·C·C_out FLOP; minimal traffic (M·C·(1 + 1/share) + C·C_out +
-//   M·C_out)·e: the gather is the A-operand load of a 64x64x32 tiled GEMM (WMMA fp16/bf16 with
-//   fp32 accumulation, TF32 WMMA for fp32 when torch allows TF32 for its matmuls, else fp32
-//   FMA), so the sampled tensor never reaches HBM; bias in the epilogue. Grid (cdiv(M, 64) ·
-//   cdiv(C_out, 64),), the column tiles of one row tile adjacent so its gathers hit L2.
-// - atm_fc backward: dS = g @ W (cuBLAS), then the atm_sample backward; dW = g^T @ S with S
-//   re-gathered in the B-operand load of the same tiled GEMM, over a split of the pixels fixed by
-//   the shapes (common.cuh split_rows) into fp32 partials summed in order (grid (cdiv(C_out, 64) ·
-//   cdiv(C, 64), splits)); db = g summed over fixed pixel ranges (column_sum.cuh).
-//   4·M·C·C_out FLOP.
+// - atm_fc: three GEMMs of the gathered-GEMM engine (gemm/kernel.cuh; operands and epilogue in
+//   atm_gemm.cuh), 128x128x64 tiles in a 3-stage ring (wgmma on sm_90a, mma.sync on sm_80-sm_89
+//   for fp16/bf16; 128x128x32 TF32 mma.sync for fp32 where torch allows TF32 for its matmuls;
+//   64x64x16 IEEE FMAs for other fp32 and fp64), 256 threads; grid (tiles_m·tiles_n, splits),
+//   the column tiles of one row tile adjacent so the rows they share are re-read from L2.
+//   Forward out = S·W^T (+ bias): 2·M·C·C_out FLOP; minimal traffic (M·C·(1 + 1/share) +
+//   C·C_out + M·C_out)·e: S is lerped in the A-operand load (a computed operand: two x loads, one
+//   offset load and a lerp per element, through registers), so it never reaches HBM; W comes by
+//   cp.async; the bias is added in the epilogue.
+// - atm_fc backward, 4·M·C·C_out FLOP: dS = g·W (g and W by cp.async) into a [B,H,W,C] buffer
+//   (M·C·e written and re-read), then the atm_sample backward; dW = g^T·S with S re-gathered in
+//   the B-operand load, K = the pixels split into fixed ranges by the shapes and the tile
+//   (common.cuh split_rows) into fp32 (fp64) partials added in order by at::sum; db = g summed
+//   over fixed pixel ranges (column_sum.cuh). No cuBLAS: every split is the shapes' alone.
 //
-// Not yet run on a GPU (registered auto=False): the tiling, shared-memory layouts and tensor-
-// core fragments are verified only by compilation; the CPU tests cover atm_math.cuh.
+// Verified by compilation only, never run on a GPU (registered auto=False): registers and
+// spills from ptxas -v, the instructions from the SASS (tests/test_atm_cuda.py); the CPU tests
+// cover atm_math.cuh, the per-element rules the computed operand calls.
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/matmul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
-
 #include <algorithm>
-#include <type_traits>
+#include <optional>
 
+#include "atm_gemm.cuh"
 #include "atm_host.cuh"
 #include "atm_math.cuh"
 #include "column_sum.cuh"
 #include "common.cuh"
+#include "gemm/kernel.cuh"
+#include "gemm/select.cuh"
 #include "tensor_checks.h"
 #include "tf32.h"
 
@@ -62,24 +65,9 @@ namespace {
 using atm::LineDividers;
 using atm::LineShape;
 using atm::LineStrides;
-namespace wmma = nvcuda::wmma;
-
-__device__ __forceinline__ int64_t pixel_offset(const LineStrides& s, int64_t b, int64_t l, int64_t q) {
-  return b * s.b + l * s.l + q * s.p;
-}
-
-// Image b, line l and position q of pixel m = (b·L + l)·n + q. Every index division of the kernels
-// goes through the precomputed Dividers (common.cuh): no 64-bit division sequence in device code
-// (tests/test_atm_cuda.py reads the SASS).
-struct PixelIndex {
-  int64_t b, l, q;
-};
-__device__ __forceinline__ PixelIndex pixel_index(int64_t m, const LineDividers& d) {
-  int64_t q, l;
-  const int64_t line = d.n.divmod(m, q);
-  const int64_t b = d.L.divmod(line, l);
-  return {b, l, q};
-}
+using atm::pixel_index;
+using atm::pixel_offset;
+using atm::PixelIndex;
 
 // ---------------------------------------------------------------------------------------------
 // atm_sample forward
@@ -98,7 +86,7 @@ __global__ void atm_sample_fwd_kernel(const scalar_t* __restrict__ x, const scal
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (m >= M || c >= C) return;
-  const PixelIndex p = pixel_index(m, d);
+  const PixelIndex p = pixel_index(m, d.n, d.L);
   const scalar_t* x_line = x + p.b * sx.b + p.l * sx.l + c * sx.c;
   const auto load = [&](int64_t t) { return x_line[t * sx.p]; };
   using acc_t = Acc<scalar_t>;
@@ -235,389 +223,68 @@ void launch_sample_backward(const at::Tensor& grad, const at::Tensor& x, const a
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tiled GEMM pieces shared by the fused forward and the weight gradient
-// ---------------------------------------------------------------------------------------------
-//
-// A block computes a kTileM x kTileN fp32 tile of sum_k A[m,k]·B[k,n] with 4 warps, kTileK of
-// the reduction per step. Shared memory holds A as As[m][k] and B as Bs[n][k] (both k-fastest,
-// row pitch Tile::kLd), so a loader writes either with lanes along its contiguous dimension;
-// the tile's math reads them and finally stores the accumulators to Cs[m][n] (pitch kLdC) for
-// the epilogue. The operands are rounded to the storage dtype first, as tensor cores see them.
-
-constexpr int kTileM = 64, kTileN = 64, kTileK = 32, kThreads = 128;
-constexpr int kLdC = kTileN + 4;  // multiple of 4 floats (WMMA), rows 16 apart stay 32-B aligned
-
-// FMA in acc_t (fp32, or fp64 for fp64): thread t owns rows t/16 + 8i (i < 8) and columns
-// t%16 + 16j (j < 4). Pitch kTileK+1: the 16 column owners of a warp read 16 different banks.
-template <typename AccT>
-struct SimtTile {
-  using acc_t = AccT;
-  using smem_t = acc_t;
-  static constexpr int kLd = kTileK + 1;
-  acc_t acc[8][4];
-
-  __device__ void zero() {
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = 0;
-  }
-  __device__ void step(const smem_t* As, const smem_t* Bs) {
-    const int r = threadIdx.x / 16, c = threadIdx.x % 16;
-#pragma unroll 4
-    for (int k = 0; k < kTileK; ++k) {
-      acc_t a[8], b[4];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) a[i] = As[(r + 8 * i) * kLd + k];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Bs[(c + 16 * j) * kLd + k];
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
-    }
-  }
-  __device__ void store(acc_t* Cs) const {
-    const int r = threadIdx.x / 16, c = threadIdx.x % 16;
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) Cs[(r + 8 * i) * kLdC + c + 16 * j] = acc[i][j];
-  }
-};
-
-// bf16 and TF32 WMMA exist on sm_80+ only. (mma.h's own __CUDA_AMPERE_MMA__ cannot serve as the
-// guard: the header #undefs it at its end.)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define MIXOPS_ATM_AMPERE_WMMA 1
-#endif
-
-// TF32 fragments are loaded from fp32 and rounded in place (the conversion exists on sm_80+ only;
-// older device passes never instantiate a TF32 tile).
-template <typename Frag>
-__device__ __forceinline__ void round_to_tf32(Frag& frag) {
-#ifdef MIXOPS_ATM_AMPERE_WMMA
-  for (int e = 0; e < frag.num_elements; ++e) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
-#endif
-}
-
-// WMMA: warp w owns the 32x32 quadrant (w / 2, w % 2) as 2x2 fragments of 16x16x kK.
-// frag_t: the fragment element type (__half, __nv_bfloat16, wmma::precision::tf32); smem_t: how
-// shared memory stores the operands (c10::Half / c10::BFloat16, layout-identical to the CUDA
-// types, or float for TF32, converted fragment by fragment).
-template <typename frag_t, typename smem_type, typename load_t, int kK>
-struct WmmaTile {
-  using acc_t = float;
-  using smem_t = smem_type;
-  static constexpr int kLd = kTileK + 8;  // multiple of 8 (16-bit) / 4 (fp32); 16 rows stay 32-B aligned
-  wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc[2][2];
-
-  __device__ void zero() {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-  }
-  __device__ void step(const smem_t* As, const smem_t* Bs) {
-    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
-    const load_t* A = reinterpret_cast<const load_t*>(As);
-    const load_t* B = reinterpret_cast<const load_t*>(Bs);
-#pragma unroll
-    for (int k = 0; k < kTileK; k += kK) {
-      wmma::fragment<wmma::matrix_a, 16, 16, kK, frag_t, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, kK, frag_t, wmma::col_major> b[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(a[i], A + (wm * 32 + i * 16) * kLd + k, kLd);
-        wmma::load_matrix_sync(b[i], B + (wn * 32 + i * 16) * kLd + k, kLd);
-        if constexpr (std::is_same_v<load_t, float>) {
-          round_to_tf32(a[i]);
-          round_to_tf32(b[i]);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-    }
-  }
-  __device__ void store(float* Cs) const {
-    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * kLdC + wn * 32 + j * 16, acc[i][j], kLdC,
-                                wmma::mem_row_major);
-  }
-};
-
-// The operand tiles As, Bs and, once the reduction is done, the accumulator tile Cs share one
-// buffer: 34 KB at most (fp64), so every variant fits the 48 KB of static shared memory.
-template <typename Tile>
-struct TileSmem {
-  static constexpr size_t kOperands = (kTileM + kTileN) * Tile::kLd * sizeof(typename Tile::smem_t);
-  static constexpr size_t kAcc = kTileM * kLdC * sizeof(typename Tile::acc_t);
-  static constexpr size_t kBytes = kOperands > kAcc ? kOperands : kAcc;
-};
-
-// The tile of a (storage type, tensor cores) pair (common.cuh MIXOPS_GEMM_SWITCH: fp16 and bf16
-// on tensor cores, fp32 on TF32 ones only where torch allows TF32 for its own fp32 matmuls, so the
-// drop-in matches the official fp32 op under the same settings).
-template <typename scalar_t, bool kTensorCores>
-struct TileFor {
-  using type = SimtTile<Acc<scalar_t>>;  // fp32 IEEE, fp64, and bf16 / TF32 before sm_80
-};
-template <>
-struct TileFor<c10::Half, true> {
-  using type = WmmaTile<__half, c10::Half, __half, 16>;  // sm_70+
-};
-#ifdef MIXOPS_ATM_AMPERE_WMMA
-template <>
-struct TileFor<c10::BFloat16, true> {
-  using type = WmmaTile<__nv_bfloat16, c10::BFloat16, __nv_bfloat16, 16>;
-};
-template <>
-struct TileFor<float, true> {
-  using type = WmmaTile<wmma::precision::tf32, float, float, 8>;
-};
-#endif
-// Before sm_80, bf16 and TF32 fall back to the FMA tile (the device pass of an older architecture
-// has no such tensor cores, so the choice is made where the code is compiled). The host pass reads
-// no tile (the kernels' signatures use Acc<scalar_t>, not Tile::acc_t).
-
-// A gathered operand value, rounded to the storage dtype and stored as the tile's smem_t.
-template <typename scalar_t, typename smem_t, typename acc_t>
-__device__ __forceinline__ smem_t operand(acc_t v) {
-  return static_cast<smem_t>(static_cast<scalar_t>(v));
-}
-
-// Where one pixel of the GEMM lives: its line's start in x, its offset row, its row in the other
-// [B,H,W,*] operand (out or g), and its position q on the line (-1: past the last pixel).
-struct PixelRow {
-  int64_t x, off, other;
-  int64_t q;
-};
-
-__device__ __forceinline__ PixelRow pixel_row(int64_t m, int64_t M, const LineDividers& d, const LineStrides& sx,
-                                              const LineStrides& so, const LineStrides& s_other) {
-  if (m >= M) return {0, 0, 0, -1};
-  const PixelIndex p = pixel_index(m, d);
-  return {p.b * sx.b + p.l * sx.l, pixel_offset(so, p.b, p.l, p.q), pixel_offset(s_other, p.b, p.l, p.q), p.q};
-}
-
-// The sampled feature S[pixel, c] (0 past the last pixel or channel).
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t gathered(const scalar_t* __restrict__ x, const scalar_t* __restrict__ off,
-                                          const PixelRow& row, int64_t c, int64_t C, const LineDividers& d,
-                                          const LineStrides& sx, const LineStrides& so) {
-  if (row.q < 0 || c >= C) return 0;
-  const scalar_t* x_line = x + row.x + c * sx.c;
-  const auto load = [&](int64_t t) { return x_line[t * sx.p]; };
-  return atm::sample<acc_t>(load, row.q, static_cast<acc_t>(off[row.off + d.share.div(c) * so.c]), d.n.divisor());
-}
-
-// ---------------------------------------------------------------------------------------------
-// atm_fc forward: the gather in the GEMM's A-operand load
+// atm_fc: three GEMMs of the gathered-GEMM engine (gemm/kernel.cuh); operands in atm_gemm.cuh
 // ---------------------------------------------------------------------------------------------
 
-// out[pixel, j] = sum_c S[pixel, c]·W[j, c] (+ bias[j]), S gathered into shared memory per tile.
-//   x    [B, L, n, C]: sx.   off [B, L, n, G]: so.   out [B, L, n, C_out]: sy.
-//   w    [C_out, C]: W[j, c] at j·sw_n + c·sw_k.   bias [C_out]: stride s_bias (nullptr: none).
-// M = B·L·n pixels, d: the view's dividers. Block pid -> row tile pid / tiles_n, column tile
-// pid % tiles_n.
-template <typename scalar_t, bool kTensorCores>
-__global__ void __launch_bounds__(kThreads)
-    atm_fc_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ off,
-                      const scalar_t* __restrict__ w, const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
-                      int64_t M, int64_t C, int64_t C_out, LineDividers d, LineStrides sx, LineStrides so,
-                      LineStrides sy, int64_t sw_n, int64_t sw_k, int64_t s_bias) {
-  using Tile = typename TileFor<scalar_t, kTensorCores>::type;
-  using smem_t = typename Tile::smem_t;
-  using acc_t = typename Tile::acc_t;
-  constexpr int kLd = Tile::kLd;
-  __shared__ __align__(32) unsigned char smem[TileSmem<Tile>::kBytes];
-  smem_t* As = reinterpret_cast<smem_t*>(smem);
-  smem_t* Bs = As + kTileM * kLd;
-  acc_t* Cs = reinterpret_cast<acc_t*>(smem);  // after the last step only
-  __shared__ PixelRow rows[kTileM];
-
-  // 32-bit: the launch checked that the tiles fit the grid
-  const unsigned tiles_n = static_cast<unsigned>(cdiv(C_out, kTileN));
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x / tiles_n) * kTileM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x % tiles_n) * kTileN;
-  const int tid = threadIdx.x;
-  if (tid < kTileM) rows[tid] = pixel_row(m0 + tid, M, d, sx, so, sy);
-  Tile tile;
-  tile.zero();
-  __syncthreads();
-
-  // loads: lanes along k (channels: contiguous in NHWC x and in W's rows)
-  // (trip counts fixed at compile time: a loop from a runtime start would need remainder code)
-  const int kk = tid % kTileK, r0 = tid / kTileK;
-  constexpr int kRowStep = kThreads / kTileK;
-  for (int64_t k0 = 0; k0 < C; k0 += kTileK) {
-    const int64_t c = k0 + kk;
-#pragma unroll 4
-    for (int i = 0; i < kTileM / kRowStep; ++i) {
-      const int r = r0 + i * kRowStep;
-      As[r * kLd + kk] = operand<scalar_t, smem_t>(gathered<acc_t>(x, off, rows[r], c, C, d, sx, so));
-    }
-#pragma unroll 4
-    for (int i = 0; i < kTileN / kRowStep; ++i) {
-      const int r = r0 + i * kRowStep;
-      const int64_t j = n0 + r;
-      const acc_t v = (j < C_out && c < C) ? static_cast<acc_t>(w[j * sw_n + c * sw_k]) : acc_t(0);
-      Bs[r * kLd + kk] = operand<scalar_t, smem_t>(v);
-    }
-    __syncthreads();
-    tile.step(As, Bs);
-    __syncthreads();
-  }
-  tile.store(Cs);
-  __syncthreads();
-
-  // epilogue: bias, storage dtype, lanes along the output channels
-  for (int e = tid; e < kTileM * kTileN; e += kThreads) {
-    const int r = e / kTileN, jj = e % kTileN;
-    const int64_t j = n0 + jj;
-    if (rows[r].q < 0 || j >= C_out) continue;
-    acc_t v = Cs[r * kLdC + jj];
-    if (bias != nullptr) v += static_cast<acc_t>(bias[j * s_bias]);
-    out[rows[r].other + j * sy.c] = static_cast<scalar_t>(v);
-  }
-}
-
-template <typename scalar_t, bool kTensorCores>
-void launch_fc_forward_t(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, const at::Tensor& out, const LineShape& sh) {
-  const int64_t M = sh.pixels(), c_out = weight.size(0);
-  const int64_t tiles = cdiv(M, kTileM) * cdiv(c_out, kTileN);
-  TORCH_CHECK(tiles <= INT32_MAX, "_atm_fc_cuda: too many output tiles (", tiles, ")");
-  atm_fc_fwd_kernel<scalar_t, kTensorCores>
-      <<<static_cast<unsigned>(tiles), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          x.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-          bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), M, sh.C,
-          c_out, sh.dividers(), sh.strides(x), sh.strides(offset), sh.strides(out), weight.stride(0),
-          weight.stride(1), bias.has_value() ? bias->stride(0) : 0);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void launch_fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias, const at::Tensor& out, const LineShape& sh) {
-  if (sh.pixels() == 0 || weight.size(0) == 0) return;
-  MIXOPS_GEMM_SWITCH(x.scalar_type(), tf32_allowed(), scalar_t, kTensorCores, [&] {
-    launch_fc_forward_t<scalar_t, kTensorCores>(x, offset, weight, bias, out, sh);
+// Calls fn.template operator()<scalar_t, Tile>() with the ATen storage type of `dtype` and the
+// engine tile of its GEMM math: fp16/bf16 on tensor cores, fp32 on TF32 ones only where torch
+// allows TF32 for its own fp32 matmuls (so the drop-in matches the official fp32 op under the
+// same settings), else IEEE FMAs like fp64 (common.cuh MIXOPS_GEMM_SWITCH, gemm/select.cuh).
+template <class Fn>
+decltype(auto) with_gemm_tile(c10::ScalarType dtype, Fn&& fn) {
+  return MIXOPS_GEMM_SWITCH(dtype, tf32_allowed(), scalar_t, kTensorCores, [&] {
+    return gemm::with_tile<scalar_t, kTensorCores>(
+        [&]<class Tile>() { return fn.template operator()<scalar_t, Tile>(); });
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// atm_fc weight gradient: dW = g^T @ S, S re-gathered in the B-operand load
-// ---------------------------------------------------------------------------------------------
-
-// partial[z, j, c] = sum over the pixels of split z of g[pixel, j]·S[pixel, c] (in acc_t).
-//   g   [B, L, n, C_out] incoming gradient, any strides: sg.
-//   x   [B, L, n, C]: sx.   off [B, L, n, G]: so.
-//   partial [splits, C_out, C] acc_t (fp32; fp64 for fp64), contiguous.
-// Block (blockIdx.x -> (row tile of C_out, column tile of C), blockIdx.y -> split z); split z
-// covers pixels [z·chunk, min(M, (z+1)·chunk)). The order of every sum is fixed by the shapes.
-template <typename scalar_t, bool kTensorCores>
-__global__ void __launch_bounds__(kThreads)
-    atm_fc_dw_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                     const scalar_t* __restrict__ off, Acc<scalar_t>* __restrict__ partial, int64_t M,
-                     int64_t C, int64_t C_out, int64_t chunk, LineDividers d, LineStrides sg, LineStrides sx,
-                     LineStrides so) {
-  using Tile = typename TileFor<scalar_t, kTensorCores>::type;
-  using smem_t = typename Tile::smem_t;
-  using acc_t = typename Tile::acc_t;
-  static_assert(std::is_same_v<acc_t, Acc<scalar_t>>, "partial holds the tile's accumulators");
-  constexpr int kLd = Tile::kLd;
-  __shared__ __align__(32) unsigned char smem[TileSmem<Tile>::kBytes];
-  smem_t* As = reinterpret_cast<smem_t*>(smem);
-  smem_t* Bs = As + kTileM * kLd;
-  acc_t* Cs = reinterpret_cast<acc_t*>(smem);  // after the last step only
-  __shared__ PixelRow pixels[kTileK];
-
-  // 32-bit: the launch checked that the tiles fit the grid
-  const unsigned tiles_c = static_cast<unsigned>(cdiv(C, kTileN));
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x / tiles_c) * kTileM;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x % tiles_c) * kTileN;
-  const int64_t p_begin = static_cast<int64_t>(blockIdx.y) * chunk;
-  const int64_t p_end = M < p_begin + chunk ? M : p_begin + chunk;
-  const int tid = threadIdx.x;
-  Tile tile;
-  tile.zero();
-
-  // loads: lanes along the 64 rows (output channels of g, input channels of S: both contiguous
-  // in NHWC), two pixels per pass
-  const int lane = tid % kTileM, k_first = tid / kTileM;
-  constexpr int kKStep = kThreads / kTileM;
-  for (int64_t p0 = p_begin; p0 < p_end; p0 += kTileK) {
-    if (tid < kTileK) pixels[tid] = pixel_row(p0 + tid < p_end ? p0 + tid : M, M, d, sx, so, sg);
-    __syncthreads();
-    const int64_t j = j0 + lane, c = c0 + lane;
-#pragma unroll 2  // 4 makes ptxas spill the FMA-tile variants on sm_90a
-    for (int i = 0; i < kTileK / kKStep; ++i) {
-      const int k = k_first + i * kKStep;
-      const PixelRow& px = pixels[k];
-      const acc_t gv = (px.q >= 0 && j < C_out) ? static_cast<acc_t>(g[px.other + j * sg.c]) : acc_t(0);
-      As[lane * kLd + k] = operand<scalar_t, smem_t>(gv);
-      Bs[lane * kLd + k] = operand<scalar_t, smem_t>(gathered<acc_t>(x, off, px, c, C, d, sx, so));
-    }
-    __syncthreads();
-    tile.step(As, Bs);
-    __syncthreads();
-  }
-  tile.store(Cs);
-  __syncthreads();
-  acc_t* part = partial + static_cast<int64_t>(blockIdx.y) * C_out * C;
-  for (int e = tid; e < kTileM * kTileN; e += kThreads) {
-    const int r = e / kTileN, cc = e % kTileN;
-    if (j0 + r < C_out && c0 + cc < C) part[(j0 + r) * C + c0 + cc] = Cs[r * kLdC + cc];
-  }
+// out[pixel, j] = sum_c S[pixel, c]·W[j, c] (+ bias[j]): M = pixels, N = C_out, K = C, with S
+// lerped in the A-operand load (never stored) and the bias added in the epilogue.
+void launch_fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, at::Tensor& out, const LineShape& sh) {
+  with_gemm_tile(x.scalar_type(), [&]<typename scalar_t, class Tile>() {
+    const int64_t c_out = weight.size(0);
+    gemm::launch<Tile>({sh.pixels(), c_out, sh.C, sh.C, 1}, atm::gathered_s<scalar_t, gemm::Major::K>(x, offset, sh),
+                       atm::weight_operand<scalar_t, gemm::Major::K>(weight),
+                       atm::pixel_store<scalar_t>(out, bias, sh));
+  });
 }
 
-template <typename scalar_t, bool kTensorCores>
-at::Tensor fc_weight_grad_t(const at::Tensor& g, const at::Tensor& x, const at::Tensor& offset, int64_t c_out,
-                            const LineShape& sh) {
-  const int64_t M = sh.pixels();
-  const int64_t tiles = cdiv(c_out, kTileM) * cdiv(sh.C, kTileN);
-  // fixed pixel ranges of whole K steps, about 256 blocks in all: the shapes alone decide
-  const RowSplit split = split_rows(M, kTileK, tiles);
-  TORCH_CHECK(tiles <= INT32_MAX, "_atm_fc_cuda_backward: weight too large for the grid");
-  using acc_t = Acc<scalar_t>;  // the tile's accumulator type
-  auto partial = at::empty({split.count, c_out, sh.C}, x.options().dtype(kAccDtype<scalar_t>));
-  atm_fc_dw_kernel<scalar_t, kTensorCores>
-      <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(split.count)), kThreads, 0,
-         at::cuda::getCurrentCUDAStream()>>>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                             offset.const_data_ptr<scalar_t>(), partial.template mutable_data_ptr<acc_t>(),
-                                             M, sh.C, c_out, split.rows, sh.dividers(), sh.strides(g), sh.strides(x),
-                                             sh.strides(offset));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return partial.sum(0);  // ordered reduction over the splits (no atomics)
+// dS[pixel, c] = sum_j g[pixel, j]·W[j, c]: M = pixels, N = C, K = C_out, into a fresh
+// [B,H,W,C] tensor of x's dtype for the atm_sample backward (the engine's shape-only tiling
+// replaces a cuBLAS call whose kernel, and split of K, depend on the GPU model).
+at::Tensor fc_sample_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const LineShape& sh) {
+  at::Tensor ds = at::empty(x.sizes(), x.options());
+  with_gemm_tile(x.scalar_type(), [&]<typename scalar_t, class Tile>() {
+    const int64_t c_out = weight.size(0);
+    gemm::launch<Tile>({sh.pixels(), sh.C, c_out, c_out, 1}, atm::line_operand<scalar_t, gemm::Major::K>(g, sh),
+                       atm::weight_operand<scalar_t, gemm::Major::Rows>(weight),
+                       atm::pixel_store<scalar_t>(ds, std::nullopt, sh));
+  });
+  return ds;
 }
 
+// dW[j, c] = sum over the pixels of g[pixel, j]·S[pixel, c]: M = C_out, N = C, K = pixels, with S
+// re-gathered in the B-operand load. K is split into fixed pixel ranges of whole K steps, about
+// 256 blocks in all (common.cuh split_rows: the shapes and the tile alone decide), each block
+// writing its fp32 (fp64 for fp64) partial; at::sum adds the <= 256 partials in a fixed order.
 at::Tensor fc_weight_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& offset,
                           const at::Tensor& weight, const LineShape& sh) {
-  const int64_t c_out = weight.size(0);
-  if (sh.pixels() == 0 || c_out == 0 || sh.C == 0) return at::zeros(weight.sizes(), weight.options());
-  return MIXOPS_GEMM_SWITCH(x.scalar_type(), tf32_allowed(), scalar_t, kTensorCores, [&] {
-           return fc_weight_grad_t<scalar_t, kTensorCores>(g, x, offset, c_out, sh);
+  const int64_t c_out = weight.size(0), pixels = sh.pixels();
+  if (pixels == 0 || c_out == 0 || sh.C == 0) return at::zeros(weight.sizes(), weight.options());
+  return with_gemm_tile(x.scalar_type(), [&]<typename scalar_t, class Tile>() {
+           using AccT = Acc<scalar_t>;
+           const int64_t tiles = cdiv(c_out, Tile::kBM) * cdiv(sh.C, Tile::kBN);
+           const RowSplit split = split_rows(pixels, Tile::kBK, tiles);
+           at::Tensor partial = at::empty({split.count, c_out, sh.C}, x.options().dtype(kAccDtype<scalar_t>));
+           gemm::launch<Tile>({c_out, sh.C, pixels, split.rows, static_cast<int>(split.count)},
+                              atm::line_operand<scalar_t, gemm::Major::Rows>(g, sh),
+                              atm::gathered_s<scalar_t, gemm::Major::Rows>(x, offset, sh),
+                              gemm::PartialEpilogue<AccT>{partial.mutable_data_ptr<AccT>(), c_out, sh.C});
+           return partial.sum(0);
          })
       .to(weight.scalar_type());
 }
-
-// g [B, L, n, C_out] as the [pixels, C_out] matrix of db, for column_sum.cuh.
-struct GradColumns {
-  LineDividers d;
-  LineStrides s;
-  __device__ int64_t row(int64_t m) const {
-    const PixelIndex p = pixel_index(m, d);
-    return pixel_offset(s, p.b, p.l, p.q);
-  }
-  __device__ int64_t col(int64_t j) const { return j * s.c; }
-  __device__ int64_t offset(int64_t r, int64_t c) const { return r + c; }
-};
 
 // db = g summed over the pixels, by fixed pixel ranges (at::sum over all pixels would split them
 // across blocks by the device's SM count: ATen's setReduceConfig).
@@ -625,8 +292,7 @@ at::Tensor fc_bias_grad(const at::Tensor& g, const at::Tensor& x, const LineShap
   const int64_t c_out = g.size(3);
   if (sh.pixels() == 0 || c_out == 0) return at::zeros({c_out}, x.options());
   return MIXOPS_FLOAT_SWITCH(x.scalar_type(), scalar_t, [&] {
-           const GradColumns columns{sh.dividers(), sh.strides(g)};
-           return column_sums(g.const_data_ptr<scalar_t>(), sh.pixels(), c_out, columns, g.options());
+           return column_sums(g.const_data_ptr<scalar_t>(), sh.pixels(), c_out, atm::pixel_matrix(sh, g), g.options());
          })
       .to(x.scalar_type());
 }
@@ -689,7 +355,7 @@ std::vector<at::Tensor> atm_fc_backward_cuda(at::TensorList grads, const c10::Li
   const at::Tensor& g = grads[0];
   std::vector<at::Tensor> result;
   if (needs.get(0) || needs.get(1)) {
-    const at::Tensor ds = at::matmul(g, weight);  // [B,H,W,C], cuBLAS (deterministic, no split-K atomics)
+    const at::Tensor ds = fc_sample_grad(g, x, weight, sh);
     const at::Tensor gx = needs.get(0) ? at::empty(x.sizes(), x.options()) : at::Tensor();
     const at::Tensor goff = needs.get(1) ? at::empty(offset.sizes(), offset.options()) : at::Tensor();
     launch_sample_backward(ds, x, offset, gx, goff, sh);
