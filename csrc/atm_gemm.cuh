@@ -12,8 +12,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-// before gemm/select.cuh: its tiles.cuh includes CuTe atoms that need cute/tensor.hpp first
-#include <cute/tensor.hpp>
 
 #include <optional>
 

@@ -104,7 +104,8 @@ def spills(sass: str) -> bool:
 
 
 def calls(sass: str) -> bool:
-    """Whether the kernel calls a subroutine: with everything else inlined, what is left is
-    the compiler's out-of-line 64-bit integer division / remainder (``CALL.REL.NOINC`` to the
-    general case of its ``/`` and ``%`` sequence)."""
-    return bool(re.search(r"\bCALL\.", sass))
+    """Whether the kernel has an out-of-line subroutine: with everything else inlined, what is
+    left is the compiler's 64-bit integer division / remainder (the general case of its ``/``
+    and ``%`` sequence), which ends in a ``RET.REL``. (A ``CALL.REL.NOINC`` alone proves nothing:
+    ptxas also emits it as a predicated jump out of a loop, to the next instruction.)"""
+    return bool(re.search(r"\bRET\.", sass))

@@ -303,34 +303,38 @@ def test_fc_and_grad_checks():
 # --- the device code of the build (no GPU needed) ---------------------------------------------
 
 
-def test_build_has_tensor_core_tiles_and_no_spills():
-    """In each sm_80+ code of the build, the bf16 WMMA and the TF32 GEMMs (forward and weight
-    gradient) run tensor-core MMAs, not the FMA fallback or a trap (a wrong arch guard once
-    selected a trapping stand-in); on sm_90a, the spill-free target, no ATM kernel touches local
-    memory (register spills)."""
-    kernels = cuda_sass.extension_sass("atm")
-    for arch in cuda_sass.ampere_or_newer(kernels):
-        tiles = [k for a, k in kernels if a == arch and
-                 re.search(r"atm_fc_(fwd|dw)_kernelI(N3c108BFloat16E|f)Lb1E", k)]
-        assert len(tiles) == 4, (arch, tiles)
-        for name in tiles:
-            assert "HMMA" in kernels[(arch, name)] and "BPT.TRAP" not in kernels[(arch, name)], (arch, name)
-    for (arch, name), sass in kernels.items():
-        if arch == "sm_90a":
-            assert not cuda_sass.spills(sass), f"{name} spills on {arch}"
+def test_build_runs_every_gemm_on_the_engine():
+    """ATM's GEMMs are the shared engine's kernels (tests/test_gemm_engine.py checks their
+    instructions, spills and traps): on sm_90a, atm_fc forward (the lerp gather as a computed
+    K-major A, the weight as B, the pixel store), dS (g as A, W^T as B: no cuBLAS) and dW (g^T as
+    A, the gather as a computed Rows-major B, split-K partials), each for fp16 and bf16 on wgmma,
+    fp32 on TF32 and IEEE FMAs, and fp64."""
+    ext = pytest.importorskip("mixops._C", reason="the CUDA extension is not built")
+    kernels = cuda_sass.object_sass(ext.__file__, lambda n: cuda_sass.ENGINE_KERNEL in n and "_atm_cu_" in n)
+    sm90 = {name for arch, name in kernels if arch == "sm_90a"}
+    if not sm90:
+        pytest.skip(f"the build has no sm_90a code: {sorted({a for a, _ in kernels})}")
+    forward = {n for n in sm90 if "GatheredS" in n and "PixelStore" in n}
+    ds = {n for n in sm90 if "LineOperand" in n and "PixelStore" in n}
+    dw = {n for n in sm90 if "GatheredS" in n and "PartialEpilogue" in n}
+    for names in (forward, ds, dw):
+        assert len(names) == 5 and sorted(cuda_sass.engine_tile(n) for n in names) == [
+            "Simt", "Simt", "Sm90Wgmma", "Sm90Wgmma", "Tf32Mma"], sorted(sm90)
 
 
 def test_build_has_no_64_bit_division_in_the_kernels():
     """Every index division of the ATM kernels (pixel -> line and position, line -> image,
-    channel -> offset group c / share, once per element in the gathers) goes through a
-    csrc/common.cuh Divider: a multiply-high and two shifts. No kernel keeps nvcc's 64-bit `/`
-    or `%` sequence, recognisable by its CALL to the out-of-line general case."""
-    kernels = cuda_sass.extension_sass("atm")
-    hot = {name for _, name in kernels if re.search(r"atm_(sample_fwd|fc_fwd|fc_dw)_kernel", name)}
-    assert len(hot) == 4 + 5 + 5, sorted(hot)  # sample: per dtype; fc: per (dtype, tensor cores)
+    channel -> offset group c / share) goes through a csrc/common.cuh Divider: a multiply-high
+    and two shifts. No kernel keeps nvcc's 64-bit `/` or `%` sequence, recognisable by its
+    out-of-line subroutine (cuda_sass.calls)."""
+    ext = pytest.importorskip("mixops._C", reason="the CUDA extension is not built")
+    kernels = cuda_sass.object_sass(ext.__file__, lambda n: "_atm_cu_" in n)
+    hot = {name for _, name in kernels if re.search(r"atm_sample_fwd_kernel|gathered_gemm_kernel.*GatheredS", name)}
+    assert len(hot) == 4 + 5 + 5, sorted(hot)  # sample: per dtype; forward and dW: per engine tile and dtype
     for (arch, name), sass in kernels.items():
-        assert "IMAD.WIDE" in sass or "IMAD.HI" in sass, (arch, name)
         assert not cuda_sass.calls(sass), f"{name} on {arch} calls the 64-bit division subroutine"
+    for name in hot:
+        assert any("IMAD.WIDE" in sass or "IMAD.HI" in sass for (a, n), sass in kernels.items() if n == name), name
 
 
 # --- the CUDA kernels (GPU) -------------------------------------------------------------------

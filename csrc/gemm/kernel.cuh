@@ -11,10 +11,10 @@
 //
 //   prologue: stages 0 .. S-2 are filled (cp.async groups, or registers stored directly)
 //   step k:   wait until stage k landed (cp.async.wait_group S-2; barrier)
-//             fetch the register-staged operands of step k+S-1 (loads in flight ...)
-//             MMAs on stage k               (... while the tensor cores work)
+//             MMAs on stage k (sm_90a: issued async)
 //             sm_90a: wgmma.wait_group 1 (step k-1 retired), barrier: its stage is free
-//             fill stage (k+S-1) % S = (k-1) % S: cp.async, or the fetched registers
+//             fill stage (k+S-1) % S = (k-1) % S: cp.async, or a computed operand's gather
+//             (on sm_90a while step k's wgmma runs)
 //
 // K tails: a step past the end of the block's K range is zero-filled, and the MMAs of its
 // k-blocks wholly past the end are skipped (F = 112 at kBK = 64 runs 7 of 8 k-blocks, not 8).
@@ -72,7 +72,11 @@ struct SmemPlan {
       (cute::cosize_v<SmemA> + cute::cosize_v<SmemB>) * sizeof(typename Tile::SmemT);
   static constexpr size_t kAccTile = static_cast<size_t>(Tile::kBM) * kLdC * sizeof(typename Tile::AccT);
   static constexpr size_t kRowShares = Tile::kBM * sizeof(typename Epi::Row);
-  static constexpr size_t kBytes = kRing > kAccTile + kRowShares ? kRing : kAccTile + kRowShares;
+  // after the ring / epilogue region: the K-major loaders' row shares, live for the whole kernel
+  static constexpr size_t kLoaderShares = ((kRing > kAccTile + kRowShares ? kRing : kAccTile + kRowShares) + 15) / 16 * 16;
+  static constexpr size_t kSharesA = OpA::kMajor == Major::K ? Tile::kBM * sizeof(typename OpA::Row) : 0;
+  static constexpr size_t kSharesB = OpB::kMajor == Major::K ? Tile::kBN * sizeof(typename OpB::Row) : 0;
+  static constexpr size_t kBytes = kLoaderShares + kSharesA + kSharesB;
 };
 
 template <class Tile, class OpA, class OpB, class Epi>
@@ -102,14 +106,14 @@ __global__ void __launch_bounds__(Tile::kThreads)
     const int64_t k_end = k_begin + p.k_per_split < p.K ? k_begin + p.k_per_split : p.K;
     const int steps = static_cast<int>(cdiv(k_end - k_begin, kBK));
 
-    TileLoader<OpA, kBM, kBK, Tile::kThreads> load_a(a, m0, p.M);
-    TileLoader<OpB, kBN, kBK, Tile::kThreads> load_b(b, n0, p.N);
-    const auto fill = [&](int step, int stage, bool fetch) {
+    using SharesA = typename OpA::Row;
+    using SharesB = typename OpB::Row;
+    TileLoader<OpA, kBM, kBK, Tile::kThreads> load_a(a, m0, p.M, reinterpret_cast<SharesA*>(smem + Plan::kLoaderShares));
+    TileLoader<OpB, kBN, kBK, Tile::kThreads> load_b(
+        b, n0, p.N, reinterpret_cast<SharesB*>(smem + Plan::kLoaderShares + Plan::kSharesA));
+    __syncthreads();  // the row shares are in shared memory
+    const auto fill = [&](int step, int stage) {
       const int64_t k0 = k_begin + static_cast<int64_t>(step) * kBK;
-      if (fetch) {
-        load_a.fetch(k0, k_end);
-        load_b.fetch(k0, k_end);
-      }
       load_a.write(sA(_, _, stage), k0, k_end);
       load_b.write(sB(_, _, stage), k0, k_end);
       cp_async_fence();
@@ -122,7 +126,7 @@ __global__ void __launch_bounds__(Tile::kThreads)
     clear(accum);
 
     CUTE_UNROLL
-    for (int s = 0; s < kStages - 1; ++s) fill(s, s, true);
+    for (int s = 0; s < kStages - 1; ++s) fill(s, s);
 
     // The MMAs of one stage, k-blocks past the end of the K range skipped.
     const auto compute = [&](int step, int stage) {
@@ -179,13 +183,11 @@ __global__ void __launch_bounds__(Tile::kThreads)
       // and st.shared, generic proxy) are made visible to it before the barrier publishes them
       if constexpr (Tile::kWgmma) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       __syncthreads();  // stage `step` is in shared memory for every thread
-      const int next = step + kStages - 1;
-      load_a.fetch(k_begin + static_cast<int64_t>(next) * kBK, k_end);
-      load_b.fetch(k_begin + static_cast<int64_t>(next) * kBK, k_end);
       compute(step, stage);
       if constexpr (Tile::kWgmma) warpgroup_wait<1>();  // step - 1 retired: its stage may be refilled
       __syncthreads();
-      fill(next, next % kStages, false);
+      const int next = step + kStages - 1;
+      fill(next, next % kStages);
     }
     if constexpr (Tile::kWgmma) warpgroup_wait<0>();
     cp_async_wait<0>();

@@ -9,9 +9,10 @@
 //     the problem, so a stage's loads stay in flight while the tensor cores work on older stages;
 //   - copy operands with 2-byte runs (fp16/bf16 with no two neighbours contiguous, e.g. a
 //     transposed view; no cp.async is that small): one load and store per element, in `write`;
-//   - computed operands (ATM's lerp): registers. `fetch` issues the loads of a stage into
-//     registers before the block's math on the current stage, `write` stores them after it: the
-//     pre-Ampere double buffer, which hides the load latency behind one stage of MMAs.
+//   - computed operands (ATM's lerp): gathered element by element straight into shared memory
+//     when the stage is filled, i.e. while the wgmma of the current stage runs on sm_90a (on
+//     sm_80, while the other warps' mma.sync do). Holding a stage in registers across the MMAs
+//     instead (the pre-Ampere double buffer) made ptxas spill next to the 64 accumulators.
 // The map's divisions run once per tile row (the fixed axis: rows for K-major operands, kept in
 // registers for the whole K loop) and once per K step and chunk column.
 #pragma once
@@ -54,55 +55,32 @@ class TileLoader {
   static_assert(kLineLength % kChunk == 0 && kThreads % kChunksPerLine == 0 && kLines % kLinesPerPass == 0,
                 "the tile must split into whole 16-byte chunks over the block's threads");
 
-  // rows [row0, row0 + kRows) of an operand with `rows` rows
-  __device__ TileLoader(const Op& op, int64_t row0, int64_t rows) : op_(op), row0_(row0), rows_(rows) {
+  // Rows [row0, row0 + kRows) of an operand with `rows` rows. K-major: `shares` is shared memory
+  // for the kRows row shares, filled here by the whole block (the caller syncs before the first
+  // write); unused (nullptr) for Rows-major operands.
+  __device__ TileLoader(const Op& op, int64_t row0, int64_t rows, typename Op::Row* shares)
+      : op_(op), row0_(row0), rows_(rows), row_shares_(shares) {
     const int tid = threadIdx.x;
     chunk_ = tid % kChunksPerLine;
     line_ = tid / kChunksPerLine;
-    // runs per chunk (computed operands and 2-byte runs: one element each)
-    // K-major: a thread's rows are the same in every K step, their shares stay in registers.
-    // (Rows-major operands recompute theirs per step, in rows_major_shares: up to kChunk of them
-    // would otherwise be live across the whole K loop, and the MMA accumulators need the room.)
+    // K-major: a row's share is the same in every K step; computed once per block into shared
+    // memory (in registers, 4 of them per thread next to the 64 accumulators made ptxas spill).
+    // (Rows-major operands compute theirs per step, in rows_major_shares.)
     if constexpr (kAlongK) {
-#pragma unroll
-      for (int p = 0; p < kPasses; ++p) {
-        const int64_t r = row0_ + line_ + p * kLinesPerPass;
-        rows_k_[p] = op_.row(r < rows_ ? r : 0);
+      for (int i = tid; i < kRows; i += kThreads) {
+        const int64_t r = row0_ + i;
+        row_shares_[i] = op_.row(r < rows_ ? r : 0);
       }
     }
   }
 
-  // Registers of a computed operand's stage: its values of K step [k0, min(k0 + kK, k_end)).
-  __device__ void fetch(int64_t k0, int64_t k_end) {
-    if constexpr (Op::kComputed) {
-      typename Op::Row rows[kAlongK ? 1 : kChunk];
-      if constexpr (!kAlongK) rows_major_shares<1>(rows);
-#pragma unroll
-      for (int p = 0; p < kPasses; ++p)
-#pragma unroll
-        for (int e = 0; e < kChunk; ++e) {
-          int64_t r, k;
-          element(p, e, k0, r, k);
-          const typename Op::Row& row = kAlongK ? rows_k_[p] : rows[kAlongK ? 0 : e];
-          staged_[p][e] = (r < rows_ && k < k_end) ? op_.value(row, op_.col(k)) : AccT(0);
-        }
-    }
-  }
-
-  // Fill `tile` (a [kRows, kK] view of one stage) with K step [k0, k_end): the fetched registers
-  // of a computed operand; cp.async runs of a copy operand, or, when its runs are 2 bytes
-  // (no cp.async that small), loads and stores of one element each.
+  // Fill `tile` (a [kRows, kK] view of one stage) with K step [k0, k_end): a computed operand's
+  // values, gathered straight into shared memory; cp.async runs of a copy operand, or, when its
+  // runs are 2 bytes (no cp.async that small), loads and stores of one element each.
   template <class Tile>
   __device__ void write(Tile&& tile, int64_t k0, int64_t k_end) {
     if constexpr (Op::kComputed) {
-#pragma unroll
-      for (int p = 0; p < kPasses; ++p)
-#pragma unroll
-        for (int e = 0; e < kChunk; ++e) {
-          int64_t r, k;
-          element(p, e, k0, r, k);
-          smem_ref(tile, r - row0_, k - k0) = static_cast<T>(staged_[p][e]);
-        }
+      gather(tile, k0, k_end);
     } else {
       const int bytes = vec() * static_cast<int>(sizeof(T));
       if (bytes == 16) return copy_runs<16>(tile, k0, k_end);
@@ -153,7 +131,7 @@ class TileLoader {
         // a run is valid whole or not at all: vec divides the contiguous extent (vector_width)
         const bool ok = r < rows_ && k < k_end;
         const int64_t offset =
-            kAlongK ? op_.offset(rows_k_[p], op_.col(k)) : op_.offset(rows[kAlongK ? 0 : j], col_line);
+            kAlongK ? op_.offset(row_shares_[line_ + p * kLinesPerPass], op_.col(k)) : op_.offset(rows[kAlongK ? 0 : j], col_line);
         const T* src = ok ? op_.data + offset : op_.data;
         cp_async<kBytes>(&smem_ref(tile, tr, tk), src, ok);
       }
@@ -161,9 +139,9 @@ class TileLoader {
     for_each_pass(pass);
   }
 
-  // pass(0 .. kPasses-1): unrolled along K (rows_k_[p] must be a register, so p a constant); one
-  // pass at a time along the rows, where each pass computes its own K share: unrolled, ptxas
-  // keeps all of them live with the in-flight wgmma's accumulators and spills (ptxas -v).
+  // pass(0 .. kPasses-1): unrolled along K; one pass at a time along the rows, where each pass
+  // computes its own K share: unrolled, ptxas keeps all of them live with the in-flight wgmma's
+  // accumulators and spills (ptxas -v).
   template <class Pass>
   __device__ static void for_each_pass(const Pass& pass) {
     if constexpr (kAlongK) {
@@ -173,6 +151,36 @@ class TileLoader {
 #pragma unroll 1
       for (int p = 0; p < kPasses; ++p) pass(p);
     }
+  }
+
+  // A computed operand's elements, each from clamped (in-range) shares and zeroed after the fact
+  // when out of range: no branch per element, so the loads of a pass issue back to back.
+  template <class Tile>
+  __device__ void gather(Tile& tile, int64_t k0, int64_t k_end) {
+    if (k0 >= k_end) {  // a prologue stage past the end of a short K range: zeros, no loads
+      for_each_pass([&](int p) {
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) {
+          int64_t r, k;
+          element(p, e, k0, r, k);
+          smem_ref(tile, r - row0_, k - k0) = T(0);
+        }
+      });
+      return;
+    }
+    typename Op::Row rows[kAlongK ? 1 : kChunk];
+    if constexpr (!kAlongK) rows_major_shares<1>(rows);
+    for_each_pass([&](int p) {
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) {
+        int64_t r, k;
+        element(p, e, k0, r, k);
+        const bool ok = r < rows_ && k < k_end;
+        const typename Op::Row& row = kAlongK ? row_shares_[line_ + p * kLinesPerPass] : rows[kAlongK ? 0 : e];
+        const AccT v = op_.value(row, op_.col(k < k_end ? k : k_end - 1));
+        smem_ref(tile, r - row0_, k - k0) = static_cast<T>(ok ? v : AccT(0));
+      }
+    });
   }
 
   template <class Tile>
@@ -188,7 +196,7 @@ class TileLoader {
         int64_t r, k;
         element(p, e, k0, r, k);
         const bool ok = r < rows_ && k < k_end;
-        const T* src = op_.data + (kAlongK ? op_.offset(rows_k_[p], op_.col(k)) : op_.offset(rows[kAlongK ? 0 : e], col_line));
+        const T* src = op_.data + (kAlongK ? op_.offset(row_shares_[line_ + p * kLinesPerPass], op_.col(k)) : op_.offset(rows[kAlongK ? 0 : e], col_line));
         smem_ref(tile, r - row0_, k - k0) = ok ? *src : T(0);
       }
     };
@@ -202,9 +210,8 @@ class TileLoader {
 
   Op op_;
   int64_t row0_, rows_;
-  int chunk_, line_;
-  typename Op::Row rows_k_[kAlongK ? kPasses : 1];  // (K-major only)
-  AccT staged_[Op::kComputed ? kPasses : 1][Op::kComputed ? kChunk : 1];  // (computed operands only)
+  typename Op::Row* row_shares_;
+  int chunk_, line_;  // (K-major only)
 };
 
 }  // namespace mixops::gemm

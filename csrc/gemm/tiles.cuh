@@ -16,6 +16,8 @@
 // and plain loads read without bank conflicts as well) tiled over [rows, K, stages].
 #pragma once
 
+#include <cute/tensor.hpp>  // first: the atom headers below rely on its declarations
+
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/mma_sm80.hpp>
 #include <cute/arch/mma_sm90.hpp>
@@ -24,7 +26,6 @@
 #include <cute/atom/mma_atom.hpp>
 #include <cute/atom/mma_traits_sm80.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
-#include <cute/tensor.hpp>
 #include <cutlass/bfloat16.h>
 #include <cutlass/half.h>
 #include <cutlass/tfloat32.h>
