@@ -6,7 +6,7 @@ CMake (``CMakeLists.txt``) when PyTorch is a CUDA build and nvcc is found, or wh
     MIXOPS_FORCE_CUDA=1     build the extension, and fail loudly if it cannot be built
     MIXOPS_SKIP_CUDA=1      never build it (pure-Python install)
     TORCH_CUDA_ARCH_LIST    target architectures, e.g. "9.0a" or "8.0;9.0a" (default: the visible
-                            GPU, else "8.0;9.0a;9.0+PTX")
+                            GPU, else "8.0+PTX;9.0a"); sm_80 or newer, Hopper as 9.0a
     MAX_JOBS                parallel compile jobs (default: all cores)
     CUDA_HOME / CUDA_PATH   the CUDA toolkit, when nvcc is not on PATH
     MIXOPS_CUTLASS_INCLUDE  a directory holding CUTLASS 4.2's ``cute/`` and ``cutlass/`` headers
@@ -135,15 +135,31 @@ def _cuda_build_decision() -> tuple[bool, str]:
 
 def _arch_list() -> str:
     """TORCH_CUDA_ARCH_LIST, else the visible GPU's architecture ('a' features on sm_90 and
-    later, for wgmma/TMA), else the architectures mixops is tuned for plus PTX."""
+    later, for wgmma/TMA), else sm_80 with its PTX (later GPUs compile that at load time) and
+    sm_90a."""
     import torch
 
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        return os.environ["TORCH_CUDA_ARCH_LIST"]
+        return check_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         return f"{major}.{minor}{'a' if major >= 9 else ''}"
-    return "8.0;9.0a;9.0+PTX"
+    return "8.0+PTX;9.0a"
+
+
+def check_arch_list(archs: str) -> str:
+    """An architecture list the kernels can run on: every entry sm_80 or newer (their GEMMs
+    pipeline with cp.async), and Hopper only as 9.0a. A plain 9.0 has no wgmma, so its copy of the
+    Hopper GEMM tile would be a trap the dispatcher cannot tell from the real one."""
+    for entry in re.split(r"[;\s]+", archs.strip()):
+        m = re.fullmatch(r"(\d+)\.(\d+)(a|f)?(\+PTX)?", entry)
+        if m is None:
+            raise RuntimeError(f"TORCH_CUDA_ARCH_LIST: cannot read {entry!r} (expected e.g. '8.0', '9.0a', '8.0+PTX')")
+        if int(m.group(1)) < 8:
+            raise RuntimeError(f"TORCH_CUDA_ARCH_LIST: {entry} is older than sm_80, which the mixops kernels need")
+        if m.group(1) == "9" and m.group(3) != "a":
+            raise RuntimeError(f"TORCH_CUDA_ARCH_LIST: {entry} lacks the 'a' features: use {m.group(1)}.{m.group(2)}a")
+    return archs
 
 
 class CMakeExtension(Extension):

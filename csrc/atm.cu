@@ -242,6 +242,7 @@ decltype(auto) with_gemm_tile(c10::ScalarType dtype, Fn&& fn) {
 // lerped in the A-operand load (never stored) and the bias added in the epilogue.
 void launch_fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, at::Tensor& out, const LineShape& sh) {
+  if (sh.pixels() == 0 || weight.size(0) == 0) return;  // (an empty line view has no Dividers)
   with_gemm_tile(x.scalar_type(), [&]<typename scalar_t, class Tile>() {
     const int64_t c_out = weight.size(0);
     gemm::launch<Tile>({sh.pixels(), c_out, sh.C, sh.C, 1}, atm::gathered_s<scalar_t, gemm::Major::K>(x, offset, sh),
@@ -255,6 +256,7 @@ void launch_fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::
 // replaces a cuBLAS call whose kernel, and split of K, depend on the GPU model).
 at::Tensor fc_sample_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const LineShape& sh) {
   at::Tensor ds = at::empty(x.sizes(), x.options());
+  if (sh.pixels() == 0 || sh.C == 0) return ds;  // (an empty line view has no Dividers)
   with_gemm_tile(x.scalar_type(), [&]<typename scalar_t, class Tile>() {
     const int64_t c_out = weight.size(0);
     gemm::launch<Tile>({sh.pixels(), sh.C, c_out, c_out, 1}, atm::line_operand<scalar_t, gemm::Major::K>(g, sh),

@@ -16,6 +16,8 @@ TORCH_LIBRARY(mixops, m) {
   m.def("_cuda_arch_list() -> str");
   m.def("_device_arch(Tensor like) -> Tensor");
   m.def("_deterministic_split(int length, int step, int tiles) -> int");
+  // gemm_check.cu: the shared GEMM engine on plain matrices (GPU tests)
+  m.def("_gemm_engine(Tensor a, Tensor b, str layout) -> Tensor");
 
   // ATM (atm.cu, atm_cpu.cpp): mixops.atm_sample, mixops.atm_fc
   m.def("_atm_sample_cuda(Tensor x, Tensor offset, str axis, int share) -> Tensor");

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mixops
+from mixops_testing import setup_py
 
 built = mixops.cuda_extension_available()
 needs_extension = pytest.mark.skipif(not built, reason=f"extension not built: {mixops.cuda_extension_status()}")
@@ -72,3 +73,19 @@ def test_reductions_split_by_the_triton_rule(monkeypatch):
     ):
         want = _common.deterministic_split(length, step, tiles)
         assert torch.ops.mixops._deterministic_split(length, step, tiles) == want, (length, step, tiles)
+
+
+@pytest.mark.parametrize(
+    "archs, ok",
+    [("9.0a", True), ("8.0;9.0a", True), ("8.0+PTX;9.0a", True), ("8.6 8.9", True), ("10.0a", True),
+     ("9.0", False), ("8.0;9.0+PTX", False), ("7.5;8.0", False), ("Hopper", False)],
+)
+def test_build_refuses_architectures_the_kernels_cannot_run_on(archs, ok):
+    """setup.py: sm_80 or newer (cp.async), Hopper only as 9.0a: a plain sm_90 copy of the wgmma
+    tile could only trap, and the dispatcher could not tell it from the real one."""
+    check = setup_py().check_arch_list
+    if ok:
+        assert check(archs) == archs
+    else:
+        with pytest.raises(RuntimeError, match="TORCH_CUDA_ARCH_LIST"):
+            check(archs)

@@ -223,6 +223,9 @@ void launch(const Problem& p, const OpA& a, const OpB& b, const Epi& epi) {
   const int64_t tiles = cdiv(p.M, Tile::kBM) * cdiv(p.N, Tile::kBN);
   TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max() && p.splits <= 65535,
               "mixops: GEMM too large for one launch (", tiles, " tiles x ", p.splits, " splits)");
+  const int limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(Plan::kBytes <= static_cast<size_t>(limit), "mixops: the GEMM tile needs ", Plan::kBytes,
+              " bytes of shared memory per block, this GPU allows ", limit);
   const auto kernel = gathered_gemm_kernel<Tile, OpA, OpB, Epi>;
   // the rings are over the 48 KB of static shared memory: opt in (per device, so on every launch)
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -56,6 +56,19 @@ struct Matrix {
   MIXOPS_HD int64_t offset(int64_t r, int64_t c) const { return r + c; }
 };
 
+// C[m, n] into a strided 2-D matrix of the storage type: out[m * stride_m + n * stride_n].
+template <typename T>
+struct MatrixStore {
+  using Row = int64_t;
+  using Col = int64_t;
+  T* out;
+  int64_t stride_m, stride_n;
+
+  MIXOPS_HD int64_t row(int64_t m, int) const { return m * stride_m; }
+  MIXOPS_HD int64_t col(int64_t n) const { return n * stride_n; }
+  MIXOPS_HD void store(int64_t r, int64_t c, Acc<T> v) const { out[r + c] = static_cast<T>(v); }
+};
+
 // Split-K partials of the weight gradients: partial[split, m, n] (Acc<T>, contiguous) = the
 // block's sum over its K range; the caller adds the splits in a fixed order (at::sum).
 template <typename AccT>

@@ -4,12 +4,16 @@
 //
 //   Sm90Wgmma<T>  fp16/bf16 on sm_90a: 128x128x64, 3 stages, 2 warpgroups each issuing async
 //                 wgmma.m64n128k16 straight from the swizzled shared tiles.
-//   Sm80Mma<T>    fp16/bf16 on every other architecture from sm_80: 128x128x64, 3 stages, 8 warps of mma.sync.m16n8k16
-//                 fed by ldmatrix (.trans for operands contiguous along their rows).
+//   Sm80Mma<T>    fp16/bf16 on every other architecture from sm_80: 128x128x32, 4 stages, 8 warps
+//                 of mma.sync.m16n8k16 fed by ldmatrix (.trans for operands contiguous along their
+//                 rows).
 //   Tf32Mma       fp32 where torch allows TF32 (tf32.h), every architecture from sm_80:
-//                 128x128x32, 3 stages, mma.sync.m16n8k8 (wgmma's TF32 form takes K-major operands
+//                 128x128x16, 4 stages, mma.sync.m16n8k8 (wgmma's TF32 form takes K-major operands
 //                 only; the dX and dW operands are contiguous along their rows). Operands rounded
 //                 to TF32 (cvt.rna) as cuBLAS does.
+// The mma.sync tiles keep their ring at 64 KB (the accumulator tile the epilogue stages is 66 KB):
+// sm_86, sm_89 and sm_120 give a block at most 99 KB of shared memory, where 3 stages of K = 64
+// (96 KB) plus the row shares did not fit.
 //   Simt<T>       IEEE fp32 and fp64 (the exact-check dtype): 64x64x16, 3 stages, 256 threads of
 //                 FMAs in the accumulator type; the same cp.async pipeline feeds it.
 // Shared memory: every layout is a CuTe swizzle atom (GMMA's 128/64/32-byte ones, which ldmatrix
@@ -95,7 +99,7 @@ struct Sm90Wgmma : TileBase<T, 128, 128, 64, 3, T, 16> {
 };
 
 template <typename T>
-struct Sm80Mma : TileBase<T, 128, 128, 64, 3, T, 16> {
+struct Sm80Mma : TileBase<T, 128, 128, 32, 4, T, 16> {
   static constexpr bool kWgmma = false;
   // sm_90a runs fp16/bf16 on Sm90Wgmma: no mma.sync copy of them there (a plain compute_90 PTX,
   // which later GPUs JIT, keeps one)
@@ -115,7 +119,7 @@ struct Sm80Mma : TileBase<T, 128, 128, 64, 3, T, 16> {
                                   T>;
 };
 
-struct Tf32Mma : TileBase<float, 128, 128, 32, 3, cutlass::tfloat32_t, 8> {
+struct Tf32Mma : TileBase<float, 128, 128, 16, 4, cutlass::tfloat32_t, 8> {
   static constexpr bool kWgmma = false;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   static constexpr bool kCompiledHere = false;
