@@ -80,7 +80,7 @@ struct SmemPlan {
 };
 
 template <class Tile, class OpA, class OpB, class Epi>
-__global__ void __launch_bounds__(Tile::kThreads)
+__global__ void __launch_bounds__(Tile::kThreads, 1)
     gathered_gemm_kernel(Problem p, OpA a, OpB b, Epi epi) {
   using namespace cute;
   if constexpr (!Tile::kCompiledHere) {
