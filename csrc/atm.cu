@@ -282,7 +282,7 @@ at::Tensor fc_weight_grad(const at::Tensor& g, const at::Tensor& x, const at::Te
            gemm::launch<Tile>({c_out, sh.C, pixels, split.rows, static_cast<int>(split.count)},
                               atm::line_operand<scalar_t, gemm::Major::Rows>(g, sh),
                               atm::gathered_s<scalar_t, gemm::Major::Rows>(x, offset, sh),
-                              gemm::PartialEpilogue<AccT>{partial.mutable_data_ptr<AccT>(), c_out, sh.C});
+                              gemm::partials(partial.mutable_data_ptr<AccT>(), c_out, sh.C));
            return partial.sum(0);
          })
       .to(weight.scalar_type());

@@ -46,11 +46,11 @@ at::Tensor run(const at::Tensor& a, const at::Tensor& b, const std::string& layo
       at::Tensor part = at::empty({split.count, M, N}, a.options().dtype(kAccDtype<T>));
       gemm::launch<Tile>(gemm::Problem{M, N, K, split.rows, static_cast<int>(split.count)},
                          matrix<scalar_t, Major::Rows>(a), matrix<scalar_t, Major::Rows>(b),
-                         gemm::PartialEpilogue<AccT>{part.mutable_data_ptr<AccT>(), M, N});
+                         gemm::partials(part.mutable_data_ptr<AccT>(), M, N));
       return part.sum(0).to(a.scalar_type());
     });
   at::Tensor out = at::empty({M, N}, a.options());
-  const gemm::MatrixStore<T> store{gemm::engine_ptr<scalar_t>(out), out.stride(0), out.stride(1)};
+  const gemm::MatrixStore<T> store{gemm::engine_ptr<scalar_t>(out), out.stride(0), out.stride(1), 0};
   const gemm::Problem p{M, N, K, K, 1};
   gemm::with_tile<scalar_t, kTensorCores>([&]<class Tile>() {
     if (layout == "kk")

@@ -85,7 +85,7 @@ at::Tensor grad_weight(const Geometry& g, const at::Tensor& dy, const at::Tensor
   return gemm::with_tile<scalar_t, kTensorCores>([&]<class Tile>() {
     const RowSplit split = split_rows(g.M, Tile::kBK, cdiv(g.F, Tile::kBM) * cdiv(g.F, Tile::kBN));
     at::Tensor part = at::empty({split.count, g.F, g.F}, x.options().dtype(kAccDtype<T>));
-    const gemm::PartialEpilogue<AccT> epi{part.mutable_data_ptr<AccT>(), g.F, g.F};
+    const auto epi = gemm::partials(part.mutable_data_ptr<AccT>(), g.F, g.F);
     gemm::launch<Tile>(gemm::Problem{g.F, g.F, g.M, split.rows, static_cast<int>(split.count)}, A, B, epi);
     // at::sum over the split axis adds the partials in a fixed order: deterministic
     return part.sum(0).to(weight.scalar_type());

@@ -207,7 +207,7 @@ def test_build_runs_every_gemm_on_the_engine():
     if not sm90:
         pytest.skip(f"the build has no sm_90a code: {sorted({a for a, _ in kernels})}")
     forward = {n for n in sm90 if "10ChunkStore" in n}
-    weight = {n for n in sm90 if "PartialEpilogue" in n}
+    weight = {n for n in sm90 if "MatrixStore" in n}
     # one kernel per (tile, dtype): bf16 and fp16 on wgmma, TF32, IEEE fp32 and fp64 on FMAs
     for names in (forward, weight):
         assert len(names) == 5 and sorted(cuda_sass.engine_tile(n) for n in names) == [

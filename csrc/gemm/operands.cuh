@@ -56,32 +56,27 @@ struct Matrix {
   MIXOPS_HD int64_t offset(int64_t r, int64_t c) const { return r + c; }
 };
 
-// C[m, n] into a strided 2-D matrix of the storage type: out[m * stride_m + n * stride_n].
+// C[m, n] into a strided 2-D matrix: out[(split * split_rows + m) * stride_m + n * stride_n], in
+// T (the storage type, or the accumulator type for partials). split_rows = 0 for one output;
+// = M for the split-K partials [splits, M, N] of the weight gradients (gemm::partials), which the
+// caller adds in a fixed order (at::sum over the split axis).
 template <typename T>
 struct MatrixStore {
   using Row = int64_t;
   using Col = int64_t;
   T* out;
-  int64_t stride_m, stride_n;
+  int64_t stride_m, stride_n, split_rows;
 
-  MIXOPS_HD int64_t row(int64_t m, int) const { return m * stride_m; }
+  MIXOPS_HD int64_t row(int64_t m, int split) const { return (split * split_rows + m) * stride_m; }
   MIXOPS_HD int64_t col(int64_t n) const { return n * stride_n; }
   MIXOPS_HD void store(int64_t r, int64_t c, Acc<T> v) const { out[r + c] = static_cast<T>(v); }
 };
 
-// Split-K partials of the weight gradients: partial[split, m, n] (Acc<T>, contiguous) = the
-// block's sum over its K range; the caller adds the splits in a fixed order (at::sum).
+// The split-K partials [splits, M, N] (contiguous, accumulator type) of an [M, N] result.
 template <typename AccT>
-struct PartialEpilogue {
-  using Row = int64_t;
-  using Col = int64_t;
-  AccT* partial;
-  int64_t M, N;
-
-  MIXOPS_HD int64_t row(int64_t m, int split) const { return (split * M + m) * N; }
-  MIXOPS_HD int64_t col(int64_t n) const { return n; }
-  MIXOPS_HD void store(int64_t r, int64_t c, AccT v) const { partial[r + c] = v; }
-};
+MatrixStore<AccT> partials(AccT* partial, int64_t M, int64_t N) {
+  return {partial, N, 1, M};
+}
 
 // The widest run (in elements, a power of two of at most 16 bytes) in which an operand's elements
 // are contiguous and aligned: `extent` elements along the contiguous axis (the run must divide
