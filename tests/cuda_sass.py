@@ -60,6 +60,21 @@ def extension_sass(family: str) -> dict[tuple[str, str], str]:
 ENGINE_KERNEL = "gathered_gemm_kernel"
 
 
+def extension_engine_sass(tag: str = "") -> dict[tuple[str, str], str]:
+    """(arch, mangled name) -> SASS of the built extension's engine kernels whose name holds
+    ``tag`` (e.g. a family's operand type), for a build with sm_90a code: skips without one,
+    unless CI built one for sm_90a (MIXOPS_EXPECT_CUDA_EXTENSION=1, 9.0a in TORCH_CUDA_ARCH_LIST),
+    where a missing sm_90a kernel fails."""
+    ext = pytest.importorskip("mixops._C", reason="the CUDA extension is not built")
+    kernels = object_sass(ext.__file__, lambda name: ENGINE_KERNEL in name and tag in name)
+    if not any(arch == "sm_90a" for arch, _ in kernels):
+        why = f"the build has no sm_90a engine kernel{' of ' + tag if tag else ''}: {sorted({a for a, _ in kernels})}"
+        if os.environ.get("MIXOPS_EXPECT_CUDA_EXTENSION") == "1" and "9.0a" in os.environ.get("TORCH_CUDA_ARCH_LIST", ""):
+            pytest.fail(why)
+        pytest.skip(why)
+    return kernels
+
+
 def engine_tile(name: str) -> str:
     """The engine tile (csrc/gemm/tiles.cuh) of a mangled gathered_gemm_kernel name."""
     return re.search(r"gathered_gemm_kernelINS0_\d+(Sm90Wgmma|Sm80Mma|Tf32Mma|Simt)", name).group(1)

@@ -22,11 +22,7 @@ from mixops_testing import assert_close, fp32_matmul
 
 
 def test_extension_engine_kernels_on_sm90a():
-    ext = pytest.importorskip("mixops._C", reason="the CUDA extension is not built")
-    kernels = cuda_sass.object_sass(ext.__file__, lambda name: cuda_sass.ENGINE_KERNEL in name)
-    archs = {a for a, _ in kernels}
-    if "sm_90a" not in archs:
-        pytest.skip(f"the build has no sm_90a code: {sorted(archs)}")
+    kernels = cuda_sass.extension_engine_sass()
     assert cuda_sass.check_engine_kernels(kernels, "sm_90a") == {"Sm90Wgmma", "Tf32Mma", "Simt"}
 
 
