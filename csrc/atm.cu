@@ -53,8 +53,10 @@
 #include "atm_math.cuh"
 #include "column_sum.cuh"
 #include "common.cuh"
+#include "gemm/engine_runner.cuh"
 #include "gemm/kernel.cuh"
 #include "gemm/select.cuh"
+#include "gemm/split_k.h"
 #include "tensor_checks.h"
 #include "tf32.h"
 
@@ -267,25 +269,17 @@ at::Tensor fc_sample_grad(const at::Tensor& g, const at::Tensor& x, const at::Te
 }
 
 // dW[j, c] = sum over the pixels of g[pixel, j]·S[pixel, c]: M = C_out, N = C, K = pixels, with S
-// re-gathered in the B-operand load. K is split into fixed pixel ranges of whole K steps, about
-// 256 blocks in all (common.cuh split_rows: the shapes and the tile alone decide), each block
-// writing its fp32 (fp64 for fp64) partial; at::sum adds the <= 256 partials in a fixed order.
+// re-gathered in the B-operand load; the engine's deterministic split-K over fixed pixel ranges
+// (gemm/split_k.h).
 at::Tensor fc_weight_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& offset,
                           const at::Tensor& weight, const LineShape& sh) {
   const int64_t c_out = weight.size(0), pixels = sh.pixels();
   if (pixels == 0 || c_out == 0 || sh.C == 0) return at::zeros(weight.sizes(), weight.options());
   return with_gemm_tile(x.scalar_type(), [&]<typename scalar_t, class Tile>() {
-           using AccT = Acc<scalar_t>;
-           const int64_t tiles = cdiv(c_out, Tile::kBM) * cdiv(sh.C, Tile::kBN);
-           const RowSplit split = split_rows(pixels, Tile::kBK, tiles);
-           at::Tensor partial = at::empty({split.count, c_out, sh.C}, x.options().dtype(kAccDtype<scalar_t>));
-           gemm::launch<Tile>({c_out, sh.C, pixels, split.rows, static_cast<int>(split.count)},
-                              atm::line_operand<scalar_t, gemm::Major::Rows>(g, sh),
-                              atm::gathered_s<scalar_t, gemm::Major::Rows>(x, offset, sh),
-                              gemm::partials(partial.mutable_data_ptr<AccT>(), c_out, sh.C));
-           return partial.sum(0);
-         })
-      .to(weight.scalar_type());
+    return gemm::split_k<gemm::EngineRunner, Tile>(c_out, sh.C, pixels, atm::line_operand<scalar_t, gemm::Major::Rows>(g, sh),
+                                                   atm::gathered_s<scalar_t, gemm::Major::Rows>(x, offset, sh), x,
+                                                   weight.scalar_type());
+  });
 }
 
 // db = g summed over the pixels, by fixed pixel ranges (at::sum over all pixels would split them

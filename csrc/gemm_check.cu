@@ -16,8 +16,10 @@
 #include <string>
 
 #include "common.cuh"
+#include "gemm/engine_runner.cuh"
 #include "gemm/kernel.cuh"
 #include "gemm/select.cuh"
+#include "gemm/split_k.h"
 #include "tensor_checks.h"
 #include "tf32.h"
 
@@ -37,17 +39,12 @@ gemm::Matrix<gemm::engine_t<scalar_t>, kMajor> matrix(const at::Tensor& t) {
 template <typename scalar_t, bool kTensorCores>
 at::Tensor run(const at::Tensor& a, const at::Tensor& b, const std::string& layout) {
   using T = gemm::engine_t<scalar_t>;
-  using AccT = Acc<T>;
   using gemm::Major;
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
   if (layout == "rr")
     return gemm::with_tile<scalar_t, kTensorCores>([&]<class Tile>() {
-      const RowSplit split = split_rows(K, Tile::kBK, cdiv(M, Tile::kBM) * cdiv(N, Tile::kBN));
-      at::Tensor part = at::empty({split.count, M, N}, a.options().dtype(kAccDtype<T>));
-      gemm::launch<Tile>(gemm::Problem{M, N, K, split.rows, static_cast<int>(split.count)},
-                         matrix<scalar_t, Major::Rows>(a), matrix<scalar_t, Major::Rows>(b),
-                         gemm::partials(part.mutable_data_ptr<AccT>(), M, N));
-      return part.sum(0).to(a.scalar_type());
+      return gemm::split_k<gemm::EngineRunner, Tile>(M, N, K, matrix<scalar_t, Major::Rows>(a),
+                                                     matrix<scalar_t, Major::Rows>(b), a, a.scalar_type());
     });
   at::Tensor out = at::empty({M, N}, a.options());
   const gemm::MatrixStore<T> store{gemm::engine_ptr<scalar_t>(out), out.stride(0), out.stride(1), 0};

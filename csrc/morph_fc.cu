@@ -35,7 +35,9 @@
 
 #include "column_sum.cuh"
 #include "common.cuh"
+#include "gemm/engine_runner.cuh"
 #include "gemm/kernel.cuh"
+#include "gemm/split_k.h"
 #include "gemm/select.cuh"
 #include "morph_fc_args.cuh"
 #include "morph_fc_operands.cuh"
@@ -58,54 +60,29 @@ template <typename scalar_t, bool kTensorCores>
 void gathered_gemm(const Geometry& g, const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
                    at::Tensor& out) {
   using T = gemm::engine_t<scalar_t>;
-  const Strides sa = morph_fc::strides5(a), so = morph_fc::strides5(out);
-  const ChunkOperand<T, false> A{gemm::engine_ptr<scalar_t>(a), g, sa,
-                                 morph_fc::feature_run(a.const_data_ptr(), a.element_size(), g, sa)};
-  const gemm::Matrix<T, gemm::Major::K> B{
-      gemm::engine_ptr<scalar_t>(b), b.stride(0), b.stride(1),
-      gemm::vector_width(b.const_data_ptr(), b.element_size(), b.stride(1), g.F, {b.stride(0)})};
   const ChunkStore<T> store{gemm::engine_ptr<scalar_t>(out),
                             bias.has_value() ? gemm::engine_ptr<scalar_t>(*bias) : nullptr,
-                            bias.has_value() ? bias->stride(0) : 0, g, so};
-  gemm::with_tile<scalar_t, kTensorCores>(
-      [&]<class Tile>() { gemm::launch<Tile>(gemm::Problem{g.M, g.F, g.F, g.F, 1}, A, B, store); });
-}
-
-// dW = dY_g^T @ X_g in the weight's dtype: partials over fixed row ranges of whole K steps
-// (about 256 blocks in all, shapes only), summed in order.
-template <typename scalar_t, bool kTensorCores>
-at::Tensor grad_weight(const Geometry& g, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight) {
-  using T = gemm::engine_t<scalar_t>;
-  using AccT = Acc<T>;
-  const Strides sy = morph_fc::strides5(dy), sx = morph_fc::strides5(x);
-  const ChunkOperand<T, true> A{gemm::engine_ptr<scalar_t>(dy), g, sy,
-                                morph_fc::feature_run(dy.const_data_ptr(), dy.element_size(), g, sy)};
-  const ChunkOperand<T, true> B{gemm::engine_ptr<scalar_t>(x), g, sx,
-                                morph_fc::feature_run(x.const_data_ptr(), x.element_size(), g, sx)};
-  return gemm::with_tile<scalar_t, kTensorCores>([&]<class Tile>() {
-    const RowSplit split = split_rows(g.M, Tile::kBK, cdiv(g.F, Tile::kBM) * cdiv(g.F, Tile::kBN));
-    at::Tensor part = at::empty({split.count, g.F, g.F}, x.options().dtype(kAccDtype<T>));
-    const auto epi = gemm::partials(part.mutable_data_ptr<AccT>(), g.F, g.F);
-    gemm::launch<Tile>(gemm::Problem{g.F, g.F, g.M, split.rows, static_cast<int>(split.count)}, A, B, epi);
-    // at::sum over the split axis adds the partials in a fixed order: deterministic
-    return part.sum(0).to(weight.scalar_type());
+                            bias.has_value() ? bias->stride(0) : 0, g, morph_fc::strides5(out)};
+  gemm::with_tile<scalar_t, kTensorCores>([&]<class Tile>() {
+    gemm::launch<Tile>(gemm::Problem{g.M, g.F, g.F, g.F, 1}, morph_fc::chunk_operand(gemm::engine_ptr<scalar_t>(a), a, g),
+                       morph_fc::weight_matrix(gemm::engine_ptr<scalar_t>(b), b), store);
   });
 }
 
-// dY_g as the [M, F] matrix of db = colsum(dY_g), for column_sum.cuh: the row and feature parts
-// of the map, added per element.
-struct GradColumns {
-  Geometry g;
-  Strides s;
-  __device__ Part row(int64_t m) const { return morph_fc::row_part(g, s, m); }
-  __device__ Part col(int64_t n) const { return morph_fc::feature_part(g, s, n); }
-  __device__ int64_t offset(const Part& r, const Part& c) const { return morph_fc::combine(g, s, r, c); }
-};
+// dW = dY_g^T @ X_g in the weight's dtype: the engine's deterministic split-K (gemm/split_k.h).
+template <typename scalar_t, bool kTensorCores>
+at::Tensor grad_weight(const Geometry& g, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight) {
+  const auto A = morph_fc::chunk_operand<true>(gemm::engine_ptr<scalar_t>(dy), dy, g);
+  const auto B = morph_fc::chunk_operand<true>(gemm::engine_ptr<scalar_t>(x), x, g);
+  return gemm::with_tile<scalar_t, kTensorCores>([&]<class Tile>() {
+    return gemm::split_k<gemm::EngineRunner, Tile>(g.F, g.F, g.M, A, B, x, weight.scalar_type());
+  });
+}
 
 // db = colsum(dY_g) in the bias's dtype.
 template <typename scalar_t>
 at::Tensor grad_bias(const Geometry& g, const at::Tensor& dy, const at::Tensor& bias) {
-  return column_sums(dy.const_data_ptr<scalar_t>(), g.M, g.F, GradColumns{g, morph_fc::strides5(dy)}, dy.options())
+  return column_sums(dy.const_data_ptr<scalar_t>(), g.M, g.F, morph_fc::ChunkColumns{g, morph_fc::strides5(dy)}, dy.options())
       .to(bias.scalar_type());
 }
 

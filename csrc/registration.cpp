@@ -28,6 +28,11 @@ TORCH_LIBRARY(mixops, m) {
   // MorphFC (morph_fc.cu, morph_fc_cpu.cpp): mixops.morph_fc
   m.def("_morph_fc_cuda(Tensor x, Tensor weight, Tensor? bias, int segment_dim, str axis) -> Tensor");
   m.def("_morph_fc_cuda_backward(Tensor[] grads, bool[] needs, Tensor x, Tensor weight, Tensor? bias, int segment_dim, str axis) -> Tensor[]");
+  // the fused MorphFC layer's internal ops (morph_fc_fused.cu, morph_fc_fused_cpu.cpp)
+  m.def("_morph_branch_cuda(Tensor x, Tensor weight, Tensor? bias, int segment_dim, str axis) -> (Tensor, Tensor)");
+  m.def("_morph_branch_cuda_backward(Tensor[] grads, bool[] needs, Tensor x, Tensor weight, Tensor? bias, int segment_dim, str axis) -> Tensor[]");
+  m.def("_reweighted_proj_cuda(Tensor b0, Tensor b1, Tensor? b2, Tensor alpha, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("_reweighted_proj_cuda_backward(Tensor[] grads, bool[] needs, Tensor b0, Tensor b1, Tensor? b2, Tensor alpha, Tensor weight, Tensor? bias) -> Tensor[]");
 }
 
 // `import mixops._C` loads the library and thereby runs the registrations; the module itself

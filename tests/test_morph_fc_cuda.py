@@ -194,6 +194,10 @@ def test_bad_input_raises_torch_check(call, match):
         call()
 
 
+# the fused layer's operand types, in kernel names
+FUSED_OPERANDS = ("13MixedBranches", "13ChunkPlusMean", "11BranchStore", "13ProjGradStore")
+
+
 def test_build_runs_every_gemm_on_the_engine():
     """MorphFC's GEMMs are the shared engine's kernels (tests/test_gemm_engine.py checks their
     instructions): on sm_90a, the forward/dX GEMM (the chunk map as a K-major A, the weight as B,
@@ -202,7 +206,8 @@ def test_build_runs_every_gemm_on_the_engine():
     Dividers: no kernel calls nvcc's 64-bit division subroutine (a CALL in the mainloop makes
     ptxas save the accumulators around it)."""
     kernels = cuda_sass.extension_engine_sass("8morph_fc")
-    sm90 = {name for arch, name in kernels if arch == "sm_90a"}
+    # (the fused layer's kernels share the namespace: tests/test_morph_fc_fused_cuda.py)
+    sm90 = {name for arch, name in kernels if arch == "sm_90a" and not any(f in name for f in FUSED_OPERANDS)}
     forward = {n for n in sm90 if "10ChunkStore" in n}
     weight = {n for n in sm90 if "MatrixStore" in n}
     # one kernel per (tile, dtype): bf16 and fp16 on wgmma, TF32, IEEE fp32 and fp64 on FMAs

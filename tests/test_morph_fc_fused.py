@@ -10,6 +10,7 @@ import pytest
 import torch
 from mixops_testing import assert_close, cpu_and_cuda, skip_unless_runs
 
+from mixops.backend import available_backends
 from mixops.ops.morph_fc_fused import morph_branch
 from mixops.reference import morph_fc as ref
 
@@ -120,6 +121,7 @@ def test_branch_errors():
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "case",
@@ -132,6 +134,8 @@ def test_branch_errors():
     ],
     ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}",
 )
-def test_gpu_branch_matches_float64(case, dtype):
+def test_gpu_branch_matches_float64(case, dtype, gpu_backend):
+    if gpu_backend not in available_backends("_morph_branch"):
+        pytest.skip(f"no {gpu_backend} backend here")
     axis, shape, L = case
-    _check("triton", axis, *_inputs(shape, L, axis, dtype, "cuda"), L, dtype)
+    _check(gpu_backend, axis, *_inputs(shape, L, axis, dtype, "cuda"), L, dtype)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from mixops_testing import assert_close, cpu_and_cuda, skip_unless_runs
 
+from mixops.backend import available_backends
 from mixops.ops.morph_fc_fused import reweighted_proj
 from mixops.reference import morph_fc as ref
 
@@ -198,9 +199,12 @@ def test_proj_errors():
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "shape,K", [((4, 1, 56, 56, 112), 3), ((3, 1, 14, 14, 392), 3), ((5, 1, 7, 7, 784), 2), ((2, 8, 7, 7, 784), 2)]
 )
-def test_gpu_proj_matches_float64(shape, K, dtype):
-    _check("triton", *_inputs(shape, K, dtype, "cuda"), dtype)
+def test_gpu_proj_matches_float64(shape, K, dtype, gpu_backend):
+    if gpu_backend not in available_backends("_reweighted_proj"):
+        pytest.skip(f"no {gpu_backend} backend here")
+    _check(gpu_backend, *_inputs(shape, K, dtype, "cuda"), dtype)

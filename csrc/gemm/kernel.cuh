@@ -20,7 +20,8 @@
 // k-blocks wholly past the end are skipped (F = 112 at kBK = 64 runs 7 of 8 k-blocks, not 8).
 // Epilogue: the accumulators go through shared memory (the ring is free by then) so that the
 // family's store map sees consecutive n on consecutive threads and evaluates its row share once
-// per row (staged in shared memory) and its column share once per thread.
+// per row (staged in shared memory) and its column share once per thread; an epilogue with tile
+// sums (gemm/tile_sums.cuh) then reduces the same shared tile.
 //
 // Grid: (tiles_m * tiles_n, splits); block b covers rows (b / tiles_n) * kBM and columns
 // (b % tiles_n) * kBN, so the column tiles of one row tile are adjacent in launch order and the
@@ -35,16 +36,10 @@
 
 #include "operands.cuh"
 #include "tile_loader.cuh"
+#include "tile_sums.cuh"
 #include "tiles.cuh"
 
 namespace mixops::gemm {
-
-// The problem of one launch: C [M, N] over K, each block summing k in [split * k_per_split,
-// min(K, (split + 1) * k_per_split)) (k_per_split = K: no split).
-struct Problem {
-  int64_t M, N, K, k_per_split;
-  int splits;
-};
 
 // Round the fp32 bits of a TF32 operand fragment to nearest (ties away), as cuBLAS does; the
 // tensor cores would truncate the low 13 bits.
@@ -71,9 +66,12 @@ struct SmemPlan {
   static constexpr size_t kRing =
       (cute::cosize_v<SmemA> + cute::cosize_v<SmemB>) * sizeof(typename Tile::SmemT);
   static constexpr size_t kAccTile = static_cast<size_t>(Tile::kBM) * kLdC * sizeof(typename Tile::AccT);
-  static constexpr size_t kRowShares = Tile::kBM * sizeof(typename Epi::Row);
+  static constexpr size_t kRowShares = (Tile::kBM * sizeof(typename Epi::Row) + 15) / 16 * 16;
+  // the column shares, staged only for an epilogue's tile sums (gemm/tile_sums.cuh)
+  static constexpr size_t kColShares = kHasTileSums<Epi> ? Tile::kBN * sizeof(typename Epi::Col) : 0;
+  static constexpr size_t kEpilogue = kAccTile + kRowShares + kColShares;
   // after the ring / epilogue region: the K-major loaders' row shares, live for the whole kernel
-  static constexpr size_t kLoaderShares = ((kRing > kAccTile + kRowShares ? kRing : kAccTile + kRowShares) + 15) / 16 * 16;
+  static constexpr size_t kLoaderShares = ((kRing > kEpilogue ? kRing : kEpilogue) + 15) / 16 * 16;
   static constexpr size_t kSharesA = OpA::kMajor == Major::K ? Tile::kBM * sizeof(typename OpA::Row) : 0;
   static constexpr size_t kSharesB = OpB::kMajor == Major::K ? Tile::kBN * sizeof(typename OpB::Row) : 0;
   static constexpr size_t kBytes = kLoaderShares + kSharesA + kSharesB;
@@ -199,9 +197,14 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
                             make_layout(Shape<Int<kBM>, Int<kBN>>{}, Stride<Int<Plan::kLdC>, _1>{}));
     copy(accum, thr_mma.partition_C(sC));
     using Row = typename Epi::Row;
+    using Col = typename Epi::Col;
     Row* row_shares = reinterpret_cast<Row*>(smem + Plan::kAccTile);
+    Col* col_shares = reinterpret_cast<Col*>(smem + Plan::kAccTile + Plan::kRowShares);
     for (int r = threadIdx.x; r < kBM; r += Tile::kThreads)
       if (m0 + r < p.M) row_shares[r] = epi.row(m0 + r, split);
+    if constexpr (kHasTileSums<Epi>)
+      for (int c = threadIdx.x; c < kBN; c += Tile::kThreads)
+        if (n0 + c < p.N) col_shares[c] = epi.col(n0 + c);
     __syncthreads();
     constexpr int kLanes = kBN < Tile::kThreads ? kBN : Tile::kThreads;
     const int c = threadIdx.x % kLanes;
@@ -211,6 +214,15 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
         if (m0 + r >= p.M) break;
         epi.store(row_shares[r], col, acc_tile[r * Plan::kLdC + c]);
       }
+    }
+    if constexpr (kHasTileSums<Epi>) {
+      // (no barrier: the stores only read the tile and the shares)
+      const auto valid = [](int64_t end, int64_t start, int size) {
+        return static_cast<int>(end - start < size ? end - start : size);
+      };
+      const TileView<kBM, kBN, AccT, Row, Col> view{
+          acc_tile, Plan::kLdC, row_shares, col_shares, m0, n0, valid(p.M, m0, kBM), valid(p.N, n0, kBN)};
+      epi.sums(view, threadIdx.x, Tile::kThreads);
     }
   }
 }

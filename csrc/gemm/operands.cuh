@@ -24,7 +24,9 @@
 // shared memory so that consecutive threads write consecutive n):
 //   __device__ Row row(int64_t m, int split), Col col(int64_t n)
 //   __device__ void store(const Row&, const Col&, Acc v)   (bias, dtype, scatter: the family's)
-// `split` is the block's index along the split of K (0 unless the launch splits K).
+// `split` is the block's index along the split of K (0 unless the launch splits K). An epilogue
+// may also reduce its tile (kTileSums, gemm/tile_sums.cuh). Operands and epilogues whose
+// functions are MIXOPS_HD also run on the CPU (gemm/host_engine.h).
 #pragma once
 
 #include <cstdint>
@@ -33,6 +35,13 @@
 #include "../common.cuh"
 
 namespace mixops::gemm {
+
+// The problem of one launch: C [M, N] over K, each block summing k in [split * k_per_split,
+// min(K, (split + 1) * k_per_split)) (k_per_split = K: no split).
+struct Problem {
+  int64_t M, N, K, k_per_split;
+  int splits;
+};
 
 // The contiguous axis of an operand: its K axis (A = X[m, k] with k along the channels) or its
 // rows (B = W[k, n] read as [N, K]: contiguous along n).

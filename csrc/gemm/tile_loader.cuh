@@ -139,12 +139,14 @@ class TileLoader {
     for_each_pass(pass);
   }
 
-  // pass(0 .. kPasses-1): unrolled along K; one pass at a time along the rows, where each pass
-  // computes its own K share: unrolled, ptxas keeps all of them live with the in-flight wgmma's
-  // accumulators and spills (ptxas -v).
+  // pass(0 .. kPasses-1): unrolled for K-major copies (an offset and a cp.async per run); one
+  // pass at a time along the rows, where each pass computes its own K share, and for computed
+  // operands, whose elements each compute a column share and hold their loads: unrolled, ptxas
+  // keeps all of them live with the in-flight wgmma's accumulators and spills (ptxas -v; the
+  // fused MorphFC ops' K-major operands spilled 19-38 registers).
   template <class Pass>
   __device__ static void for_each_pass(const Pass& pass) {
-    if constexpr (kAlongK) {
+    if constexpr (kAlongK && !Op::kComputed) {
 #pragma unroll
       for (int p = 0; p < kPasses; ++p) pass(p);
     } else {

@@ -21,3 +21,8 @@ if cuda_extension_available():
     register("atm_sample", "cuda", forward=ops._atm_sample_cuda, backward=ops._atm_sample_cuda_backward, auto=False)
     register("atm_fc", "cuda", forward=ops._atm_fc_cuda, backward=ops._atm_fc_cuda_backward, auto=False)
     register("morph_fc", "cuda", forward=ops._morph_fc_cuda, backward=ops._morph_fc_cuda_backward, auto=False)
+    # the fused MorphFC layer's internal ops (mixops.ops.morph_fc_fused)
+    register("_morph_branch", "cuda", forward=ops._morph_branch_cuda, backward=ops._morph_branch_cuda_backward,
+             auto=False)
+    register("_reweighted_proj", "cuda", forward=ops._reweighted_proj_cuda,
+             backward=ops._reweighted_proj_cuda_backward, auto=False)
