@@ -20,7 +20,7 @@
 //   shared-memory slab (lanes over groups: conflict-free banks) and summing the group's offset
 //   gradient in registers. Grid (cdiv(B·L, lines per block), cdiv(G, group lanes)).
 // - atm_fc: three GEMMs of the gathered-GEMM engine (gemm/kernel.cuh; operands and epilogue in
-//   atm_gemm.cuh), 128x128x64 tiles in a 3-stage ring (wgmma on sm_90a, mma.sync on sm_80-sm_89
+//   atm_operands.cuh), 128x128x64 tiles in a 3-stage ring (wgmma on sm_90a, mma.sync on sm_80-sm_89
 //   for fp16/bf16; 128x128x32 TF32 mma.sync for fp32 where torch allows TF32 for its matmuls;
 //   64x64x16 IEEE FMAs for other fp32 and fp64), 256 threads; grid (tiles_m·tiles_n, splits),
 //   the column tiles of one row tile adjacent so the rows they share are re-read from L2.
@@ -48,7 +48,7 @@
 #include <algorithm>
 #include <optional>
 
-#include "atm_gemm.cuh"
+#include "atm_operands.cuh"
 #include "atm_host.cuh"
 #include "atm_math.cuh"
 #include "column_sum.cuh"
@@ -225,7 +225,7 @@ void launch_sample_backward(const at::Tensor& grad, const at::Tensor& x, const a
 }
 
 // ---------------------------------------------------------------------------------------------
-// atm_fc: three GEMMs of the gathered-GEMM engine (gemm/kernel.cuh); operands in atm_gemm.cuh
+// atm_fc: three GEMMs of the gathered-GEMM engine (gemm/kernel.cuh); operands in atm_operands.cuh
 // ---------------------------------------------------------------------------------------------
 
 // Calls fn.template operator()<scalar_t, Tile>() with the ATen storage type of `dtype` and the
@@ -247,9 +247,9 @@ void launch_fc_forward(const at::Tensor& x, const at::Tensor& offset, const at::
   if (sh.pixels() == 0 || weight.size(0) == 0) return;  // (an empty line view has no Dividers)
   with_gemm_tile(x.scalar_type(), [&]<typename scalar_t, class Tile>() {
     const int64_t c_out = weight.size(0);
-    gemm::launch<Tile>({sh.pixels(), c_out, sh.C, sh.C, 1}, atm::gathered_s<scalar_t, gemm::Major::K>(x, offset, sh),
-                       atm::weight_operand<scalar_t, gemm::Major::K>(weight),
-                       atm::pixel_store<scalar_t>(out, bias, sh));
+    gemm::launch<Tile>({sh.pixels(), c_out, sh.C, sh.C, 1}, atm::gathered_s<gemm::EngineRunner, scalar_t, gemm::Major::K>(x, offset, sh),
+                       atm::weight_operand<gemm::EngineRunner, scalar_t, gemm::Major::K>(weight),
+                       atm::pixel_store<gemm::EngineRunner, scalar_t>(out, bias, sh));
   });
 }
 
@@ -261,9 +261,9 @@ at::Tensor fc_sample_grad(const at::Tensor& g, const at::Tensor& x, const at::Te
   if (sh.pixels() == 0 || sh.C == 0) return ds;  // (an empty line view has no Dividers)
   with_gemm_tile(x.scalar_type(), [&]<typename scalar_t, class Tile>() {
     const int64_t c_out = weight.size(0);
-    gemm::launch<Tile>({sh.pixels(), sh.C, c_out, c_out, 1}, atm::line_operand<scalar_t, gemm::Major::K>(g, sh),
-                       atm::weight_operand<scalar_t, gemm::Major::Rows>(weight),
-                       atm::pixel_store<scalar_t>(ds, std::nullopt, sh));
+    gemm::launch<Tile>({sh.pixels(), sh.C, c_out, c_out, 1}, atm::line_operand<gemm::EngineRunner, scalar_t, gemm::Major::K>(g, sh),
+                       atm::weight_operand<gemm::EngineRunner, scalar_t, gemm::Major::Rows>(weight),
+                       atm::pixel_store<gemm::EngineRunner, scalar_t>(ds, std::nullopt, sh));
   });
   return ds;
 }
@@ -276,8 +276,8 @@ at::Tensor fc_weight_grad(const at::Tensor& g, const at::Tensor& x, const at::Te
   const int64_t c_out = weight.size(0), pixels = sh.pixels();
   if (pixels == 0 || c_out == 0 || sh.C == 0) return at::zeros(weight.sizes(), weight.options());
   return with_gemm_tile(x.scalar_type(), [&]<typename scalar_t, class Tile>() {
-    return gemm::split_k<gemm::EngineRunner, Tile>(c_out, sh.C, pixels, atm::line_operand<scalar_t, gemm::Major::Rows>(g, sh),
-                                                   atm::gathered_s<scalar_t, gemm::Major::Rows>(x, offset, sh), x,
+    return gemm::split_k<gemm::EngineRunner, Tile>(c_out, sh.C, pixels, atm::line_operand<gemm::EngineRunner, scalar_t, gemm::Major::Rows>(g, sh),
+                                                   atm::gathered_s<gemm::EngineRunner, scalar_t, gemm::Major::Rows>(x, offset, sh), x,
                                                    weight.scalar_type());
   });
 }

@@ -9,7 +9,8 @@
 //   Row row(int64_t m): the row's share of the element offset (computed once per row, by one
 //     thread, into shared memory: the map's divisions live there);
 //   Col col(int64_t j): the column's share (once per thread);
-//   int64_t offset(const Row&, const Col&): the element offset, from the two shares.
+//   int64_t offset(const Row&, const Col&): the element offset, from the two shares; or
+//   value(const Row&, const Col&): the element itself, for a map that computes it (column_term).
 //
 // Cost: reads rows*cols elements once (plus ranges*cols*4 bytes of partials); grid
 // (cdiv(cols, 128), ranges), 128 threads.
@@ -20,6 +21,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 
+#include "column_term.h"
 #include "common.cuh"
 
 namespace mixops {
@@ -48,7 +50,7 @@ __global__ void __launch_bounds__(kColumnSumThreads)
     if (column_ok) {
       // unrolled so that 8 independent loads are in flight before their in-order adds
 #pragma unroll 8
-      for (int i = 0; i < count; ++i) acc += static_cast<AccT>(data[map.offset(row_shares[i], col)]);
+      for (int i = 0; i < count; ++i) acc += column_term<AccT>(data, map, row_shares[i], col);
     }
   }
   if (column_ok) partial[static_cast<int64_t>(blockIdx.y) * cols + j] = acc;

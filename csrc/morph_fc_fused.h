@@ -37,10 +37,6 @@
 
 namespace mixops::morph_fc {
 
-inline c10::ScalarType accumulate_dtype(const at::Tensor& t) {
-  return t.scalar_type() == c10::kDouble ? c10::kDouble : c10::kFloat;
-}
-
 // The map of a branch: a token axis's, or for the channel FC "c" (and proj) the map of "w" with
 // chunk length 1.
 inline Geometry branch_geometry(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -101,9 +97,9 @@ std::vector<at::Tensor> morph_branch_backward(at::TensorList grads, const c10::L
   const int64_t B = x.size(0), C = x.size(-1);
   TORCH_CHECK(grads[0].sizes() == x.sizes(), op, ": grads[0] must have the shape of x ", x.sizes(), ", got ",
               grads[0].sizes());
-  TORCH_CHECK(grads[1].dim() == 2 && grads[1].size(0) == B && grads[1].size(1) == C &&
-                  grads[1].device() == x.device(),
-              op, ": grads[1] must be [", B, ", ", C, "] on ", x.device());
+  check_accumulator_like_x(op, x, {{"grads[1]", grads[1]}});
+  TORCH_CHECK(grads[1].dim() == 2 && grads[1].size(0) == B && grads[1].size(1) == C, op, ": grads[1] must be [", B,
+              ", ", C, "], got ", grads[1].sizes());
   const bool need_x = needs.get(0), need_w = needs.get(1), need_b = needs.get(2);
   TORCH_CHECK(!need_b || bias.has_value(), op, ": needs[2] (bias) is set but bias is None");
   const auto guard = Runner::guard(x);
@@ -180,8 +176,7 @@ inline ProjArgs check_proj_args(const char* op, c10::DeviceType device, const at
   for (at::Tensor& b : branches) b = b.contiguous();
   const Geometry g = check_forward_args(branches[0], weight, bias, 1, "w");
   const int64_t B = b0.size(0), C = b0.size(-1), K = static_cast<int64_t>(branches.size());
-  TORCH_CHECK(alpha.device() == b0.device() && alpha.scalar_type() == accumulate_dtype(b0), op, ": alpha must be ",
-              accumulate_dtype(b0), " on ", b0.device());
+  check_accumulator_like_x(op, b0, {{"alpha", alpha}});
   TORCH_CHECK(alpha.dim() == 3 && alpha.size(0) == B && alpha.size(1) == C && alpha.size(2) == K, op,
               ": alpha must be [", B, ", ", C, ", ", K, "], got ", alpha.sizes());
   return {branches, alpha.contiguous(), g, B, C, B > 0 ? g.M / B : 0};

@@ -24,6 +24,11 @@ TORCH_LIBRARY(mixops, m) {
   m.def("_atm_sample_cuda_backward(Tensor[] grads, bool[] needs, Tensor x, Tensor offset, str axis, int share) -> Tensor[]");
   m.def("_atm_fc_cuda(Tensor x, Tensor offset, Tensor weight, Tensor? bias, str axis, int share) -> Tensor");
   m.def("_atm_fc_cuda_backward(Tensor[] grads, bool[] needs, Tensor x, Tensor offset, Tensor weight, Tensor? bias, str axis, int share) -> Tensor[]");
+  // the fused ATMLayer's internal ops (atm_layer.cu, atm_layer_cpu.cpp)
+  m.def("_atm_means_cuda(Tensor x, Tensor offset_w, Tensor offset_h, int share) -> Tensor");
+  m.def("_atm_means_cuda_backward(Tensor[] grads, bool[] needs, Tensor x, Tensor offset_w, Tensor offset_h, int share) -> Tensor[]");
+  m.def("_atm_mix_cuda(Tensor x, Tensor offset_w, Tensor offset_h, Tensor weight_w, Tensor weight_h, Tensor weight_c, Tensor? bias_w, Tensor? bias_h, Tensor alpha, int share) -> Tensor");
+  m.def("_atm_mix_cuda_backward(Tensor[] grads, bool[] needs, Tensor x, Tensor offset_w, Tensor offset_h, Tensor weight_w, Tensor weight_h, Tensor weight_c, Tensor? bias_w, Tensor? bias_h, Tensor alpha, int share) -> Tensor[]");
 
   // MorphFC (morph_fc.cu, morph_fc_cpu.cpp): mixops.morph_fc
   m.def("_morph_fc_cuda(Tensor x, Tensor weight, Tensor? bias, int segment_dim, str axis) -> Tensor");

@@ -38,4 +38,33 @@ inline void check_like_x(const char* op, const at::Tensor& x, std::initializer_l
   }
 }
 
+// The accumulator dtype of x's storage dtype at run time (common.cuh Acc<T>): fp64 for fp64, else fp32.
+inline c10::ScalarType accumulate_dtype(const at::Tensor& x) {
+  return x.scalar_type() == c10::kDouble ? c10::kDouble : c10::kFloat;
+}
+
+// Each tensor (the fused layers' softmax weights, a mean's gradient) is on x's device in x's
+// accumulator dtype.
+inline void check_accumulator_like_x(const char* op, const at::Tensor& x, std::initializer_list<NamedTensor> tensors) {
+  for (const NamedTensor& arg : tensors) {
+    TORCH_CHECK(arg.tensor.device() == x.device(), op, ": ", arg.name, " must be on the device of x (", x.device(),
+                "), got ", arg.tensor.device());
+    TORCH_CHECK(arg.tensor.scalar_type() == accumulate_dtype(x), op, ": ", arg.name, " must be ",
+                accumulate_dtype(x), " for ", x.scalar_type(), " x, got ", arg.tensor.scalar_type());
+  }
+}
+
+// Each tensor is on x's device in x's dtype or in x's accumulator dtype (ATMLayer's softmax
+// weights: the module's softmax gives x's dtype, a caller may pass fp32).
+inline void check_like_x_or_accumulator(const char* op, const at::Tensor& x,
+                                        std::initializer_list<NamedTensor> tensors) {
+  for (const NamedTensor& arg : tensors) {
+    const c10::ScalarType d = arg.tensor.scalar_type();
+    TORCH_CHECK(arg.tensor.device() == x.device(), op, ": ", arg.name, " must be on the device of x (", x.device(),
+                "), got ", arg.tensor.device());
+    TORCH_CHECK(d == x.scalar_type() || d == accumulate_dtype(x), op, ": ", arg.name, " must be ", x.scalar_type(),
+                " or ", accumulate_dtype(x), ", got ", d);
+  }
+}
+
 }  // namespace mixops

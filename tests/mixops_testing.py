@@ -65,6 +65,24 @@ def only_backends(monkeypatch, op: str, *names: str) -> None:
     monkeypatch.setitem(backend._registry, op, kept)
 
 
+def cpu_build_as_cuda(monkeypatch, *ops: str) -> str:
+    """Register the extension's CPU build of each op (``torch.ops.mixops._<op>_cuda`` and its
+    ``_backward``: csrc/*_cpu.cpp, the CUDA build's host code and maps run on the CPU) as that
+    op's ``cuda`` backend for tensors of any device; returns the backend's name."""
+    from mixops import backend
+
+    for op in ops:
+        name = "_" + op.lstrip("_")  # morph_fc -> _morph_fc_cuda, _atm_mix -> _atm_mix_cuda
+        impl = backend.Impl(
+            forward=getattr(torch.ops.mixops, f"{name}_cuda"),
+            backward=getattr(torch.ops.mixops, f"{name}_cuda_backward"),
+            supports=lambda t: True,
+            auto=False,
+        )
+        monkeypatch.setitem(backend._registry.setdefault(op, {}), "cuda", impl)
+    return "cuda"
+
+
 def cpu_and_cuda():
     """Parametrize values for a ``device`` argument: cpu always, cuda marked needs_cuda."""
     return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))

@@ -451,23 +451,30 @@ def test_mix_builds_hold_16_warps_per_sm(sm90_builds, build):
 _GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def _skip_without(gpu_backend: str) -> None:
+    if gpu_backend not in mixops.available_backends("_atm_mix"):
+        pytest.skip(f"no {gpu_backend} backend here")
+
+
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", _GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("stage", _STAGES, ids=str)
-def test_cuda_internal_ops_match_reference(stage, dtype):
+def test_cuda_internal_ops_match_reference(stage, dtype, gpu_backend):
+    _skip_without(gpu_backend)
     n, C, share = stage
     shape = (4, n, n, C)
     inputs = _mix_inputs(shape, share, "normal5", dtype, device="cuda")
     g = torch.randn(shape, dtype=torch.float64).to(dtype).cuda()
     leaves = [t.detach().requires_grad_() for t in inputs]
-    out = OL.atm_mix(*leaves, share, backend="triton")
+    out = OL.atm_mix(*leaves, share, backend=gpu_backend)
     got = torch.autograd.grad(out, leaves, g)
     ref, want = _reference_mix(inputs, g, share)
     assert_close(out, ref, dtype, name="mix")
     for name, a, e in zip(MIX_INPUTS, got, want):
         assert_close(a, e, dtype, name=f"grad {name}")
     gm = torch.randn(4, 3, C, device="cuda")
-    means = OL.atm_means(*leaves[:3], share, backend="triton")
+    means = OL.atm_means(*leaves[:3], share, backend=gpu_backend)
     got = torch.autograd.grad(means, leaves[:3], gm)
     ref, want = _reference_means(inputs[:3], gm, share)
     assert_close(means, ref, dtype, name="means")
@@ -476,8 +483,10 @@ def test_cuda_internal_ops_match_reference(stage, dtype):
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", _GPU_DTYPES, ids=str)
-def test_cuda_fused_layer_matches_official(dtype):
+def test_cuda_fused_layer_matches_official(dtype, gpu_backend):
+    _skip_without(gpu_backend)
     B, n, C, share = 8, 14, 320, 4
     m = ATMLayer(C).cuda()
     m.load_state_dict({k: v.cuda() for k, v in _random_state(m, 0.05).items()})
@@ -487,7 +496,8 @@ def test_cuda_fused_layer_matches_official(dtype):
     G = C // share
     g = torch.randn(B, n, n, C, device="cuda").to(dtype)
     leaves = [x, o, *m.parameters()]
-    with mixops.use_backend("triton"):
+    with mixops.use_backend(gpu_backend):
+        assert OL.fused_backend(x) == gpu_backend
         out = m.forward_compact(x, o[..., :G], o[..., G:], share=share)
         got = torch.autograd.grad(out, leaves, g)
     m64 = ATMLayer(C).double()
@@ -498,6 +508,6 @@ def test_cuda_fused_layer_matches_official(dtype):
     assert_close(out, ref, dtype, name="ATMLayer")
     for name, a, e in zip(["x", "offset"] + [k for k, _ in m.named_parameters()], got, want):
         assert_close(a, e, dtype, name=f"grad {name}")
-    with mixops.use_backend("triton"):
+    with mixops.use_backend(gpu_backend):
         again = torch.autograd.grad(m.forward_compact(x, o[..., :G], o[..., G:], share=share), leaves, g)
     assert all(torch.equal(a, b) for a, b in zip(got, again)), "backward is not bit-identical"

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import mixops
+from mixops_testing import cpu_build_as_cuda
+
 import cuda_sass
 import test_morph_fc_fused as branch_suite
 import test_morph_fc_fused_modules as modules_suite
@@ -30,19 +32,8 @@ f64 = torch.float64
 
 @pytest.fixture
 def cpu_build(monkeypatch):
-    """The extension's CPU build as the ``cuda`` backend of both ops, on any tensor."""
-    from mixops import backend
-
-    ops = torch.ops.mixops
-    for op in ("_morph_branch", "_reweighted_proj"):
-        impl = backend.Impl(
-            forward=getattr(ops, f"{op}_cuda"),
-            backward=getattr(ops, f"{op}_cuda_backward"),
-            supports=lambda t: True,
-            auto=False,
-        )
-        monkeypatch.setitem(backend._registry.setdefault(op, {}), "cuda", impl)
-    return "cuda"
+    """The CPU build as the ``cuda`` backend of both ops and of morph_fc (the modules' path choice)."""
+    return cpu_build_as_cuda(monkeypatch, "_morph_branch", "_reweighted_proj", "morph_fc")
 
 
 # (axis, x shape, segment_dim) past one 128 x 128 tile: M = 672 rows of 224 per item (row tiles
@@ -124,14 +115,12 @@ def test_proj_opcheck(K, cpu_build):
 
 
 @pytest.mark.parametrize("case", modules_suite.MODULES, ids=["S", "S-image-84", "S2", "T", "block-S", "block-S2"])
-def test_fused_modules_take_the_cuda_path(case, cpu_build, monkeypatch):
-    """The fused MorphFC layers on the cuda backend (morph_fc too through its CPU build): the
-    fused path is taken and matches the float64 reference module."""
+def test_fused_modules_take_the_cuda_path(case, cpu_build):
+    """The fused MorphFC layers on the cuda backend: the fused path is taken and matches the
+    float64 reference module."""
     from mixops import backend
     from mixops.nn import morph_fc as nn_morph
 
-    impl = backend.implementation("morph_fc", "cuda")
-    monkeypatch.setitem(backend._registry["morph_fc"], "cuda", backend.Impl(impl.forward, impl.backward, lambda t: True, False))
     make, fwd, shape = case
     with mixops.use_backend(cpu_build):
         assert backend.fused_backend("morph_fc", nn_morph._FUSED_OPS, torch.empty(shape)) == "cuda"
@@ -162,3 +151,14 @@ def test_build_runs_every_fused_gemm_on_the_engine():
             "Simt", "Simt", "Sm90Wgmma", "Sm90Wgmma", "Tf32Mma"], (gemm, sorted(names))
     for (arch, name), sass in kernels.items():
         assert not cuda_sass.calls(sass), f"{name} on {arch} calls the 64-bit division subroutine"
+
+
+@pytest.mark.needs_cuda
+def test_cuda_small_case_for_compute_sanitizer():
+    """One small call of each op and its backward on the GPU, partial tiles on every edge, every
+    dtype; run this test alone under ``compute-sanitizer`` (memcheck, racecheck) to check the
+    kernels' masks, tile sums and barriers."""
+    for dtype in (f64, torch.float32, torch.float16, torch.bfloat16):
+        for axis, shape, L in (("w", (2, 3, 6, 10, 20), 4), ("c", (3, 2, 3, 5, 20), 1)):
+            branch_suite._check("cuda", axis, *branch_suite._inputs(shape, L, axis, dtype, "cuda"), L, dtype)
+        proj_suite._check("cuda", *proj_suite._inputs((2, 3, 5, 7, 20), 3, dtype, "cuda"), dtype)

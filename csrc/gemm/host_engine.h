@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "../column_term.h"
 #include "operands.cuh"
 #include "tile_sums.cuh"
 
@@ -31,8 +32,8 @@ Acc<typename Op::Element> host_element(const Op& op, int64_t r, int64_t k) {
 }
 
 // C = A B^T as gathered_gemm_kernel<Tile> computes it, block by block: the accumulators in
-// increasing k (the GPU's order differs; the tests compare within a tolerance), then the stores
-// and the tile sums of each block.
+// increasing k (the GPU's order differs; the tests compare within a tolerance), folded per K
+// segment, then the stores and the tile sums of each block.
 template <class Tile, class OpA, class OpB, class Epi>
 void run_on_host(const Problem& p, const OpA& a, const OpB& b, const Epi& epi) {
   using AccT = Acc<typename OpA::Element>;
@@ -49,15 +50,27 @@ void run_on_host(const Problem& p, const OpA& a, const OpB& b, const Epi& epi) {
       for (int64_t n0 = 0; n0 < p.N; n0 += kBN) {
         const int rows_valid = static_cast<int>(std::min<int64_t>(kBM, p.M - m0));
         const int cols_valid = static_cast<int>(std::min<int64_t>(kBN, p.N - n0));
+        for (int c = 0; c < cols_valid; ++c) cols[c] = epi.col(n0 + c);
         for (int r = 0; r < rows_valid; ++r) {
           rows[r] = epi.row(m0 + r, split);
           for (int c = 0; c < cols_valid; ++c) {
-            AccT sum = 0;
-            for (int64_t k = k_begin; k < k_end; ++k) sum += host_element(a, m0 + r, k) * host_element(b, n0 + c, k);
-            acc[r * kBN + c] = sum;
+            // K segments: each range's sum folded by the epilogue, the contributions added in order
+            const int64_t length = (k_end - k_begin) / p.segments;  // (the kernel's k_per_segment)
+            AccT total = 0;
+            for (int seg = 0; seg < p.segments; ++seg) {
+              AccT sum = 0;
+              for (int64_t k = k_begin + seg * length; k < k_begin + (seg + 1) * length; ++k)
+                sum += host_element(a, m0 + r, k) * host_element(b, n0 + c, k);
+              if constexpr (kHasSegments<Epi>) {
+                const AccT v = epi.fold(seg, rows[r], cols[c], sum);
+                total = seg == 0 ? v : total + v;
+              } else {
+                total = sum;
+              }
+            }
+            acc[r * kBN + c] = total;
           }
         }
-        for (int c = 0; c < cols_valid; ++c) cols[c] = epi.col(n0 + c);
         for (int r = 0; r < rows_valid; ++r)
           for (int c = 0; c < cols_valid; ++c) epi.store(rows[r], cols[c], acc[r * kBN + c]);
         if constexpr (kHasTileSums<Epi>) {
@@ -102,7 +115,7 @@ struct HostRunner {
     AccT* out = sums.mutable_data_ptr<AccT>();
     for (int64_t m = 0; m < rows; ++m) {
       const auto row = map.row(m);
-      for (int64_t j = 0; j < cols; ++j) out[j] += static_cast<AccT>(data[map.offset(row, map.col(j))]);
+      for (int64_t j = 0; j < cols; ++j) out[j] += column_term<AccT>(data, map, row, map.col(j));
     }
     return sums;
   }

@@ -18,6 +18,9 @@
 //
 // K tails: a step past the end of the block's K range is zero-filled, and the MMAs of its
 // k-blocks wholly past the end are skipped (F = 112 at kBK = 64 runs 7 of 8 k-blocks, not 8).
+// K segments (an epilogue with kSegments): the K range runs as consecutive ranges, the ring
+// drained after each, whose accumulators the epilogue's fold scales into a running sum (shared
+// memory on sm_90a, registers otherwise) before they are cleared for the next.
 // Epilogue: the accumulators go through shared memory (the ring is free by then) so that the
 // family's store map sees consecutive n on consecutive threads and evaluates its row share once
 // per row (staged in shared memory) and its column share once per thread; an epilogue with tile
@@ -74,7 +77,15 @@ struct SmemPlan {
   static constexpr size_t kLoaderShares = ((kRing > kEpilogue ? kRing : kEpilogue) + 15) / 16 * 16;
   static constexpr size_t kSharesA = OpA::kMajor == Major::K ? Tile::kBM * sizeof(typename OpA::Row) : 0;
   static constexpr size_t kSharesB = OpB::kMajor == Major::K ? Tile::kBN * sizeof(typename OpB::Row) : 0;
-  static constexpr size_t kBytes = kLoaderShares + kSharesA + kSharesB;
+  // K segments (kHasSegments): the fold's row and column shares, live for the whole kernel, and
+  // on sm_90a the running sum (wgmma's accumulators leave no registers for a second set; the
+  // other tiles keep it in registers)
+  static constexpr bool kSegmented = kHasSegments<Epi>;
+  static constexpr size_t kSegRows = kSegmented ? (Tile::kBM * sizeof(typename Epi::Row) + 15) / 16 * 16 : 0;
+  static constexpr size_t kSegCols = kSegmented ? (Tile::kBN * sizeof(typename Epi::Col) + 15) / 16 * 16 : 0;
+  static constexpr size_t kSegTotal = kSegmented && Tile::kWgmma ? kAccTile : 0;
+  static constexpr size_t kSegBase = (kLoaderShares + kSharesA + kSharesB + 15) / 16 * 16;
+  static constexpr size_t kBytes = kSegBase + kSegRows + kSegCols + kSegTotal;
 };
 
 template <class Tile, class OpA, class OpB, class Epi>
@@ -100,22 +111,25 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     const int64_t m0 = static_cast<int64_t>(blockIdx.x / tiles_n) * kBM;
     const int64_t n0 = static_cast<int64_t>(blockIdx.x % tiles_n) * kBN;
     const int split = static_cast<int>(blockIdx.y);
-    const int64_t k_begin = split * p.k_per_split;
-    const int64_t k_end = k_begin + p.k_per_split < p.K ? k_begin + p.k_per_split : p.K;
-    const int steps = static_cast<int>(cdiv(k_end - k_begin, kBK));
+    const int64_t k_first = split * p.k_per_split;
+    const int64_t k_last = k_first + p.k_per_split < p.K ? k_first + p.k_per_split : p.K;
 
+    using Row = typename Epi::Row;
+    using Col = typename Epi::Col;
     using SharesA = typename OpA::Row;
     using SharesB = typename OpB::Row;
     TileLoader<OpA, kBM, kBK, Tile::kThreads> load_a(a, m0, p.M, reinterpret_cast<SharesA*>(smem + Plan::kLoaderShares));
     TileLoader<OpB, kBN, kBK, Tile::kThreads> load_b(
         b, n0, p.N, reinterpret_cast<SharesB*>(smem + Plan::kLoaderShares + Plan::kSharesA));
+    // the fold's shares (K segments), clamped into the problem: the fold runs on every element
+    // of the tile and the store skips those outside
+    Row* seg_rows = reinterpret_cast<Row*>(smem + Plan::kSegBase);
+    Col* seg_cols = reinterpret_cast<Col*>(smem + Plan::kSegBase + Plan::kSegRows);
+    if constexpr (Plan::kSegmented) {
+      for (int r = threadIdx.x; r < kBM; r += Tile::kThreads) seg_rows[r] = epi.row(m0 + r < p.M ? m0 + r : p.M - 1, split);
+      for (int c = threadIdx.x; c < kBN; c += Tile::kThreads) seg_cols[c] = epi.col(n0 + c < p.N ? n0 + c : p.N - 1);
+    }
     __syncthreads();  // the row shares are in shared memory
-    const auto fill = [&](int step, int stage) {
-      const int64_t k0 = k_begin + static_cast<int64_t>(step) * kBK;
-      load_a.write(sA(_, _, stage), k0, k_end);
-      load_b.write(sB(_, _, stage), k0, k_end);
-      cp_async_fence();
-    };
 
     using TiledMma = typename Tile::template TiledMma<OpA::kMajor, OpB::kMajor>;
     TiledMma mma;
@@ -123,81 +137,115 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     Tensor accum = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});  // (MMA, MMA_M, MMA_N)
     clear(accum);
 
-    CUTE_UNROLL
-    for (int s = 0; s < kStages - 1; ++s) fill(s, s);
+    // One K range [k_begin, k_end) through the ring into accum, drained at the end.
+    const auto mainloop = [&](const int64_t k_begin, const int64_t k_end) {
+      const int steps = static_cast<int>(cdiv(k_end - k_begin, kBK));
+      const auto fill = [&](int step, int stage) {
+        const int64_t k0 = k_begin + static_cast<int64_t>(step) * kBK;
+        load_a.write(sA(_, _, stage), k0, k_end);
+        load_b.write(sB(_, _, stage), k0, k_end);
+        cp_async_fence();
+      };
 
-    // The MMAs of one stage, k-blocks past the end of the K range skipped.
-    const auto compute = [&](int step, int stage) {
-      const int64_t k_valid = k_end - (k_begin + static_cast<int64_t>(step) * kBK);
-      if constexpr (Tile::kWgmma) {
-        Tensor tCsA = thr_mma.partition_A(sA);  // (MMA, MMA_M, MMA_K, S)
-        Tensor tCsB = thr_mma.partition_B(sB);
-        Tensor tCrA = thr_mma.make_fragment_A(tCsA);  // smem descriptors
-        Tensor tCrB = thr_mma.make_fragment_B(tCsB);
-        warpgroup_fence_operand(accum);
-        warpgroup_arrive();
-        // (a branch between two wgmmas makes ptxas serialize them: the K tail has its own loop)
-        if (k_valid >= kBK) {
-          CUTE_UNROLL
-          for (int kb = 0; kb < size<2>(tCrA); ++kb) cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), accum);
-        } else {
-          for (int kb = 0; kb * Tile::kAtomK < k_valid; ++kb)
-            cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), accum);
-        }
-        warpgroup_commit_batch();
-        warpgroup_fence_operand(accum);
-      } else {
-        auto s2r_a = make_tiled_copy_A(typename Tile::template S2RAtom<OpA::kMajor>{}, mma);
-        auto s2r_b = make_tiled_copy_B(typename Tile::template S2RAtom<OpB::kMajor>{}, mma);
-        auto thr_a = s2r_a.get_slice(threadIdx.x);
-        auto thr_b = s2r_b.get_slice(threadIdx.x);
-        Tensor tXsA = thr_a.partition_S(sA);  // (CPY, MMA_M, MMA_K, S)
-        Tensor tXsB = thr_b.partition_S(sB);
-        Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
-        Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));
-        Tensor tXrA = thr_a.retile_D(tCrA);
-        Tensor tXrB = thr_b.retile_D(tCrB);
-        // every k-block goes through the registers of k-block 0 (the others are never touched, so
-        // they take no registers): MMA_K sets at once would be 64 more registers next to the 64
-        // accumulators, and ptxas spilled the fp16/bf16 tiles on sm_80
-        CUTE_UNROLL
-        for (int kb = 0; kb < size<2>(tCrA); ++kb) {
-          if (kb * Tile::kAtomK >= k_valid) break;
-          copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, 0));
-          copy(s2r_b, tXsB(_, _, kb, stage), tXrB(_, _, 0));
-          if constexpr (std::is_same_v<SmemT, cutlass::tfloat32_t>) {
-            round_to_tf32(tCrA(_, _, 0));
-            round_to_tf32(tCrB(_, _, 0));
+      CUTE_UNROLL
+      for (int s = 0; s < kStages - 1; ++s) fill(s, s);
+
+      // The MMAs of one stage, k-blocks past the end of the K range skipped.
+      const auto compute = [&](int step, int stage) {
+        const int64_t k_valid = k_end - (k_begin + static_cast<int64_t>(step) * kBK);
+        if constexpr (Tile::kWgmma) {
+          Tensor tCsA = thr_mma.partition_A(sA);  // (MMA, MMA_M, MMA_K, S)
+          Tensor tCsB = thr_mma.partition_B(sB);
+          Tensor tCrA = thr_mma.make_fragment_A(tCsA);  // smem descriptors
+          Tensor tCrB = thr_mma.make_fragment_B(tCsB);
+          warpgroup_fence_operand(accum);
+          warpgroup_arrive();
+          // (a branch between two wgmmas makes ptxas serialize them: the K tail has its own loop)
+          if (k_valid >= kBK) {
+            CUTE_UNROLL
+            for (int kb = 0; kb < size<2>(tCrA); ++kb) cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), accum);
+          } else {
+            for (int kb = 0; kb * Tile::kAtomK < k_valid; ++kb)
+              cute::gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), accum);
           }
-          cute::gemm(mma, tCrA(_, _, 0), tCrB(_, _, 0), accum);
+          warpgroup_commit_batch();
+          warpgroup_fence_operand(accum);
+        } else {
+          auto s2r_a = make_tiled_copy_A(typename Tile::template S2RAtom<OpA::kMajor>{}, mma);
+          auto s2r_b = make_tiled_copy_B(typename Tile::template S2RAtom<OpB::kMajor>{}, mma);
+          auto thr_a = s2r_a.get_slice(threadIdx.x);
+          auto thr_b = s2r_b.get_slice(threadIdx.x);
+          Tensor tXsA = thr_a.partition_S(sA);  // (CPY, MMA_M, MMA_K, S)
+          Tensor tXsB = thr_b.partition_S(sB);
+          Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
+          Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));
+          Tensor tXrA = thr_a.retile_D(tCrA);
+          Tensor tXrB = thr_b.retile_D(tCrB);
+          // every k-block goes through the registers of k-block 0 (the others are never touched, so
+          // they take no registers): MMA_K sets at once would be 64 more registers next to the 64
+          // accumulators, and ptxas spilled the fp16/bf16 tiles on sm_80
+          CUTE_UNROLL
+          for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+            if (kb * Tile::kAtomK >= k_valid) break;
+            copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, 0));
+            copy(s2r_b, tXsB(_, _, kb, stage), tXrB(_, _, 0));
+            if constexpr (std::is_same_v<SmemT, cutlass::tfloat32_t>) {
+              round_to_tf32(tCrA(_, _, 0));
+              round_to_tf32(tCrB(_, _, 0));
+            }
+            cute::gemm(mma, tCrA(_, _, 0), tCrB(_, _, 0), accum);
+          }
         }
+      };
+
+      for (int step = 0; step < steps; ++step) {
+        const int stage = step % kStages;
+        cp_async_wait<kStages - 2>();
+        // wgmma reads shared memory through the async proxy: the writes of this thread (cp.async
+        // and st.shared, generic proxy) are made visible to it before the barrier publishes them
+        if constexpr (Tile::kWgmma) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();  // stage `step` is in shared memory for every thread
+        compute(step, stage);
+        if constexpr (Tile::kWgmma) warpgroup_wait<1>();  // step - 1 retired: its stage may be refilled
+        __syncthreads();
+        const int next = step + kStages - 1;
+        fill(next, next % kStages);
       }
+      if constexpr (Tile::kWgmma) warpgroup_wait<0>();
+      cp_async_wait<0>();
+      __syncthreads();  // the ring is free
     };
 
-    for (int step = 0; step < steps; ++step) {
-      const int stage = step % kStages;
-      cp_async_wait<kStages - 2>();
-      // wgmma reads shared memory through the async proxy: the writes of this thread (cp.async
-      // and st.shared, generic proxy) are made visible to it before the barrier publishes them
-      if constexpr (Tile::kWgmma) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      __syncthreads();  // stage `step` is in shared memory for every thread
-      compute(step, stage);
-      if constexpr (Tile::kWgmma) warpgroup_wait<1>();  // step - 1 retired: its stage may be refilled
-      __syncthreads();
-      const int next = step + kStages - 1;
-      fill(next, next % kStages);
+    const auto tile_layout = make_layout(Shape<Int<kBM>, Int<kBN>>{}, Stride<Int<Plan::kLdC>, _1>{});
+    // K segments: the running sum of the fold's contributions, in shared memory on sm_90a
+    Tensor total = make_fragment_like(accum);
+    Tensor sTotal = make_tensor(make_smem_ptr(reinterpret_cast<AccT*>(smem + Plan::kSegBase + Plan::kSegRows +
+                                                                       Plan::kSegCols)),
+                                tile_layout);
+    if constexpr (Plan::kSegmented) {
+      const int64_t length = p.k_per_segment;
+      Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+      Tensor tTotal = thr_mma.partition_C(sTotal);
+      for (int seg = 0; seg < p.segments; ++seg) {
+        mainloop(k_first + seg * length, k_first + (seg + 1) * length);
+        CUTE_UNROLL
+        for (int i = 0; i < size(accum); ++i) {
+          const AccT v = epi.fold(seg, seg_rows[get<0>(coords(i))], seg_cols[get<1>(coords(i))], accum(i));
+          if constexpr (Tile::kWgmma) tTotal(i) = seg == 0 ? v : tTotal(i) + v;
+          else total(i) = seg == 0 ? v : total(i) + v;
+        }
+        clear(accum);
+      }
+    } else {
+      mainloop(k_first, k_last);
     }
-    if constexpr (Tile::kWgmma) warpgroup_wait<0>();
-    cp_async_wait<0>();
-    __syncthreads();  // the ring is free
 
-    // Epilogue: accumulators -> shared [kBM][kLdC] -> the family's store map.
+    // Epilogue: accumulators (or the segments' sum) -> shared [kBM][kLdC] -> the family's store map.
     AccT* acc_tile = reinterpret_cast<AccT*>(smem);
-    Tensor sC = make_tensor(make_smem_ptr(acc_tile),
-                            make_layout(Shape<Int<kBM>, Int<kBN>>{}, Stride<Int<Plan::kLdC>, _1>{}));
-    copy(accum, thr_mma.partition_C(sC));
-    using Row = typename Epi::Row;
-    using Col = typename Epi::Col;
+    Tensor sC = make_tensor(make_smem_ptr(acc_tile), tile_layout);
+    if constexpr (!Plan::kSegmented) copy(accum, thr_mma.partition_C(sC));
+    else if constexpr (Tile::kWgmma) copy(thr_mma.partition_C(sTotal), thr_mma.partition_C(sC));
+    else copy(total, thr_mma.partition_C(sC));
     Row* row_shares = reinterpret_cast<Row*>(smem + Plan::kAccTile);
     Col* col_shares = reinterpret_cast<Col*>(smem + Plan::kAccTile + Plan::kRowShares);
     for (int r = threadIdx.x; r < kBM; r += Tile::kThreads)
@@ -229,12 +277,16 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
 
 // Launches the engine for C = A B^T on `Tile` (the caller picked it: select.cuh).
 template <class Tile, class OpA, class OpB, class Epi>
-void launch(const Problem& p, const OpA& a, const OpB& b, const Epi& epi) {
+void launch(Problem p, const OpA& a, const OpB& b, const Epi& epi) {
   if (p.M == 0 || p.N == 0) return;
   using Plan = SmemPlan<Tile, OpA, OpB, Epi>;
   const int64_t tiles = cdiv(p.M, Tile::kBM) * cdiv(p.N, Tile::kBN);
   TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max() && p.splits <= 65535,
               "mixops: GEMM too large for one launch (", tiles, " tiles x ", p.splits, " splits)");
+  TORCH_CHECK(p.segments == 1 || (kHasSegments<Epi> && p.splits == 1 && p.segments > 0 && p.K % p.segments == 0),
+              "mixops: ", p.segments, " K segments need a folding epilogue, no split and K (", p.K,
+              ") divisible by them");
+  p.k_per_segment = p.K / p.segments;
   const int limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   TORCH_CHECK(Plan::kBytes <= static_cast<size_t>(limit), "mixops: the GEMM tile needs ", Plan::kBytes,
               " bytes of shared memory per block, this GPU allows ", limit);

@@ -25,7 +25,7 @@
 //   __device__ Row row(int64_t m, int split), Col col(int64_t n)
 //   __device__ void store(const Row&, const Col&, Acc v)   (bias, dtype, scatter: the family's)
 // `split` is the block's index along the split of K (0 unless the launch splits K). An epilogue
-// may also reduce its tile (kTileSums, gemm/tile_sums.cuh). Operands and epilogues whose
+// may also reduce its tile (kTileSums, gemm/tile_sums.cuh) and fold K segments (kSegments, below). Operands and epilogues whose
 // functions are MIXOPS_HD also run on the CPU (gemm/host_engine.h).
 #pragma once
 
@@ -38,10 +38,23 @@ namespace mixops::gemm {
 
 // The problem of one launch: C [M, N] over K, each block summing k in [split * k_per_split,
 // min(K, (split + 1) * k_per_split)) (k_per_split = K: no split).
+// segments > 1 (an epilogue with kSegments; splits must be 1): the K range is run as `segments`
+// equal consecutive ranges, each folded into the result by the epilogue (below).
 struct Problem {
   int64_t M, N, K, k_per_split;
   int splits;
+  int segments = 1;
+  int64_t k_per_segment = 0;  // K / segments, set by gemm::launch (no 64-bit division on the device)
 };
+
+// Whether an epilogue folds K segments: `static constexpr bool kSegments = true;` and
+//   MIXOPS_HD Acc fold(int segment, const Row&, const Col&, Acc acc) const
+// the segment's contribution to element (m, n) from its own accumulator; the engine adds the
+// contributions in segment order and stores their sum. This is the per-sample scale of a sum of
+// GEMMs, e.g. ATMLayer's  alpha_w·(S_w W_w^T + b_w) + alpha_h·(...) + alpha_c·(x W_c^T)  with
+// alpha per (batch item, output channel): one launch, K = 3C in 3 segments.
+template <class Epi>
+inline constexpr bool kHasSegments = requires { requires Epi::kSegments; };
 
 // The contiguous axis of an operand: its K axis (A = X[m, k] with k along the channels) or its
 // rows (B = W[k, n] read as [N, K]: contiguous along n).

@@ -24,7 +24,7 @@ at::Tensor split_k(int64_t M, int64_t N, int64_t K, const OpA& a, const OpB& b, 
                    c10::ScalarType dtype) {
   using AccT = Acc<typename OpA::Element>;
   const RowSplit split = split_rows(K, Tile::kBK, cdiv(M, Tile::kBM) * cdiv(N, Tile::kBN));
-  at::Tensor part = at::empty({split.count, M, N}, like.options().dtype(c10::CppTypeToScalarType<AccT>::value));
+  at::Tensor part = at::empty({split.count, M, N}, like.options().dtype(kAccDtype<typename OpA::Element>));
   Runner::template launch<Tile>(Problem{M, N, K, split.rows, static_cast<int>(split.count)}, a, b,
                                 partials(part.mutable_data_ptr<AccT>(), M, N));
   return part.sum(0).to(dtype);

@@ -8,10 +8,10 @@ through ``mixops.morph_fc`` (and so through the selected backend); the channel F
 and projections are plain torch.
 
 Fused layer path: when the backend ``mixops.morph_fc`` resolves to for x also implements the
-internal ops of ``mixops.ops.morph_fc_fused`` (torch, triton), ``MorphFC_S`` / ``MorphFC_S2``
+internal ops of ``mixops.ops.morph_fc_fused`` (torch, triton, cuda), ``MorphFC_S`` / ``MorphFC_S2``
 run branch ops that return each branch's fp32 token mean with it, the reweight MLP on those
-means, and ``_reweighted_proj`` (the weighted sum formed inside the proj GEMM). Otherwise (e.g.
-the ``cuda`` backend, which has ``morph_fc`` alone) the unfused path through the public op.
+means, and ``_reweighted_proj`` (the weighted sum formed inside the proj GEMM). Otherwise (a
+backend with ``morph_fc`` alone) the unfused path through the public op.
 
 Layout is channels-last: ``[B, T, H, W, C]`` (official video layout). ``MorphFC_S`` and
 ``MorphFC_S2`` also take images ``[B, H, W, C]`` (T = 1); ``MorphFC_T`` and

@@ -8,8 +8,8 @@ whose A operand is gathered in the load stage.
 
 ``atm_layer_mix`` strings them together with the tiny torch steps between them (branch means by
 linearity, the fusion MLP, the softmax); ``fused_backend`` says whether the backend the public
-``atm_fc`` would use has both internal ops (``torch``, ``triton``), otherwise ATMLayer keeps
-its unfused path (e.g. a ``cuda`` backend that implements only atm_fc / atm_sample).
+``atm_fc`` would use has both internal ops (``torch``, ``triton``, ``cuda``), otherwise ATMLayer
+keeps its unfused path (a backend that implements only atm_fc / atm_sample).
 """
 from __future__ import annotations
 

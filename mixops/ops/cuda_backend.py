@@ -20,6 +20,9 @@ if cuda_extension_available():
     # GPU yet; until they have, they run only when asked for by name.
     register("atm_sample", "cuda", forward=ops._atm_sample_cuda, backward=ops._atm_sample_cuda_backward, auto=False)
     register("atm_fc", "cuda", forward=ops._atm_fc_cuda, backward=ops._atm_fc_cuda_backward, auto=False)
+    # the fused ATMLayer's internal ops (mixops.ops.atm_layer)
+    register("_atm_means", "cuda", forward=ops._atm_means_cuda, backward=ops._atm_means_cuda_backward, auto=False)
+    register("_atm_mix", "cuda", forward=ops._atm_mix_cuda, backward=ops._atm_mix_cuda_backward, auto=False)
     register("morph_fc", "cuda", forward=ops._morph_fc_cuda, backward=ops._morph_fc_cuda_backward, auto=False)
     # the fused MorphFC layer's internal ops (mixops.ops.morph_fc_fused)
     register("_morph_branch", "cuda", forward=ops._morph_branch_cuda, backward=ops._morph_branch_cuda_backward,

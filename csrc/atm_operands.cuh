@@ -1,9 +1,10 @@
-// ATM's tensors as operands and epilogue of the gathered-GEMM engine (gemm/operands.cuh), for
-// atm_fc in atm.cu: the line view [B, L, n, C] (atm_host.cuh) turned into GEMM rows and columns.
-//   forward   out[pixel, j] = sum_c S[pixel, c]·W[j, c]     A = GatheredS<K>,     B = W,          PixelStore
-//   dS        dS[pixel, c]  = sum_j g[pixel, j]·W[j, c]     A = LineOperand<K>,   B = W^T,        PixelStore
-//   dW        dW[j, c]      = sum_pixel g[pixel, j]·S[pixel, c]
-//                                                           A = LineOperand<Rows>, B = GatheredS<Rows>, partials
+// ATM's tensors as operands and epilogue of the gathered-GEMM engine (gemm/operands.cuh): the
+// line view [B, L, n, C] (atm_host.cuh) turned into GEMM rows and columns: host/device code
+// shared by atm.cu (atm_fc) and the fused layer's host code (atm_layer.h, also its CPU build).
+//   atm_fc forward   out[pixel, j] = sum_c S[pixel, c]·W[j, c]     A = GatheredS<K>,     B = W,   PixelStore
+//   atm_fc dS        dS[pixel, c]  = sum_j g[pixel, j]·W[j, c]     A = LineOperand<K>,   B = W^T, PixelStore
+//   atm_fc dW        dW[j, c]      = sum_pixel g[pixel, j]·S[pixel, c]
+//                                                               A = LineOperand<Rows>, B = GatheredS<Rows>, partials
 // S[pixel, c] = lerp0(x[b, l, :, c], q + off[b, l, q, c / share]) is never stored: GatheredS
 // computes it in the engine's operand load (a computed operand, two loads and a lerp per
 // element). The divisions of the maps (pixel -> line and position, line -> image, channel ->
@@ -19,11 +20,10 @@
 #include "atm_math.cuh"
 #include "common.cuh"
 #include "gemm/operands.cuh"
-#include "gemm/select.cuh"
 
 namespace mixops::atm {
-// (internal linkage, as atm.cu's own kernels: the engine's instantiations on these types are named
-// after the including file, _atm_cu_, as tests/cuda_sass.py extension_sass("atm") selects them)
+// (internal linkage: the engine's instantiations on these types are named after the including
+// file, e.g. _atm_cu_, as tests/cuda_sass.py extension_sass("atm") selects them)
 namespace {
 
 MIXOPS_HD int64_t pixel_offset(const LineStrides& s, int64_t b, int64_t l, int64_t q) {
@@ -58,10 +58,6 @@ struct PixelMatrix {
   MIXOPS_HD int64_t offset(int64_t r, int64_t c) const { return r + c; }
 };
 
-inline PixelMatrix pixel_matrix(const LineShape& sh, const at::Tensor& t) {
-  return {Divider(sh.n), Divider(sh.L), sh.strides(t)};
-}
-
 // A copy operand from a [B, L, n, K] tensor (g): Major::K reads it as [pixels, K] (dS's A),
 // Major::Rows as [K, pixels] (dW's A); both contiguous along the channels when s.c == 1.
 template <typename T, gemm::Major kMajorAxis>
@@ -80,26 +76,6 @@ struct LineOperand {
   MIXOPS_HD int64_t col(int64_t k) const { return kPixelRows ? map.col(k) : map.row(k); }
   MIXOPS_HD int64_t offset(int64_t r, int64_t c) const { return r + c; }
 };
-
-// (scalar_t: the ATen storage type of t)
-template <typename scalar_t, gemm::Major kMajor>
-LineOperand<gemm::engine_t<scalar_t>, kMajor> line_operand(const at::Tensor& t, const LineShape& sh) {
-  const LineStrides s = sh.strides(t);
-  const auto* data = gemm::engine_ptr<scalar_t>(t);
-  // runs along the channels; every pixel stride must keep them aligned
-  return {data, gemm::vector_width(data, t.element_size(), s.c, t.size(3), {s.b, s.l, s.p}), pixel_matrix(sh, t)};
-}
-
-// W [C_out, C] as the forward's B (Major::K: W[j, c], rows j, K = c) or dS's B (Major::Rows:
-// W^T[c, j], rows c, K = j); contiguous along c in both when weight.stride(1) == 1.
-template <typename scalar_t, gemm::Major kMajor>
-gemm::Matrix<gemm::engine_t<scalar_t>, kMajor> weight_operand(const at::Tensor& weight) {
-  const auto* data = gemm::engine_ptr<scalar_t>(weight);
-  const int64_t s_out = weight.stride(0), s_in = weight.stride(1);
-  const int vec = gemm::vector_width(data, weight.element_size(), s_in, weight.size(1), {s_out});
-  if constexpr (kMajor == gemm::Major::K) return {data, s_out, s_in, vec};
-  else return {data, s_in, s_out, vec};
-}
 
 // Where one pixel's samples come from: its line's start in x, its offset row, its position q.
 struct PixelShare {
@@ -129,7 +105,11 @@ struct GatheredS {
 
   MIXOPS_HD PixelShare pixel(int64_t m) const {
     const PixelIndex p = pixel_index(m, n, L);
-    return {p.b * sx.b + p.l * sx.l, pixel_offset(so, p.b, p.l, p.q), p.q};
+    return pixel_at(p.b, p.l, p.q);
+  }
+  // the share of the pixel at image b, line l, position q of this view
+  MIXOPS_HD PixelShare pixel_at(int64_t b, int64_t l, int64_t q) const {
+    return {b * sx.b + l * sx.l, pixel_offset(so, b, l, q), q};
   }
   MIXOPS_HD ChannelShare channel(int64_t c) const { return {c * sx.c, share.div(c) * so.c}; }
 
@@ -145,21 +125,13 @@ struct GatheredS {
     if constexpr (kPixelRows) return sampled(r, k);
     else return sampled(k, r);
   }
-
- private:
+  // S at one pixel and channel, from their shares
   MIXOPS_HD AccT sampled(const PixelShare& p, const ChannelShare& c) const {
     const T* line = x + p.x + c.x;
     const auto load = [&](int64_t t) { return line[t * sx.p]; };
     return atm::sample<AccT>(load, p.q, static_cast<AccT>(off[p.off + c.off]), n.divisor());
   }
 };
-
-template <typename scalar_t, gemm::Major kMajor>
-GatheredS<gemm::engine_t<scalar_t>, kMajor> gathered_s(const at::Tensor& x, const at::Tensor& offset,
-                                                       const LineShape& sh) {
-  return {gemm::engine_ptr<scalar_t>(x), gemm::engine_ptr<scalar_t>(offset), Divider(sh.n), Divider(sh.L),
-          Divider(sh.share), sh.strides(x), sh.strides(offset)};
-}
 
 // The engine's epilogue onto a [B, L, n, K] output (out, dS): element (pixel, j) goes to the
 // pixel's row at j·stride, plus bias[j] when there is one, rounded to the storage type once.
@@ -185,10 +157,46 @@ struct PixelStore {
   }
 };
 
-template <typename scalar_t>
-PixelStore<gemm::engine_t<scalar_t>> pixel_store(at::Tensor& out, const std::optional<at::Tensor>& bias,
-                                                 const LineShape& sh) {
-  return {gemm::engine_ptr<scalar_t>(out), bias.has_value() ? gemm::engine_ptr<scalar_t>(*bias) : nullptr,
+// ---------------------------------------------------------------------------------------------
+// Builders from ATen tensors (host code). scalar_t: the ATen storage type; Runner (gemm/
+// engine_runner.cuh or gemm/host_engine.h) gives the kernels' element type and pointers.
+// ---------------------------------------------------------------------------------------------
+
+inline PixelMatrix pixel_matrix(const LineShape& sh, const at::Tensor& t) {
+  return {Divider(sh.n), Divider(sh.L), sh.strides(t)};
+}
+
+template <class Runner, typename scalar_t, gemm::Major kMajor>
+LineOperand<typename Runner::template T<scalar_t>, kMajor> line_operand(const at::Tensor& t, const LineShape& sh) {
+  const LineStrides s = sh.strides(t);
+  // runs along the channels; every pixel stride must keep them aligned
+  return {Runner::template in<scalar_t>(t),
+          gemm::vector_width(t.const_data_ptr(), t.element_size(), s.c, t.size(3), {s.b, s.l, s.p}),
+          pixel_matrix(sh, t)};
+}
+
+// W [C_out, C] as the forward's B (Major::K: W[j, c], rows j, K = c) or dS's B (Major::Rows:
+// W^T[c, j], rows c, K = j); contiguous along c in both when weight.stride(1) == 1.
+template <class Runner, typename scalar_t, gemm::Major kMajor>
+gemm::Matrix<typename Runner::template T<scalar_t>, kMajor> weight_operand(const at::Tensor& weight) {
+  const auto* data = Runner::template in<scalar_t>(weight);
+  const int64_t s_out = weight.stride(0), s_in = weight.stride(1);
+  const int vec = gemm::vector_width(weight.const_data_ptr(), weight.element_size(), s_in, weight.size(1), {s_out});
+  if constexpr (kMajor == gemm::Major::K) return {data, s_out, s_in, vec};
+  else return {data, s_in, s_out, vec};
+}
+
+template <class Runner, typename scalar_t, gemm::Major kMajor>
+GatheredS<typename Runner::template T<scalar_t>, kMajor> gathered_s(const at::Tensor& x, const at::Tensor& offset,
+                                                                    const LineShape& sh) {
+  return {Runner::template in<scalar_t>(x), Runner::template in<scalar_t>(offset), Divider(sh.n), Divider(sh.L),
+          Divider(sh.share), sh.strides(x), sh.strides(offset)};
+}
+
+template <class Runner, typename scalar_t>
+PixelStore<typename Runner::template T<scalar_t>> pixel_store(at::Tensor& out, const std::optional<at::Tensor>& bias,
+                                                              const LineShape& sh) {
+  return {Runner::template out<scalar_t>(out), bias.has_value() ? Runner::template in<scalar_t>(*bias) : nullptr,
           bias.has_value() ? bias->stride(0) : 0, pixel_matrix(sh, out)};
 }
 

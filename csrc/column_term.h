@@ -1,0 +1,16 @@
+// One element of a column sum (column_sum.cuh on the GPU, gemm/host_engine.h HostRunner on the
+// CPU): data[map.offset(row, col)], or map.value(row, col) for a map that computes its elements
+// (ATM's token means of the sampled features; data unused).
+#pragma once
+
+#include "common.cuh"
+
+namespace mixops {
+
+template <typename AccT, typename T, typename Map, typename Row, typename Col>
+MIXOPS_HD AccT column_term(const T* data, const Map& map, const Row& row, const Col& col) {
+  if constexpr (requires { map.value(row, col); }) return static_cast<AccT>(map.value(row, col));
+  else return static_cast<AccT>(data[map.offset(row, col)]);
+}
+
+}  // namespace mixops
