@@ -49,6 +49,29 @@ def test_means_forward_and_gradients(case, kind, cpu_build):
     suite.test_means_forward_and_gradients(case, kind, cpu_build)
 
 
+def _check(backend, shape, share, dtype, device="cpu", c_out=None, accumulator_alpha=False):
+    """Both internal ops and every gradient against the float64 reference; alpha in x's dtype, as
+    the module's softmax gives it, or (accumulator_alpha) in fp32 / fp64."""
+    inputs = suite._mix_inputs(shape, share, "normal1", dtype, c_out=c_out, device=device)
+    if accumulator_alpha:
+        inputs[8] = inputs[8].to(torch.promote_types(dtype, torch.float32))
+    g = torch.randn(*shape[:3], inputs[3].shape[0], dtype=torch.float64).to(dtype).to(device)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = OL.atm_mix(*leaves, share, backend=backend)
+    got = torch.autograd.grad(out, leaves, g)
+    ref, want = suite._reference_mix(inputs, g, share)
+    assert_close(out, ref, dtype, name="mix")
+    for name, a, e in zip(suite.MIX_INPUTS, got, want):
+        assert_close(a, e, dtype, name=f"grad {name}")
+    means = OL.atm_means(*leaves[:3], share, backend=backend)
+    gm = torch.randn(means.shape, dtype=torch.float64)
+    got = torch.autograd.grad(means, leaves[:3], gm.to(means))
+    ref, want = suite._reference_means(inputs[:3], gm, share)
+    assert_close(means, ref, dtype, name="means")
+    for name, a, e in zip(suite.MIX_INPUTS[:3], got, want):
+        assert_close(a, e, dtype, name=f"means grad {name}")
+
+
 # (B, H, W, C, share, C_out): 336 pixels of 168 per image over three row tiles (images straddle
 # them), C_out = 140 over two column tiles; a C_out below C
 WIDE = [(2, 12, 14, 20, 4, 140), (3, 7, 9, 36, 2, 12)]
@@ -56,32 +79,15 @@ WIDE = [(2, 12, 14, 20, 4, 140), (3, 7, 9, 36, 2, 12)]
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", WIDE, ids=str)
-def test_mix_wide_shapes(case, dtype, cpu_build):
+def test_wide_shapes(case, dtype, cpu_build):
     *shape, share, c_out = case
-    inputs = suite._mix_inputs(shape, share, "normal1", dtype, c_out=c_out)
-    inputs[8] = inputs[8].to(torch.promote_types(dtype, torch.float32))  # alpha: the accumulator dtype
-    g = torch.randn(*shape[:3], c_out, dtype=torch.float64).to(dtype)
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    out = OL.atm_mix(*leaves, share, backend=cpu_build)
-    got = torch.autograd.grad(out, leaves, g)
-    ref, want = suite._reference_mix(inputs, g, share)
-    assert_close(out, ref, dtype, name="mix")
-    for name, a, e in zip(suite.MIX_INPUTS, got, want):
-        assert_close(a, e, dtype, name=f"grad {name}")
+    _check(cpu_build, shape, share, dtype, c_out=c_out, accumulator_alpha=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_means_wide_shapes(dtype, cpu_build):
-    shape, share = (2, 12, 14, 20), 4
-    x, ow, oh, *_ = suite._mix_inputs(shape, share, "normal1", dtype)
-    leaves = [t.detach().requires_grad_() for t in (x, ow, oh)]
-    out = OL.atm_means(*leaves, share, backend=cpu_build)
-    g = torch.randn(out.shape, dtype=torch.float64)
-    got = torch.autograd.grad(out, leaves, g.to(out.dtype))
-    ref, want = suite._reference_means((x, ow, oh), g, share)
-    assert_close(out, ref, dtype, name="means")
-    for name, a, e in zip(("x", "offset_w", "offset_h"), got, want):
-        assert_close(a, e, dtype, name=f"grad {name}")
+def test_alpha_in_the_storage_dtype(dtype, cpu_build):
+    """The module's softmax gives alpha in x's dtype: the ops take it as it is."""
+    _check(cpu_build, (2, 5, 6, 12), 4, dtype)
 
 
 def test_mix_gradcheck(cpu_build):
@@ -169,32 +175,6 @@ def test_build_runs_every_layer_gemm_on_the_engine():
         assert not cuda_sass.calls(sass), f"{name} on {arch} calls the 64-bit division subroutine"
 
 
-def _check_on(backend, shape, share, dtype, device):
-    """Both internal ops and every gradient against the float64 reference (alpha in x's dtype, as
-    the module passes it)."""
-    inputs = suite._mix_inputs(shape, share, "normal1", dtype, device=device)
-    g = torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    out = OL.atm_mix(*leaves, share, backend=backend)
-    got = torch.autograd.grad(out, leaves, g)
-    ref, want = suite._reference_mix(inputs, g, share)
-    assert_close(out, ref, dtype, name="mix")
-    for name, a, e in zip(suite.MIX_INPUTS, got, want):
-        assert_close(a, e, dtype, name=f"grad {name}")
-    means = OL.atm_means(*leaves[:3], share, backend=backend)
-    gm = torch.randn(means.shape, dtype=torch.float64)
-    got = torch.autograd.grad(means, leaves[:3], gm.to(means))
-    ref, want = suite._reference_means(inputs[:3], gm, share)
-    assert_close(means, ref, dtype, name="means")
-    for name, a, e in zip(suite.MIX_INPUTS[:3], got, want):
-        assert_close(a, e, dtype, name=f"means grad {name}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_alpha_in_the_storage_dtype(dtype, cpu_build):
-    """The module's softmax gives alpha in x's dtype: the ops take it as it is."""
-    _check_on(cpu_build, (2, 5, 6, 12), 4, dtype, "cpu")
-
 
 @pytest.mark.needs_cuda
 def test_cuda_small_case_for_compute_sanitizer():
@@ -202,4 +182,4 @@ def test_cuda_small_case_for_compute_sanitizer():
     every dtype; run this test alone under ``compute-sanitizer`` (memcheck, racecheck) to check
     the kernels' masks, K segments, tile sums and barriers."""
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-        _check_on("cuda", (2, 5, 6, 24), 8, dtype, "cuda")
+        _check("cuda", (2, 5, 6, 24), 8, dtype, "cuda")
