@@ -93,7 +93,8 @@ struct Branches {
 };
 
 // Mix = (b0·a0 + b1·a1) + b2·a2 at (token, channel), the reference's order; kTransposed: as
-// [C, M], the dW operand. Computed: K + K loads per element.
+// [C, M], the dW operand. Computed: K + K loads per element, register-heavy (gemm/operands.cuh:
+// its launches spilled 200-400 bytes on sm_80's 128-row tile).
 template <typename T, bool kTransposed>
 struct MixedBranches {
   using Element = T;
@@ -102,6 +103,7 @@ struct MixedBranches {
   using Col = IndexedPart;
   static constexpr gemm::Major kMajor = kTransposed ? gemm::Major::Rows : gemm::Major::K;
   static constexpr bool kComputed = true;
+  static constexpr bool kRegisterHeavy = true;
   Branches<T> br;
 
   MIXOPS_HD Row row(int64_t r) const { return kTransposed ? br.channel(r) : br.token(r); }

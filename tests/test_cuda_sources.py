@@ -91,7 +91,8 @@ def test_shared_idioms_are_spelled_once(pattern):
 def test_compiles_for_sm80_with_tensor_core_engine_tiles(tmp_path):
     """Every source compiled for sm_80, the oldest architecture the GEMM engine runs on (cp.async),
     all at once (each takes minutes on one core); its engine kernels hold what
-    cuda_sass.ENGINE_MUST asks of sm_80 (HMMA, ldmatrix, LDGSTS; no wgmma, no spills)."""
+    cuda_sass.ENGINE_MUST asks of sm_80 (HMMA, ldmatrix, LDGSTS; no wgmma), and no kernel
+    spills to local memory."""
     nvcc = _nvcc()
     includes = [str(CSRC), *_cutlass_include(), *_cuda_library_include(), sysconfig.get_paths()["include"],
                 *cpp_extension.include_paths(device_type="cuda")]
@@ -106,6 +107,9 @@ def test_compiles_for_sm80_with_tensor_core_engine_tiles(tmp_path):
     for source, (obj, proc) in runs.items():
         out, _ = proc.communicate()
         assert proc.returncode == 0, f"{source}:\n{out[-4000:]}"
-        kernels = cuda_sass.object_sass(str(obj), lambda name: cuda_sass.ENGINE_KERNEL in name)
-        tiles |= cuda_sass.check_engine_kernels(kernels, "sm_80")
+        kernels = cuda_sass.object_sass(str(obj))
+        tiles |= cuda_sass.check_engine_kernels(
+            {key: sass for key, sass in kernels.items() if cuda_sass.ENGINE_KERNEL in key[1]}, "sm_80")
+        spilling = [name for (_, name), sass in kernels.items() if cuda_sass.spills(sass)]
+        assert not spilling, f"{source}: spills on sm_80: {spilling}"
     assert tiles == {"Sm80Mma", "Tf32Mma", "Simt"}, tiles

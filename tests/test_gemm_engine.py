@@ -26,6 +26,15 @@ def test_extension_engine_kernels_on_sm90a():
     assert cuda_sass.check_engine_kernels(kernels, "sm_90a") == {"Sm90Wgmma", "Tf32Mma", "Simt"}
 
 
+def test_no_kernel_of_the_extension_spills():
+    """Every kernel of the build, engine or not (column sums, gathers), keeps to registers."""
+    kernels = cuda_sass.extension_engine_sass()  # skips or fails as the engine test does
+    ext = pytest.importorskip("mixops._C")
+    every = cuda_sass.object_sass(ext.__file__)
+    assert len(every) > len(kernels)
+    assert not [name for (_, name), sass in every.items() if cuda_sass.spills(sass)]
+
+
 # --- the engine itself on a GPU (mixops::_gemm_engine, csrc/gemm_check.cu) --------------------
 
 # odd and edge shapes: one element; a K tail inside the last k-block (7) and one that skips

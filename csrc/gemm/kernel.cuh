@@ -20,7 +20,8 @@
 // k-blocks wholly past the end are skipped (F = 112 at kBK = 64 runs 7 of 8 k-blocks, not 8).
 // K segments (an epilogue with kSegments): the K range runs as consecutive ranges, the ring
 // drained after each, whose accumulators the epilogue's fold scales into a running sum (shared
-// memory on sm_90a, registers otherwise) before they are cleared for the next.
+// memory on sm_90a, registers otherwise: launch runs those on the tile's NarrowM, 64 rows)
+// before they are cleared for the next.
 // Epilogue: the accumulators go through shared memory (the ring is free by then) so that the
 // family's store map sees consecutive n on consecutive threads and evaluates its row share once
 // per row (staged in shared memory) and its column share once per thread; an epilogue with tile
@@ -36,6 +37,7 @@
 #include <cute/tensor.hpp>
 
 #include <limits>
+#include <type_traits>
 
 #include "operands.cuh"
 #include "tile_loader.cuh"
@@ -275,9 +277,21 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
   }
 }
 
-// Launches the engine for C = A B^T on `Tile` (the caller picked it: select.cuh).
+// The tile a launch runs on (gemm/tiles.cuh): the caller's pick, or half of it when the launch
+// is register-heavy -- 64 columns when only B's load is heavy, else 64 rows (a K-segmented
+// epilogue, a heavy A).
 template <class Tile, class OpA, class OpB, class Epi>
+using LaunchTile = std::conditional_t<
+    kRegisterHeavy<OpB> && !kRegisterHeavy<OpA> && !kHasSegments<Epi>, typename Tile::NarrowN,
+    std::conditional_t<kRegisterHeavy<OpA> || kHasSegments<Epi>, typename Tile::NarrowM, Tile>>;
+
+// Launches the engine for C = A B^T on LaunchTile<PickedTile, ...> (the caller picked it:
+// select.cuh).
+template <class PickedTile, class OpA, class OpB, class Epi>
 void launch(Problem p, const OpA& a, const OpB& b, const Epi& epi) {
+  using Tile = LaunchTile<PickedTile, OpA, OpB, Epi>;
+  // the caller sized nothing by the tile it picked: a narrowed launch has no tile sums
+  static_assert(std::is_same_v<Tile, PickedTile> || !kHasTileSums<Epi>, "a narrowed launch with tile sums");
   if (p.M == 0 || p.N == 0) return;
   using Plan = SmemPlan<Tile, OpA, OpB, Epi>;
   const int64_t tiles = cdiv(p.M, Tile::kBM) * cdiv(p.N, Tile::kBN);

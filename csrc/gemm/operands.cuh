@@ -56,6 +56,13 @@ struct Problem {
 template <class Epi>
 inline constexpr bool kHasSegments = requires { requires Epi::kSegments; };
 
+// Whether a computed operand's load holds so many values per element in flight (several
+// branches, each with its own scale) that the 128-row mma.sync tiles spill beside it:
+// `static constexpr bool kRegisterHeavy = true;` sends its launches to half the tile along its
+// axis (gemm/kernel.cuh LaunchTile), as a K-segmented epilogue does along M.
+template <class Op>
+inline constexpr bool kRegisterHeavy = requires { requires Op::kRegisterHeavy; };
+
 // The contiguous axis of an operand: its K axis (A = X[m, k] with k along the channels) or its
 // rows (B = W[k, n] read as [N, K]: contiguous along n).
 enum class Major { K, Rows };

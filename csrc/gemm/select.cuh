@@ -73,7 +73,7 @@ decltype(auto) with_tile(Fn&& fn) {
     TORCH_CHECK(false, "mixops: this build of the CUDA extension has no fp16/bf16 GEMM for sm_", major,
                 "x; rebuild with that architecture in TORCH_CUDA_ARCH_LIST (e.g. 8.0 or 9.0a)");
   } else if constexpr (std::is_same_v<E, float> && kTensorCores) {
-    return fn.template operator()<Tf32Mma>();
+    return fn.template operator()<Tf32Mma<>>();
   } else {
     return fn.template operator()<Simt<E>>();
   }

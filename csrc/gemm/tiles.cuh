@@ -6,11 +6,11 @@
 //                 wgmma.m64n128k16 straight from the swizzled shared tiles.
 //   Sm80Mma<T>    fp16/bf16 on every other architecture from sm_80: 128x128x32, 4 stages, 8 warps
 //                 of mma.sync.m16n8k16 fed by ldmatrix (.trans for operands contiguous along their
-//                 rows).
-//   Tf32Mma       fp32 where torch allows TF32 (tf32.h), every architecture from sm_80:
+//                 rows); 64x128 or 128x64 for register-heavy launches (NarrowM, NarrowN).
+//   Tf32Mma<>     fp32 where torch allows TF32 (tf32.h), every architecture from sm_80:
 //                 128x128x16, 4 stages, mma.sync.m16n8k8 (wgmma's TF32 form takes K-major operands
 //                 only; the dX and dW operands are contiguous along their rows). Operands rounded
-//                 to TF32 (cvt.rna) as cuBLAS does.
+//                 to TF32 (cvt.rna) as cuBLAS does. 64x128 or 128x64 for register-heavy launches.
 // The mma.sync tiles keep their ring at 64 KB (the accumulator tile the epilogue stages is 66 KB):
 // sm_86, sm_89 and sm_120 give a block at most 99 KB of shared memory, where 3 stages of K = 64
 // (96 KB) plus the row shares did not fit.
@@ -71,7 +71,9 @@ constexpr GMMA::Major gmma_major(Major m) { return m == Major::K ? GMMA::Major::
 //   SmemLayout<Major, kRows> (a [kRows, kBK, kStages] layout), TiledMma<MajorA, MajorB>,
 //   S2RAtom<Major> (sm_80 paths: shared -> register copy), kWgmma, kCompiledHere (whether this
 //   compilation pass has the tile's instructions; the kernel traps where it has not, and the
-//   host never launches it there).
+//   host never launches it there), NarrowM / NarrowN (the tiles of a register-heavy launch,
+//   kernel.cuh launch: a K-segmented epilogue's running sum or a heavy operand load beside the
+//   accumulators; half the rows or half the columns).
 template <typename T, int BM, int BN, int BK, int kStagesN, typename SmemType, int kAtomKN>
 struct TileBase {
   using Element = T;
@@ -86,6 +88,9 @@ template <typename T>
 struct Sm90Wgmma : TileBase<T, 128, 128, 64, 3, T, 16> {
   static_assert(std::is_same_v<T, cutlass::half_t> || std::is_same_v<T, cutlass::bfloat16_t>);
   static constexpr bool kWgmma = true;
+  // the accumulators are wgmma's; a running sum is in shared memory
+  using NarrowM = Sm90Wgmma;
+  using NarrowN = Sm90Wgmma;
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static constexpr bool kCompiledHere = false;
 #else
@@ -98,9 +103,16 @@ struct Sm90Wgmma : TileBase<T, 128, 128, 64, 3, T, 16> {
       cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
 };
 
-template <typename T>
-struct Sm80Mma : TileBase<T, 128, 128, 32, 4, T, 16> {
+// The mma.sync tiles hold 64 accumulators per thread at 128 x 128. Beside a K-segmented
+// epilogue's running sum (64 more) ptxas spills on sm_80 (254 registers and 8 bytes of local
+// memory for ATM's mix), and beside MorphFC's three-branch mixed operand as well (255
+// registers, 200-400 bytes): those launches take half the tile (32 accumulators), along the
+// heavy operand's axis (NarrowM: 64 rows, NarrowN: 64 columns).
+template <typename T, int BM = 128, int BN = 128>
+struct Sm80Mma : TileBase<T, BM, BN, 32, 4, T, 16> {
   static constexpr bool kWgmma = false;
+  using NarrowM = Sm80Mma<T, 64, 128>;
+  using NarrowN = Sm80Mma<T, 128, 64>;
   // sm_90a runs fp16/bf16 on Sm90Wgmma: no mma.sync copy of them there (a plain compute_90 PTX,
   // which later GPUs JIT, keeps one)
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 800 || defined(__CUDA_ARCH_FEAT_SM90_ALL))
@@ -119,8 +131,11 @@ struct Sm80Mma : TileBase<T, 128, 128, 32, 4, T, 16> {
                                   T>;
 };
 
-struct Tf32Mma : TileBase<float, 128, 128, 16, 4, cutlass::tfloat32_t, 8> {
+template <int BM = 128, int BN = 128>
+struct Tf32Mma : TileBase<float, BM, BN, 16, 4, cutlass::tfloat32_t, 8> {
   static constexpr bool kWgmma = false;
+  using NarrowM = Tf32Mma<64, 128>;  // as Sm80Mma's
+  using NarrowN = Tf32Mma<128, 64>;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   static constexpr bool kCompiledHere = false;
 #else
@@ -138,6 +153,9 @@ template <typename T>
 struct Simt : TileBase<T, 64, 64, 16, 3, T, 1> {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
   static constexpr bool kWgmma = false;
+  // 16 accumulators per thread: room for either
+  using NarrowM = Simt;
+  using NarrowN = Simt;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   static constexpr bool kCompiledHere = false;  // the ring is filled by cp.async
 #else
