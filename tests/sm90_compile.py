@@ -105,6 +105,49 @@ def compile_sm90(fn, signature: dict, constexprs: dict, options: dict | None = N
     }
 
 
+def launch_signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) of a launch ``kernel[grid](*args, **kwargs)`` as
+    the JIT specialises it on a GPU (tensor arguments: their data pointers' alignment)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values = dict(zip(kernel.arg_names, args))
+    values.update(kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
+        value = values[p.name]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = value
+            continue
+        ty, attr = native_specialize_impl(CUDABackend, value, False, True, True)
+        signature[p.name] = ty
+        if ty == "constexpr":
+            constexprs[p.name] = attr
+        elif isinstance(attr, str):
+            attrs[(i,)] = CUDABackend.parse_attr(attr)
+    return signature, constexprs, attrs, options
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict, **extra) -> dict:
+    """compile_sm90 of a recorded launch (launch_signature)."""
+    signature, constexprs, attrs, options = launch_signature(kernel, args, kwargs)
+    return compile_sm90(kernel, signature, constexprs, options, attrs, **extra)
+
+
+class Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records (kernel, args,
+    kwargs) into ``calls`` instead of launching."""
+
+    def __init__(self, kernel, calls: list):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+
+
 def build_all(builds: dict[str, tuple], build: Callable[..., dict]) -> None:
     """Child-process entry point: run every build, print the results as one JSON line."""
     results = {}

@@ -44,16 +44,10 @@ def _launches():
 
     calls = []
 
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
-
-    K._gathered_gemm_kernel, gemm = Recorder(K._gathered_gemm_kernel), K._gathered_gemm_kernel
-    K._grad_weight_kernel, gw = Recorder(K._grad_weight_kernel), K._grad_weight_kernel
-    P._proj_grad_kernel, pg = Recorder(P._proj_grad_kernel), P._proj_grad_kernel
+    Recorder = sm90_compile.Recorder
+    K._gathered_gemm_kernel, gemm = Recorder(K._gathered_gemm_kernel, calls), K._gathered_gemm_kernel
+    K._grad_weight_kernel, gw = Recorder(K._grad_weight_kernel, calls), K._grad_weight_kernel
+    P._proj_grad_kernel, pg = Recorder(P._proj_grad_kernel, calls), P._proj_grad_kernel
     out = []
     try:
         for dtype_name in DTYPES:
@@ -98,28 +92,10 @@ def _launches():
 def _compile(kernel, args, kwargs):
     """Compile one recorded launch for sm_90 as the launcher would; returns the PTX."""
     import triton
-    from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
 
-    kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages")}
-    values = dict(zip(kernel.arg_names, args))
-    values.update(kwargs)
-    signature, constexprs, attrs = {}, {}, {}
-    for i, p in enumerate(kernel.params):
-        value = values[p.name]
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constexprs[p.name] = value
-            continue
-        ty, attr = native_specialize_impl(CUDABackend, value, False, True, True)
-        signature[p.name] = ty
-        if ty == "constexpr":
-            constexprs[p.name] = attr
-        elif isinstance(attr, str):
-            attrs[(i,)] = CUDABackend.parse_attr(attr)
+    signature, constexprs, attrs, options = sm90_compile.launch_signature(kernel, args, kwargs)
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 

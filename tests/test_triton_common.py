@@ -35,6 +35,7 @@ TRITON_OP_INPUTS = {
         _randn(1, 3, 4, 8), _randn(1, 3, 4, 8), _randn(1, 3, 4, 8), _randn(8, 8), _randn(8, 8), _randn(8, 8),
         _randn(8), None, _randn(1, 8, 3), 1,
     ],  # fmt: skip
+    "dynamixer_mix": lambda: [_randn(2, 4, 6), _randn(4, 6), _randn(4), _randn(16, 8), _randn(16), 2, 2],
 }
 
 

@@ -173,6 +173,21 @@ def _dyna_case(preset, stage, n, c, heads, d, batch):
     return Case(preset, f"s{stage} {n}x{n} C{c} S{heads} d{d}", batch, ("dynamixer_mix",), build)
 
 
+# DynaMixerOp alone (the DESIGN.md target): DynaMixer-S stage 1 and stages 2-4, DynaMixer-M stage 1
+_DYNA_OP = {"dynamixer-op": [("S s1", 32, 192, 8, 2), ("S s2-4", 16, 384, 16, 2), ("M s1", 32, 256, 8, 2)]}
+
+
+def _dyna_op_case(preset, label, n, c, heads, d, batch):
+    def build(device, dtype):
+        m = _module(mnn.DynaMixerOp(c, n, heads, d), device, dtype)
+        x = _rand(batch * n, n, c, device=device, dtype=dtype)  # the W mixing's sequences: B*H rows
+        seqs = batch * n
+        flops = 2.0 * seqs * (n * c * heads * d + heads * n * d * n * n + n * n * c + n * c * c)
+        return Built(lambda x: ref.dynamixer.dynamixer_op_forward(m, x), m, [x], list(m.parameters()), flops)
+
+    return Case(preset, f"{label} N{n} C{c} S{heads} d{d}", batch, ("dynamixer_mix",), build)
+
+
 # --- UniFormer: window attention, stage 3 (docs/window_attention.md 2.10) ------------------
 
 _WINDOWS = {"uniformer-s-win": [(50, 84, 14), (32, 32, 14), (32, 32, 32)]}
@@ -237,6 +252,8 @@ def presets(device: torch.device, batches: list[int] | None = None) -> dict[str,
         ]
     for name, stages in _DYNA.items():
         out[name] = [_dyna_case(name, i + 1, *s, b) for b in bs(128, 1) for i, s in enumerate(stages)]
+    for name, shapes in _DYNA_OP.items():
+        out[name] = [_dyna_op_case(name, *s, b) for b in bs(128, 127, 1) for s in shapes]
     for name, shapes in _WINDOWS.items():
         out[name] = [_window_case(name, *s, b) for b in bs(2, 1) for s in shapes]
     for name, stages in _REPMLP.items():
@@ -247,8 +264,8 @@ def presets(device: torch.device, batches: list[int] | None = None) -> dict[str,
 
 def _headline(gpu: bool, batches: list[int] | None) -> list[Case]:
     """The cases of the DESIGN.md targets that have kernels (what benchmarks/gpu_check.sh times),
-    each under its own preset's name: on a GPU every stage at the training batch, then the ATM
-    layer at its prime batch (last: torchvision runs the official one image at a time, the
+    each under its own preset's name: on a GPU every stage at the training batch (DynaMixerOp:
+    DynaMixer-S's two stage shapes), then the ATM layer at its prime batch (last: torchvision runs the official one image at a time, the
     slowest cases); on a CPU the last, smallest stage of each at B = 1, one quick case per target.
     ``batches`` replaces both batch sizes."""
     train = batches or ([128] if gpu else [1])
@@ -263,6 +280,8 @@ def _headline(gpu: bool, batches: list[int] | None) -> list[Case]:
         *cases(_atm_case, "activemlp-t", _ATM["activemlp-t"], train),
         *cases(_morph_branch_case, "morphmlp-s-branch", _MORPH["morphmlp-s"], train),
         *cases(_atm_gather_case, "activemlp-t-gather", _ATM["activemlp-t"], train),
+        # DynaMixerOp at DynaMixer-S's two stage shapes (on a CPU the smaller, stages 2-4)
+        *[_dyna_op_case("dynamixer-op", *s, b) for b in train for s in _DYNA_OP["dynamixer-op"][0 if gpu else 1 : 2]],
         *cases(_atm_case, "activemlp-t", _ATM["activemlp-t"], prime),
     ]
 

@@ -13,6 +13,7 @@ from .. import backend
 if triton is not None:
     from ..kernels import atm as _atm
     from ..kernels import atm_layer as _atm_layer
+    from ..kernels import dynamixer as _dynamixer
     from ..kernels import morph_fc as _morph_fc
     from ..kernels import morph_fc_proj as _morph_fc_proj
     from ..kernels._common import on_input_device
@@ -28,6 +29,7 @@ if triton is not None:
     # the fused ATMLayer's internal ops (mixops.ops.atm_layer)
     register("_atm_means", "triton", forward=_atm_layer.means_forward, backward=_atm_layer.means_backward, auto=False)
     register("_atm_mix", "triton", forward=_atm_layer.mix_forward, backward=_atm_layer.mix_backward, auto=False)
+    register("dynamixer_mix", "triton", forward=_dynamixer.forward, backward=_dynamixer.backward, auto=False)
     register("morph_fc", "triton", forward=_morph_fc.forward, backward=_morph_fc.backward, auto=False)
     register(
         "_morph_branch", "triton", forward=_morph_fc.branch_forward, backward=_morph_fc.branch_backward, auto=False

@@ -1,0 +1,98 @@
+"""sm_90 builds of the DynaMixer Triton kernels, no GPU needed: every launch the launchers make
+at the official shapes (B = 128) is recorded, compiled for sm_90 with the argument
+specialization a real launch gets, and ptxas's registers and spills read back
+(tests/sm90_compile.py). The interpreter accepts what the GPU backend may reject (3-D tl.dot,
+the register reshapes and permutes, fp64 exp); this is where that shows without a GPU."""
+from __future__ import annotations
+
+import pytest
+
+import sm90_compile
+
+# (label, B', N, C, S, d): DynaMixer-S stage 1 and stages 2-4, DynaMixer-M stage 1, DynaMixer-L
+# stages 2-4 at B = 128 (docs/dynamixer.md section 7)
+SHAPES = {
+    "S1": (4096, 32, 192, 8, 2),
+    "S2": (2048, 16, 384, 16, 2),
+    "M1": (4096, 32, 256, 8, 2),
+    "L2": (2048, 16, 512, 16, 8),
+}
+KERNELS = ("forward", "mix_input_grad", "logit_grad", "generate_grad", "weight_grad")
+_BUILDS = {
+    **{f"{k}-bf16-{s}": (k, "bfloat16", s) for k in KERNELS for s in SHAPES},
+    **{f"{k}-tf32-{s}": (k, "tf32", s) for k in KERNELS for s in ("S1", "L2")},
+    **{f"{k}-fp32-{s}": (k, "float32", s) for k in KERNELS for s in ("S1", "L2")},
+    **{f"{k}-fp64-S1": (k, "float64", "S1") for k in KERNELS},
+}
+# fp16/bf16 (the training dtypes, autocast) must not spill. TF32's 4-byte operands spill a
+# little at 8 warps (24-732 bytes), IEEE fp32 and fp64 run every tl.dot as FMAs with both operand
+# tiles in registers and spill more: they compile and compute right (docs/dynamixer.md section 10)
+FAST = [b for b in _BUILDS if "-bf16-" in b or b.startswith("weight_grad")]
+
+
+def _build(kernel: str, dtype_name: str, shape: str) -> dict:
+    """Record the launch of ``kernel`` the launchers make at ``shape`` and compile it."""
+    import torch
+
+    from mixops.kernels import _weight_grad as WG
+    from mixops.kernels import dynamixer as K
+
+    bp, n, c, s, d = SHAPES[shape]
+    # "tf32": fp32 storage with torch allowing TF32 (the launchers read it: kernels/_common.py)
+    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
+    dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.empty(bp, n, c, dtype=dtype)
+    params = (torch.empty(s * d, c, dtype=dtype), torch.empty(s * d, dtype=dtype),
+              torch.empty(n * n, n * d, dtype=dtype), torch.empty(n * n, dtype=dtype))  # fmt: skip
+    calls = []
+    names = {"forward": "_mix_forward_kernel", "mix_input_grad": "_mix_input_grad_kernel",
+             "logit_grad": "_logit_grad_kernel", "generate_grad": "_generate_grad_kernel"}  # fmt: skip
+    # every kernel of the two files is recorded, not launched: a launcher may launch several
+    kernels = [(K, attr) for attr in names.values()] + [(WG, "_weight_grad_kernel")]
+    originals = [getattr(mod, attr) for mod, attr in kernels]
+    for (mod, attr), fn in zip(kernels, originals):
+        setattr(mod, attr, sm90_compile.Recorder(fn, calls))
+    wanted = getattr(WG, "_weight_grad_kernel") if kernel == "weight_grad" else getattr(K, names[kernel])
+    # the partial sums after a launch would run on these CPU tensors: not part of the build
+    sums = (K.column_sum, WG.column_sum)
+    K.column_sum = WG.column_sum = lambda t: torch.zeros(t.shape[0], t.shape[2], dtype=t.dtype)
+    try:
+        if kernel == "forward":
+            K.launch_forward(x, *params, torch.empty_like(x), s, d)
+        elif kernel in ("mix_input_grad", "logit_grad"):
+            K.launch_mix_backward(x, *params, x, torch.empty_like(x), torch.empty(bp, n, s * d, dtype=acc), s, d)
+        elif kernel == "generate_grad":
+            K._generate_grads(x, *params, x, K.dynamixer_tiles(n, s, c // s, d), True, True, (bp, n, s, c // s, d))
+        else:
+            WG.linear_param_grads(torch.empty(bp, n, s * d, dtype=acc), x, True, False)
+    finally:
+        for (mod, attr), fn in zip(kernels, originals):
+            setattr(mod, attr, fn)
+        K.column_sum, WG.column_sum = sums
+    (fn, args, kwargs), = [c for c in calls if c[0] is wanted.kernel]
+    return sm90_compile.compile_launch(fn, args, kwargs, cfg={"num_warps": kwargs.get("num_warps", 4)})
+
+
+def _build_all():
+    """Child-process entry point (sm90_compile.run_builds)."""
+    sm90_compile.build_all(_BUILDS, _build)
+
+
+@pytest.fixture(scope="module")
+def sm90_builds():
+    return sm90_compile.run_builds("test_dynamixer_sm90", timeout=1500)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", FAST)
+def test_kernel_compiles_for_sm90_without_spills(sm90_builds, build):
+    sm90_compile.assert_built(sm90_builds[build])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [b for b in _BUILDS if b not in FAST])
+def test_fp32_and_fp64_kernel_compiles_for_sm90(sm90_builds, build):
+    got = sm90_builds[build]
+    assert "error" not in got, got.get("error")
+    assert got["cubin"]
