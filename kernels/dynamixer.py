@@ -27,6 +27,13 @@
 #                           the ranges' partials added in a fixed order (column_sum)
 #   kernels/_weight_grad.py dWc = dr^T x, dbc = sum dr
 #
+# Sequences: every kernel sees x (and y, dY, dx, dr) as a [B0, B1, N, C] view, sequence b at
+# (b // B1)*stride0 + (b % B1)*stride1 (sequences()): the public op's [B', N, C] is B1 = 1, the
+# DynaMixerBlock's rows are its [B, H, W, C] map and its columns the H, W transpose of the map,
+# read and written where they lie (mixops::_dynamixer_axis_mix; docs/dynamixer.md section 11).
+# The block's pass 2 (mixops::_dynamixer_reweighted, the end of this file) is the reweighted
+# K = 3C branch GEMM of kernels/_reweighted_mix.py.
+#
 # Padding: every tile axis is a power of two (tl.dot, tl.reshape): NP >= N tokens, SP >= S
 # segments, EP >= E channels, DP >= d features, all at least what tl.dot needs (16) where they
 # are a dot's dimension (dynamixer_tiles). Padded sources get -inf logits; padded channels,
@@ -40,6 +47,7 @@ import triton
 import triton.language as tl
 
 from ._common import column_sum, deterministic_split, dot_dtypes, needs_idx64, strides
+from ._reweighted_mix import branch_backward, launch_mix, token_sums
 from ._weight_grad import linear_param_grads
 
 
@@ -86,26 +94,34 @@ def dynamixer_tiles(N: int, S: int, E: int, d: int) -> Tiles:
 
 
 @triton.jit
-def _token_tile(b0, Bp, N, E, s_b, s_n, s_c, IDX64: tl.constexpr, BB: tl.constexpr, T: tl.constexpr,
+def _sequence_offsets(b, B1, s_b0, s_b1):
+    """Offset of sequence b = (b // B1, b % B1) of a [B0, B1, N, C] tensor: the H branch's
+    sequences are the columns (b, w) of [B, H, W, C], two strides apart, read where they lie."""
+    return (b // B1) * s_b0 + (b % B1) * s_b1
+
+
+@triton.jit
+def _token_tile(b0, Bp, N, E, B1, s_b0, s_b1, s_n, s_c, IDX64: tl.constexpr, BB: tl.constexpr, T: tl.constexpr,
                 EP: tl.constexpr, SEG):  # fmt: skip
     """Offsets and mask of the [BB*T, EP] tile of channels SEG*E + e (one segment) of tokens t
-    of sequences b0 + b, row b*T + t, in a [B', N, C] tensor of strides s_b, s_n, s_c."""
+    of sequences b0 + b, row b*T + t, in a [B0, B1, N, C] tensor of strides s_b0, s_b1, s_n,
+    s_c (Bp = B0*B1 sequences)."""
     rows = tl.arange(0, BB * T)
     b = b0 + rows // T
     if IDX64:
         b = b.to(tl.int64)
     t = rows % T
     e = tl.arange(0, EP)
-    offs = b[:, None] * s_b + t[:, None] * s_n + (SEG * E + e)[None, :] * s_c
+    offs = _sequence_offsets(b, B1, s_b0, s_b1)[:, None] + t[:, None] * s_n + (SEG * E + e)[None, :] * s_c
     return offs, ((b < Bp) & (t < N))[:, None] & (e < E)[None, :]
 
 
 @triton.jit
-def _segment_tile(b0, t0, Bp, N, S, E, s_b, s_n, s_c, IDX64: tl.constexpr, BB: tl.constexpr, SP: tl.constexpr,
-                  T: tl.constexpr, EP: tl.constexpr, e0=0):  # fmt: skip
+def _segment_tile(b0, t0, Bp, N, S, E, B1, s_b0, s_b1, s_n, s_c, IDX64: tl.constexpr, BB: tl.constexpr,
+                  SP: tl.constexpr, T: tl.constexpr, EP: tl.constexpr, e0=0):  # fmt: skip
     """Offsets and mask of the [BB*SP, T, EP] tile (row (b, s), token t0 + t, channel
-    s*E + e0 + e) of a [B', N, C] tensor of strides s_b, s_n, s_c: each segment's sources or
-    outputs (or a block of EP of their channels from e0)."""
+    s*E + e0 + e) of a [B0, B1, N, C] tensor of strides s_b0, s_b1, s_n, s_c: each segment's
+    sources or outputs (or a block of EP of their channels from e0)."""
     rows = tl.arange(0, BB * SP)
     b = b0 + rows // SP
     if IDX64:
@@ -113,7 +129,7 @@ def _segment_tile(b0, t0, Bp, N, S, E, s_b, s_n, s_c, IDX64: tl.constexpr, BB: t
     s = rows % SP
     t = t0 + tl.arange(0, T)
     e = e0 + tl.arange(0, EP)
-    offs = (b * s_b + s * E * s_c)[:, None, None] + (t * s_n)[None, :, None] + (e * s_c)[None, None, :]
+    offs = (_sequence_offsets(b, B1, s_b0, s_b1) + s * E * s_c)[:, None, None] + (t * s_n)[None, :, None] + (e * s_c)[None, None, :]
     mask = ((b < Bp) & (s < S))[:, None, None] & (t < N)[None, :, None] & (e < E)[None, None, :]
     return offs, mask
 
@@ -127,7 +143,7 @@ def _compress_weight_rows(S, D, SP: tl.constexpr, DP: tl.constexpr):
 
 @triton.jit
 def _compressed(
-    x_ptr, cw_ptr, cb_ptr, b0, Bp, N, S, E, D, sx_b, sx_n, sx_c, scw_o, scw_i, scb,
+    x_ptr, cw_ptr, cb_ptr, b0, Bp, N, S, E, D, B1, sx_b0, sx_b1, sx_n, sx_c, scw_o, scw_i, scb,
     IDX64: tl.constexpr, BB: tl.constexpr, NP: tl.constexpr, SP: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -138,7 +154,7 @@ def _compressed(
     e = tl.arange(0, EP)
     r = tl.zeros([BB * NP, SP * DP], dtype=ACC_DTYPE)
     for seg in range(0, S):
-        offs, mask = _token_tile(b0, Bp, N, E, sx_b, sx_n, sx_c, IDX64, BB, NP, EP, seg)
+        offs, mask = _token_tile(b0, Bp, N, E, B1, sx_b0, sx_b1, sx_n, sx_c, IDX64, BB, NP, EP, seg)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         # W^T block [EP, SP*DP]: element (e, (s, k)) = Wc[s*d + k, seg*E + e]
         w = tl.load(cw_ptr + f[None, :] * scw_o + (seg * E + e)[:, None] * scw_i,
@@ -185,6 +201,24 @@ def _column_softmax(g):
     return e / tl.sum(e, axis=1)[:, None, :]
 
 
+@triton.jit
+def _logit_grad(
+    z, xs, gw_ptr, gb_ptr, dy_ptr, b0, q0, Bp, N, S, E, D, B1, sgw_o, sgw_i, sgb, sdy_b0, sdy_b1, sdy_n, sdy_c,
+    IDX64: tl.constexpr, BB: tl.constexpr, SP: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
+    QB: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dG [BB*SP, NP, QB] of q-block q0: P recomputed from z, dP = X_s dY_s^T (xs [BB*SP, NP, EP]
+    the sources), then the softmax backward down each column."""
+    R: tl.constexpr = BB * SP
+    pm = _column_softmax(_logits(z, gw_ptr, gb_ptr, q0, N, D, sgw_o, sgw_i, sgb, R, NP, DP, QB, DOT_DTYPE, ACC_DTYPE,
+                                 PRECISION))  # fmt: skip
+    dy_offs, dy_mask = _segment_tile(b0, q0, Bp, N, S, E, B1, sdy_b0, sdy_b1, sdy_n, sdy_c, IDX64, BB, SP, QB, EP)
+    # zeros outside the problem: dG is then zero on padded rows and columns
+    dyb = tl.load(dy_ptr + dy_offs, mask=dy_mask, other=0.0).to(DOT_DTYPE)  # [R, QB, EP]
+    dp = tl.dot(xs, tl.permute(dyb, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    return pm * (dp - tl.sum(pm * dp, axis=1)[:, None, :])
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -193,30 +227,31 @@ def _column_softmax(g):
 @triton.jit
 def _mix_forward_kernel(
     x_ptr, cw_ptr, cb_ptr, gw_ptr, gb_ptr, y_ptr,
-    Bp, N, S, E, D,
-    sx_b, sx_n, sx_c, scw_o, scw_i, scb, sgw_o, sgw_i, sgb, sy_b, sy_n, sy_c,
+    Bp, B1, N, S, E, D,
+    sx_b0, sx_b1, sx_n, sx_c, scw_o, scw_i, scb, sgw_o, sgw_i, sgb, sy_b0, sy_b1, sy_n, sy_c,
     IDX64: tl.constexpr, BB: tl.constexpr, SP: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr,
     EP: tl.constexpr, QB: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """y = dynamixer_mix(x) for the BB sequences of program b0 = pid*BB.
 
-    x_ptr:  [B', N, C] strides sx_b, sx_n, sx_c;  y_ptr: [B', N, C] strides sy_b, sy_n, sy_c
+    x_ptr:  [B0, B1, N, C] strides sx_b0, sx_b1, sx_n, sx_c;  y_ptr: the same shape, strides sy_*
     cw_ptr: [S*d, C] compress weight (scw_o, scw_i), cb_ptr [S*d] (scb)
     gw_ptr: [N*N, N*d] generate weight (sgw_o, sgw_i), gb_ptr [N*N] (sgb)
-    Bp = B', C = S*E, D = d. IDX64: int64 sequence offsets (host-chosen).
+    Sequence b is (b // B1, b % B1); Bp = B' = B0*B1, C = S*E, D = d. IDX64: int64 sequence
+    offsets (host-chosen).
     """
     R: tl.constexpr = BB * SP
     b0 = tl.program_id(0) * BB
-    z = _compressed(x_ptr, cw_ptr, cb_ptr, b0, Bp, N, S, E, D, sx_b, sx_n, sx_c, scw_o, scw_i, scb,
+    z = _compressed(x_ptr, cw_ptr, cb_ptr, b0, Bp, N, S, E, D, B1, sx_b0, sx_b1, sx_n, sx_c, scw_o, scw_i, scb,
                     IDX64, BB, NP, SP, DP, EP, DOT_DTYPE, ACC_DTYPE, PRECISION)  # fmt: skip
-    x_offs, x_mask = _segment_tile(b0, 0, Bp, N, S, E, sx_b, sx_n, sx_c, IDX64, BB, SP, NP, EP)
+    x_offs, x_mask = _segment_tile(b0, 0, Bp, N, S, E, B1, sx_b0, sx_b1, sx_n, sx_c, IDX64, BB, SP, NP, EP)
     xs = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(DOT_DTYPE)  # [R, NP, EP], sources p
     for q0 in range(0, N, QB):
         g = _logits(z, gw_ptr, gb_ptr, q0, N, D, sgw_o, sgw_i, sgb, R, NP, DP, QB, DOT_DTYPE, ACC_DTYPE, PRECISION)
         pt = tl.permute(_column_softmax(g), (0, 2, 1)).to(DOT_DTYPE)  # [R, QB, NP]: P^T
         y = tl.dot(pt, xs, input_precision=PRECISION, out_dtype=ACC_DTYPE)  # [R, QB, EP]
-        y_offs, y_mask = _segment_tile(b0, q0, Bp, N, S, E, sy_b, sy_n, sy_c, IDX64, BB, SP, QB, EP)
+        y_offs, y_mask = _segment_tile(b0, q0, Bp, N, S, E, B1, sy_b0, sy_b1, sy_n, sy_c, IDX64, BB, SP, QB, EP)
         tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
@@ -228,8 +263,8 @@ def _mix_forward_kernel(
 @triton.jit
 def _mix_input_grad_kernel(
     x_ptr, cw_ptr, cb_ptr, gw_ptr, gb_ptr, dy_ptr, dx_ptr,
-    Bp, N, S, E, D,
-    sx_b, sx_n, sx_c, scw_o, scw_i, scb, sgw_o, sgw_i, sgb, sdy_b, sdy_n, sdy_c, sdx_b, sdx_n, sdx_c,
+    Bp, B1, N, S, E, D,
+    sx_b0, sx_b1, sx_n, sx_c, scw_o, scw_i, scb, sgw_o, sgw_i, sgb, sdy_b0, sdy_b1, sdy_n, sdy_c, sdx_b0, sdx_b1, sdx_n, sdx_c,
     IDX64: tl.constexpr, BB: tl.constexpr, SP: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr,
     EP: tl.constexpr, QB: tl.constexpr, EB: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -241,30 +276,30 @@ def _mix_input_grad_kernel(
     stage 1 (255 registers, 260 bytes; ptxas).
 
     x_ptr, cw_ptr, cb_ptr, gw_ptr, gb_ptr: as _mix_forward_kernel
-    dy_ptr: [B', N, C] dY (sdy_*);  dx_ptr: [B', N, C] dx (sdx_*), written
+    dy_ptr: [B0, B1, N, C] dY (sdy_*);  dx_ptr: [B0, B1, N, C] dx (sdx_*), written
     """
     R: tl.constexpr = BB * SP
     b0 = tl.program_id(0) * BB
-    z = _compressed(x_ptr, cw_ptr, cb_ptr, b0, Bp, N, S, E, D, sx_b, sx_n, sx_c, scw_o, scw_i, scb,
+    z = _compressed(x_ptr, cw_ptr, cb_ptr, b0, Bp, N, S, E, D, B1, sx_b0, sx_b1, sx_n, sx_c, scw_o, scw_i, scb,
                     IDX64, BB, NP, SP, DP, EP, DOT_DTYPE, ACC_DTYPE, PRECISION)  # fmt: skip
     e0 = tl.program_id(1) * EB
     dxs = tl.zeros([R, NP, EB], dtype=ACC_DTYPE)
     for q0 in range(0, N, QB):
         pm = _column_softmax(_logits(z, gw_ptr, gb_ptr, q0, N, D, sgw_o, sgw_i, sgb, R, NP, DP, QB, DOT_DTYPE,
                                      ACC_DTYPE, PRECISION))  # fmt: skip
-        dy_offs, dy_mask = _segment_tile(b0, q0, Bp, N, S, E, sdy_b, sdy_n, sdy_c, IDX64, BB, SP, QB, EB, e0)
+        dy_offs, dy_mask = _segment_tile(b0, q0, Bp, N, S, E, B1, sdy_b0, sdy_b1, sdy_n, sdy_c, IDX64, BB, SP, QB, EB, e0)
         dyb = tl.load(dy_ptr + dy_offs, mask=dy_mask, other=0.0).to(DOT_DTYPE)  # [R, QB, EB]
         dxs = tl.dot(pm.to(DOT_DTYPE), dyb, dxs, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    dx_offs, dx_mask = _segment_tile(b0, 0, Bp, N, S, E, sdx_b, sdx_n, sdx_c, IDX64, BB, SP, NP, EB, e0)
+    dx_offs, dx_mask = _segment_tile(b0, 0, Bp, N, S, E, B1, sdx_b0, sdx_b1, sdx_n, sdx_c, IDX64, BB, SP, NP, EB, e0)
     tl.store(dx_ptr + dx_offs, dxs.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
 @triton.jit
 def _logit_grad_kernel(
     x_ptr, cw_ptr, cb_ptr, gw_ptr, gb_ptr, dy_ptr, dx_ptr, dr_ptr,
-    Bp, N, S, E, D,
-    sx_b, sx_n, sx_c, scw_o, scw_i, scb, sgw_o, sgw_i, sgb, sdy_b, sdy_n, sdy_c, sdx_b, sdx_n, sdx_c,
-    sdr_b, sdr_n, sdr_f,
+    Bp, B1, N, S, E, D,
+    sx_b0, sx_b1, sx_n, sx_c, scw_o, scw_i, scb, sgw_o, sgw_i, sgb, sdy_b0, sdy_b1, sdy_n, sdy_c, sdx_b0, sdx_b1, sdx_n, sdx_c,
+    sdr_b0, sdr_b1, sdr_n, sdr_f,
     NEED_X: tl.constexpr, IDX64: tl.constexpr, BB: tl.constexpr, SP: tl.constexpr, NP: tl.constexpr,
     DP: tl.constexpr, EP: tl.constexpr, QB: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -274,24 +309,19 @@ def _logit_grad_kernel(
     dr Wc added to dx (which holds the mixing's share: _mix_input_grad_kernel ran first).
 
     x_ptr, cw_ptr, cb_ptr, gw_ptr, gb_ptr: as _mix_forward_kernel
-    dy_ptr: [B', N, C] dY (sdy_*);  dx_ptr: [B', N, C] dx (sdx_*), read and written (if NEED_X)
-    dr_ptr: [B', N, S*d] in ACC_DTYPE (sdr_b, sdr_n, sdr_f), written
+    dy_ptr: [B0, B1, N, C] dY (sdy_*);  dx_ptr: [B0, B1, N, C] dx (sdx_*), read and written (if NEED_X)
+    dr_ptr: [B0, B1, N, S*d] in ACC_DTYPE (sdr_b0, sdr_b1, sdr_n, sdr_f), written
     """
     R: tl.constexpr = BB * SP
     b0 = tl.program_id(0) * BB
-    z = _compressed(x_ptr, cw_ptr, cb_ptr, b0, Bp, N, S, E, D, sx_b, sx_n, sx_c, scw_o, scw_i, scb,
+    z = _compressed(x_ptr, cw_ptr, cb_ptr, b0, Bp, N, S, E, D, B1, sx_b0, sx_b1, sx_n, sx_c, scw_o, scw_i, scb,
                     IDX64, BB, NP, SP, DP, EP, DOT_DTYPE, ACC_DTYPE, PRECISION)  # fmt: skip
-    x_offs, x_mask = _segment_tile(b0, 0, Bp, N, S, E, sx_b, sx_n, sx_c, IDX64, BB, SP, NP, EP)
+    x_offs, x_mask = _segment_tile(b0, 0, Bp, N, S, E, B1, sx_b0, sx_b1, sx_n, sx_c, IDX64, BB, SP, NP, EP)
     xs = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(DOT_DTYPE)  # [R, NP, EP]
     dz = tl.zeros([R, NP * DP], dtype=ACC_DTYPE)
     for q0 in range(0, N, QB):
-        g = _logits(z, gw_ptr, gb_ptr, q0, N, D, sgw_o, sgw_i, sgb, R, NP, DP, QB, DOT_DTYPE, ACC_DTYPE, PRECISION)
-        pm = _column_softmax(g)
-        dy_offs, dy_mask = _segment_tile(b0, q0, Bp, N, S, E, sdy_b, sdy_n, sdy_c, IDX64, BB, SP, QB, EP)
-        # zeros outside the problem: dG is then zero on padded rows and columns
-        dyb = tl.load(dy_ptr + dy_offs, mask=dy_mask, other=0.0).to(DOT_DTYPE)  # [R, QB, EP]
-        dp = tl.dot(xs, tl.permute(dyb, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        dg = pm * (dp - tl.sum(pm * dp, axis=1)[:, None, :])  # softmax backward down each column
+        dg = _logit_grad(z, xs, gw_ptr, gb_ptr, dy_ptr, b0, q0, Bp, N, S, E, D, B1, sgw_o, sgw_i, sgb,
+                         sdy_b0, sdy_b1, sdy_n, sdy_c, IDX64, BB, SP, NP, DP, EP, QB, DOT_DTYPE, ACC_DTYPE, PRECISION)
         dg = tl.reshape(dg, [R, NP * QB]).to(DOT_DTYPE)
         w = _generate_block(gw_ptr, q0, N, D, sgw_o, sgw_i, NP, DP, QB).to(DOT_DTYPE)
         dz = tl.dot(dg, tl.trans(w), dz, input_precision=PRECISION, out_dtype=ACC_DTYPE)
@@ -304,13 +334,13 @@ def _logit_grad_kernel(
         b = b.to(tl.int64)
     t = rows % NP
     row_ok = (b < Bp) & (t < N)
-    tl.store(dr_ptr + (b * sdr_b + t * sdr_n)[:, None] + (f * sdr_f)[None, :], dr,
+    tl.store(dr_ptr + (_sequence_offsets(b, B1, sdr_b0, sdr_b1) + t * sdr_n)[:, None] + (f * sdr_f)[None, :], dr,
              mask=row_ok[:, None] & f_ok[None, :])  # fmt: skip
     if NEED_X:
         dr = dr.to(DOT_DTYPE)
         e = tl.arange(0, EP)
         for seg in range(0, S):  # one segment of dx's channels per step, token-major
-            offs, mask = _token_tile(b0, Bp, N, E, sdx_b, sdx_n, sdx_c, IDX64, BB, NP, EP, seg)
+            offs, mask = _token_tile(b0, Bp, N, E, B1, sdx_b0, sdx_b1, sdx_n, sdx_c, IDX64, BB, NP, EP, seg)
             w = tl.load(cw_ptr + f[:, None] * scw_o + (seg * E + e)[None, :] * scw_i,
                         mask=f_ok[:, None] & (e < E)[None, :], other=0.0)  # fmt: skip  [SP*DP, EP]
             dxc = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -321,8 +351,8 @@ def _logit_grad_kernel(
 @triton.jit
 def _generate_grad_kernel(
     x_ptr, cw_ptr, cb_ptr, gw_ptr, gb_ptr, dy_ptr, part_w_ptr, part_b_ptr,
-    Bp, N, S, E, D, TILES, RANGES,
-    sx_b, sx_n, sx_c, scw_o, scw_i, scb, sgw_o, sgw_i, sgb, sdy_b, sdy_n, sdy_c,
+    Bp, B1, N, S, E, D, TILES, RANGES,
+    sx_b0, sx_b1, sx_n, sx_c, scw_o, scw_i, scb, sgw_o, sgw_i, sgb, sdy_b0, sdy_b1, sdy_n, sdy_c,
     spw_r, spw_o, spw_i, spb_r, spb_o,
     NEED_W: tl.constexpr, NEED_B: tl.constexpr, IDX64: tl.constexpr, BB: tl.constexpr, SP: tl.constexpr,
     NP: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr, QB: tl.constexpr, LB: tl.constexpr,
@@ -345,18 +375,16 @@ def _generate_grad_kernel(
     dbg = tl.zeros([NP * QB], dtype=ACC_DTYPE)
     for tile in range(part, TILES, RANGES):
         b0 = tile * BB
-        z = _compressed(x_ptr, cw_ptr, cb_ptr, b0, Bp, N, S, E, D, sx_b, sx_n, sx_c, scw_o, scw_i, scb,
+        z = _compressed(x_ptr, cw_ptr, cb_ptr, b0, Bp, N, S, E, D, B1, sx_b0, sx_b1, sx_n, sx_c, scw_o, scw_i, scb,
                         IDX64, BB, NP, SP, DP, EP, DOT_DTYPE, ACC_DTYPE, PRECISION)  # fmt: skip
-        g = _logits(z, gw_ptr, gb_ptr, q0, N, D, sgw_o, sgw_i, sgb, R, NP, DP, QB, DOT_DTYPE, ACC_DTYPE, PRECISION)
-        pm = _column_softmax(g)
-        x_offs, x_mask = _segment_tile(b0, 0, Bp, N, S, E, sx_b, sx_n, sx_c, IDX64, BB, SP, NP, EP)
+        x_offs, x_mask = _segment_tile(b0, 0, Bp, N, S, E, B1, sx_b0, sx_b1, sx_n, sx_c, IDX64, BB, SP, NP, EP)
         xs = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(DOT_DTYPE)
-        dy_offs, dy_mask = _segment_tile(b0, q0, Bp, N, S, E, sdy_b, sdy_n, sdy_c, IDX64, BB, SP, QB, EP)
-        dyb = tl.load(dy_ptr + dy_offs, mask=dy_mask, other=0.0).to(DOT_DTYPE)
-        dp = tl.dot(xs, tl.permute(dyb, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        dg = tl.reshape(pm * (dp - tl.sum(pm * dp, axis=1)[:, None, :]), [R, NP * QB])
+        dg = tl.reshape(_logit_grad(z, xs, gw_ptr, gb_ptr, dy_ptr, b0, q0, Bp, N, S, E, D, B1, sgw_o, sgw_i, sgb,
+                                    sdy_b0, sdy_b1, sdy_n, sdy_c, IDX64, BB, SP, NP, DP, EP, QB, DOT_DTYPE, ACC_DTYPE,
+                                    PRECISION), [R, NP * QB])  # fmt: skip
         if NEED_B:
-            dbg += tl.sum(dg, axis=0)
+            if l0 == 0:  # the l-block-0 programs own dbg
+                dbg += tl.sum(dg, axis=0)
         if NEED_W:
             if LB == NP:
                 zl = z
@@ -385,79 +413,98 @@ def _generate_grad_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _geometry(x, num_head, reduced_dim):
-    Bp, N, C = x.shape
-    return Bp, N, num_head, C // num_head, reduced_dim
+def sequences(t: torch.Tensor, axis: str | None) -> torch.Tensor:
+    """The [B0, B1, N, C] view of t whose sequences (b0, b1) are mixed, no copy: the public op's
+    [B', N, C] (axis None, B1 = 1); along W of [B, H, W, C] (axis "w"), its rows; along H
+    (axis "h"), its columns, through the H, W transpose."""
+    if axis is None:
+        return t.unsqueeze(1)
+    return t.transpose(1, 2) if axis == "h" else t
 
 
-def launch_forward(x, compress_weight, compress_bias, generate_weight, generate_bias, y, num_head, reduced_dim):
-    """y [B', N, C] (any strides) <- dynamixer_mix(x, ...): one fused launch."""
-    Bp, N, S, E, D = _geometry(x, num_head, reduced_dim)
+def _geometry(xv, num_head, reduced_dim):
+    """(B', B1, N, S, E, d) of the sequence view xv [B0, B1, N, C]."""
+    B0, B1, N, C = xv.shape
+    return B0 * B1, B1, N, num_head, C // num_head, reduced_dim
+
+
+def launch_forward(xv, compress_weight, compress_bias, generate_weight, generate_bias, yv, num_head, reduced_dim):
+    """yv <- dynamixer_mix of the sequences of xv (sequence views [B0, B1, N, C], any strides):
+    one fused launch."""
+    Bp, B1, N, S, E, D = _geometry(xv, num_head, reduced_dim)
     t = dynamixer_tiles(N, S, E, D)
-    dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
+    dot_dtype, acc_dtype, precision = dot_dtypes(xv.dtype)
     _mix_forward_kernel[(triton.cdiv(Bp, t.bb),)](
-        x, compress_weight, compress_bias, generate_weight, generate_bias, y,
-        Bp, N, S, E, D,
-        *strides(x), *strides(compress_weight), *strides(compress_bias), *strides(generate_weight),
-        *strides(generate_bias), *strides(y),
-        IDX64=needs_idx64(x, y), BB=t.bb, SP=t.sp, NP=t.np, DP=t.dp, EP=t.ep, QB=t.qb,
+        xv, compress_weight, compress_bias, generate_weight, generate_bias, yv,
+        Bp, B1, N, S, E, D,
+        *strides(xv), *strides(compress_weight), *strides(compress_bias), *strides(generate_weight),
+        *strides(generate_bias), *strides(yv),
+        IDX64=needs_idx64(xv, yv), BB=t.bb, SP=t.sp, NP=t.np, DP=t.dp, EP=t.ep, QB=t.qb,
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision, num_warps=t.num_warps,
     )  # fmt: skip
 
 
-def forward(x, compress_weight, compress_bias, generate_weight, generate_bias, num_head, reduced_dim):
-    """The ``triton`` forward of ``mixops::dynamixer_mix``: contiguous y."""
+def axis_forward(x, compress_weight, compress_bias, generate_weight, generate_bias, num_head, reduced_dim, axis):
+    """The ``triton`` forward of ``mixops::_dynamixer_axis_mix`` (axis "h" or "w" of x
+    [B, H, W, C]) and, with axis None, of ``mixops::dynamixer_mix``: y contiguous, x's shape."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if y.numel() > 0:
-        launch_forward(x, compress_weight, compress_bias, generate_weight, generate_bias, y, num_head, reduced_dim)
+        launch_forward(sequences(x, axis), compress_weight, compress_bias, generate_weight, generate_bias,
+                       sequences(y, axis), num_head, reduced_dim)  # fmt: skip
     return y
 
 
-def launch_mix_backward(x, compress_weight, compress_bias, generate_weight, generate_bias, dy, dx, dr, num_head,
+def forward(x, compress_weight, compress_bias, generate_weight, generate_bias, num_head, reduced_dim):
+    """The ``triton`` forward of ``mixops::dynamixer_mix``: contiguous y."""
+    return axis_forward(x, compress_weight, compress_bias, generate_weight, generate_bias, num_head, reduced_dim,
+                        None)  # fmt: skip
+
+
+def launch_mix_backward(xv, compress_weight, compress_bias, generate_weight, generate_bias, dyv, dxv, drv, num_head,
                         reduced_dim):  # fmt: skip
-    """dr [B', N, S*d] (accumulator dtype, any strides) <- compress's output gradient and, unless
-    dx is None, dx [B', N, C] (any strides) <- x's gradient: the mixing's share
-    (_mix_input_grad_kernel), then compress's added to it (_logit_grad_kernel, which writes dr)."""
-    Bp, N, S, E, D = _geometry(x, num_head, reduced_dim)
+    """drv [B0, B1, N, S*d] (accumulator dtype) <- compress's output gradient and, unless dxv is
+    None, dxv <- x's gradient: the mixing's share (_mix_input_grad_kernel), then compress's added
+    to it (_logit_grad_kernel, which writes dr). Sequence views of any strides, as xv."""
+    Bp, B1, N, S, E, D = _geometry(xv, num_head, reduced_dim)
     t = dynamixer_tiles(N, S, E, D)
-    dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
+    dot_dtype, acc_dtype, precision = dot_dtypes(xv.dtype)
     grid = (triton.cdiv(Bp, t.bb),)
-    dxp = dx if dx is not None else dy
+    dxp = dxv if dxv is not None else dyv
     common = (
-        *strides(x), *strides(compress_weight), *strides(compress_bias), *strides(generate_weight),
-        *strides(generate_bias), *strides(dy), *strides(dxp),
+        *strides(xv), *strides(compress_weight), *strides(compress_bias), *strides(generate_weight),
+        *strides(generate_bias), *strides(dyv), *strides(dxp),
     )  # fmt: skip
-    tiles = dict(IDX64=needs_idx64(x, dy, dxp, dr), BB=t.bb, SP=t.sp, NP=t.np, DP=t.dp, EP=t.ep, QB=t.qb,
+    tiles = dict(IDX64=needs_idx64(xv, dyv, dxp, drv), BB=t.bb, SP=t.sp, NP=t.np, DP=t.dp, EP=t.ep, QB=t.qb,
                  DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision, num_warps=t.num_warps)  # fmt: skip
-    if dx is not None:
+    if dxv is not None:
         _mix_input_grad_kernel[(grid[0], t.ep // t.eb)](
-            x, compress_weight, compress_bias, generate_weight, generate_bias, dy, dx, Bp, N, S, E, D, *common,
-            EB=t.eb, **tiles,
+            xv, compress_weight, compress_bias, generate_weight, generate_bias, dyv, dxv, Bp, B1, N, S, E, D,
+            *common, EB=t.eb, **tiles,
         )  # fmt: skip
     _logit_grad_kernel[grid](
-        x, compress_weight, compress_bias, generate_weight, generate_bias, dy, dxp, dr, Bp, N, S, E, D, *common,
-        *strides(dr), NEED_X=dx is not None, **tiles,
+        xv, compress_weight, compress_bias, generate_weight, generate_bias, dyv, dxp, drv, Bp, B1, N, S, E, D,
+        *common, *strides(drv), NEED_X=dxv is not None, **tiles,
     )  # fmt: skip
 
 
-def _generate_grads(x, cw, cb, gw, gb, dy, t, need_w, need_b, geometry):
+def _generate_grads(xv, cw, cb, gw, gb, dyv, t, need_w, need_b, geometry):
     """[dWg], [dbg] as asked, in the accumulator dtype: _generate_grad_kernel's fixed ranges,
     then their partials summed in order."""
-    Bp, N, S, E, D = geometry
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    Bp, B1, N, S, E, D = geometry
+    acc = torch.float64 if xv.dtype == torch.float64 else torch.float32
     tiles = triton.cdiv(Bp, t.bb)
     blocks = triton.cdiv(N, t.qb) * triton.cdiv(N, t.lb)
     ranges = deterministic_split(tiles, 1, blocks)
     # every entry is written: the q-blocks x l-blocks cover dWg, the l-block-0 programs dbg
-    pw = torch.empty((ranges, N * N, N * D) if need_w else (1, 1, 1), dtype=acc, device=x.device)
-    pb = torch.empty((ranges, N * N) if need_b else (1, 1), dtype=acc, device=x.device)
-    dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
+    pw = torch.empty((ranges, N * N, N * D) if need_w else (1, 1, 1), dtype=acc, device=xv.device)
+    pb = torch.empty((ranges, N * N) if need_b else (1, 1), dtype=acc, device=xv.device)
+    dot_dtype, acc_dtype, precision = dot_dtypes(xv.dtype)
     _generate_grad_kernel[(blocks, ranges)](
-        x, cw, cb, gw, gb, dy, pw, pb,
-        Bp, N, S, E, D, tiles, ranges,
-        *strides(x), *strides(cw), *strides(cb), *strides(gw), *strides(gb), *strides(dy),
+        xv, cw, cb, gw, gb, dyv, pw, pb,
+        Bp, B1, N, S, E, D, tiles, ranges,
+        *strides(xv), *strides(cw), *strides(cb), *strides(gw), *strides(gb), *strides(dyv),
         *pw.stride(), *pb.stride(),
-        NEED_W=need_w, NEED_B=need_b, IDX64=needs_idx64(x, dy, pw, pb), BB=t.bb, SP=t.sp, NP=t.np, DP=t.dp,
+        NEED_W=need_w, NEED_B=need_b, IDX64=needs_idx64(xv, dyv, pw, pb), BB=t.bb, SP=t.sp, NP=t.np, DP=t.dp,
         EP=t.ep, QB=t.qb, LB=t.lb,
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision, num_warps=t.num_warps,
     )  # fmt: skip
@@ -469,14 +516,16 @@ def _generate_grads(x, cw, cb, gw, gb, dy, t, need_w, need_b, geometry):
     return out
 
 
-def backward(grads, needs, x, compress_weight, compress_bias, generate_weight, generate_bias, num_head,
-             reduced_dim):  # fmt: skip
-    """The ``triton`` backward: the fused mixing backward (dx, dr), compress's parameter
+def axis_backward(grads, needs, x, compress_weight, compress_bias, generate_weight, generate_bias, num_head,
+                  reduced_dim, axis):  # fmt: skip
+    """The ``triton`` backward of ``mixops::_dynamixer_axis_mix`` (axis None: of
+    ``mixops::dynamixer_mix``): the fused mixing backward (dx, dr), compress's parameter
     gradients from dr (kernels/_weight_grad.py), generate's from the dWg kernel."""
     need_x, need_cw, need_cb, need_gw, need_gb = needs
     dy = grads[0]
-    geometry = _geometry(x, num_head, reduced_dim)
-    Bp, N, S, E, D = geometry
+    xv, dyv = sequences(x, axis), sequences(dy, axis)
+    geometry = _geometry(xv, num_head, reduced_dim)
+    Bp, B1, N, S, E, D = geometry
     params = (compress_weight, compress_bias, generate_weight, generate_bias)
     if Bp == 0:
         return [torch.zeros_like(t) for t, n in zip((x, *params), needs) if n]
@@ -485,12 +534,56 @@ def backward(grads, needs, x, compress_weight, compress_bias, generate_weight, g
     out = []
     if need_x or need_cw or need_cb:
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
-        dr = torch.empty((Bp, N, S * D), dtype=acc, device=x.device)
-        launch_mix_backward(x, *params, dy, dx, dr, num_head, reduced_dim)
+        # dr in x's token order, so that compress's weight gradient pairs rows of two plain views
+        dr = torch.empty((*x.shape[:-1], S * D), dtype=acc, device=x.device)
+        launch_mix_backward(xv, *params, dyv, None if dx is None else sequences(dx, axis), sequences(dr, axis),
+                            num_head, reduced_dim)  # fmt: skip
         if need_x:
             out.append(dx)
         if need_cw or need_cb:
-            out += [g.to(x.dtype) for g in linear_param_grads(dr, x, need_cw, need_cb)]
+            rows = (x.shape[0], -1)
+            out += [g.to(x.dtype) for g in linear_param_grads(dr.reshape(*rows, S * D), x.reshape(*rows, E * S),
+                                                              need_cw, need_cb)]  # fmt: skip
     if need_gw or need_gb:
-        out += [g.to(x.dtype) for g in _generate_grads(x, *params, dy, t, need_gw, need_gb, geometry)]
+        out += [g.to(x.dtype) for g in _generate_grads(xv, *params, dyv, t, need_gw, need_gb, geometry)]
+    return out
+
+
+def backward(grads, needs, x, compress_weight, compress_bias, generate_weight, generate_bias, num_head,
+             reduced_dim):  # fmt: skip
+    """The ``triton`` backward of ``mixops::dynamixer_mix``."""
+    return axis_backward(grads, needs, x, compress_weight, compress_bias, generate_weight, generate_bias, num_head,
+                         reduced_dim, None)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The block's pass 2 (mixops::_dynamixer_reweighted): kernels/_reweighted_mix.py
+# ---------------------------------------------------------------------------------------------
+
+
+def reweighted_forward(mixed_h, mixed_w, x, weight_h, weight_w, weight_c, bias_h, bias_w, bias_c, alpha):
+    """The ``triton`` forward of ``mixops::_dynamixer_reweighted``: one K = 3C GEMM over the
+    maps as they lie, the biases and softmax weights applied in its epilogue."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    launch_mix((mixed_h, mixed_w, x), None, (weight_h, weight_w, weight_c), (bias_h, bias_w, bias_c), alpha, out)
+    return out
+
+
+def reweighted_backward(grads, needs, mixed_h, mixed_w, x, weight_h, weight_w, weight_c, bias_h, bias_w, bias_c,
+                        alpha):  # fmt: skip
+    """The ``triton`` backward of ``mixops::_dynamixer_reweighted``: per branch, the map's
+    gradient (a_k·dY) @ W_k and the weight, bias and alpha gradients
+    (_reweighted_mix.branch_backward, deterministic), in the schema's input order."""
+    g = grads[0]
+    need_maps, need_weights, need_biases, need_alpha = needs[0:3], needs[3:6], needs[6:9], needs[9]
+    maps, weights, biases = (mixed_h, mixed_w, x), (weight_h, weight_w, weight_c), (bias_h, bias_w, bias_c)
+    gsum = token_sums(g) if any(need_biases) or need_alpha else None
+    per_branch = [
+        branch_backward(g, gsum, alpha, k, lambda k=k: maps[k], weights[k], biases[k], need_maps[k], need_weights[k],
+                        need_biases[k], need_alpha)
+        for k in range(3)
+    ]  # fmt: skip
+    out = [grad for part in range(3) for grad in (branch[part] for branch in per_branch) if grad is not None]
+    if need_alpha:
+        out.append(torch.stack([branch[3] for branch in per_branch], dim=2).to(alpha.dtype))
     return out

@@ -64,6 +64,19 @@ def check_optional(
     check_shape(name, t, shape)
 
 
+def check_branch_weights(alpha: object, ref_name: str, ref: torch.Tensor, shape: Iterable[int]) -> None:
+    """The softmax weights ``alpha`` of a fused reweighting have ``shape``, ref's device and the
+    accumulate dtype of ref (fp32; fp64 for fp64): they are formed in fp32 from fp32 means and
+    are not autocast."""
+    check_tensor("alpha", alpha)
+    dtype = torch.promote_types(ref.dtype, torch.float32)
+    if alpha.dtype != dtype:
+        raise TypeError(f"alpha must be {dtype} for {ref.dtype} {ref_name}, got {alpha.dtype}")
+    if alpha.device != ref.device:
+        raise ValueError(f"alpha must be on the device of {ref_name} ({ref.device}), got {alpha.device}")
+    check_shape("alpha", alpha, shape)
+
+
 def check_int(name: str, value: object, *, minimum: int = 1) -> int:
     """``value`` is a Python int (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):

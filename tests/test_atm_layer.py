@@ -19,6 +19,7 @@ import triton.language as tl  # noqa: E402
 
 import mixops  # noqa: E402
 from mixops.kernels import atm_layer as KL  # noqa: E402
+from mixops.kernels import _reweighted_mix as RM  # noqa: E402
 from mixops.kernels._common import SPLIT_TARGET_PROGRAMS, Blocks, deterministic_split, dot_dtypes  # noqa: E402
 from mixops.nn.atm import ActiveBlock, ATMLayer  # noqa: E402
 from mixops.ops import atm_layer as OL  # noqa: E402
@@ -109,8 +110,8 @@ def test_means_forward_and_gradients(case, kind, backend):
 
 
 def test_both_dalpha_strategies_are_exercised():
-    assert KL.alpha_grad_by_identity(8, 9) and KL.alpha_grad_by_identity(12, 35)
-    assert not KL.alpha_grad_by_identity(24, 15)
+    assert RM.alpha_grad_by_identity(8, 9) and RM.alpha_grad_by_identity(12, 35)
+    assert not RM.alpha_grad_by_identity(24, 15)
 
 
 @pytest.mark.usefixtures("interpreted")
@@ -118,7 +119,7 @@ def test_both_dalpha_strategies_are_exercised():
 def test_mix_backward_needs_subsets_and_bits(monkeypatch, identity):
     """Each gradient alone gives the same bits as all of them; two runs are bit-identical;
     no bias means no bias gradients."""
-    monkeypatch.setattr(KL, "alpha_grad_by_identity", lambda c, p: identity)
+    monkeypatch.setattr(RM, "alpha_grad_by_identity", lambda c, p: identity)
     shape, share = (2, 4, 5, 12), 4
     inputs = _mix_inputs(shape, share, "normal5", torch.float32)
     g = torch.randn(shape)
@@ -150,15 +151,16 @@ def test_mix_writes_exactly_its_output(monkeypatch, small_tiles, c_out):
     """A NaN canary around a strided output; C_out != C; 16 x 16 x 16 tiles give several row,
     column and reduction blocks with ragged edges, rows spanning two images."""
     if small_tiles:
-        monkeypatch.setattr(KL, "mix_blocks", lambda *a: Blocks(m=16, n=16, k=16, num_warps=4, num_stages=1))
+        monkeypatch.setattr(RM, "mix_blocks", lambda *a: Blocks(m=16, n=16, k=16, num_warps=4, num_stages=1))
     shape, share = (3, 5, 3, 24), 2
     inputs = _mix_inputs(shape, share, "edges", torch.float64, c_out=c_out)
     buf, out, inside = _canary((*shape[:3], c_out), torch.float64)
-    KL.launch_mix(inputs[0], inputs[1], inputs[2], tuple(inputs[3:6]), inputs[6], inputs[7], inputs[8], out, share)
+    RM.launch_mix((inputs[0],) * 3, tuple(inputs[1:3]), tuple(inputs[3:6]), (inputs[6], inputs[7], None), inputs[8], out,
+                  share)
     _untouched(buf, inside, "out")
     assert_close(out, R.atm_mix(*inputs, share), name="mix")
     buf, out, inside = _canary((*shape[:3], c_out), torch.float64)
-    KL.launch_mix(inputs[0], inputs[1], inputs[2], tuple(inputs[3:6]), None, None, inputs[8], out, share)
+    RM.launch_mix((inputs[0],) * 3, tuple(inputs[1:3]), tuple(inputs[3:6]), (None,) * 3, inputs[8], out, share)
     _untouched(buf, inside, "out (no bias)")
     assert_close(out, R.atm_mix(*inputs[:6], None, None, inputs[8], share), name="mix (no bias)")
 
@@ -359,15 +361,15 @@ def test_block_heuristics(monkeypatch, interpreting):
             # the shapes alone decide the split, and column_sum's partials stay <= 256 per output
             assert cfg.split == deterministic_split(n * n, cfg.m, B * triton.cdiv(C, cfg.c)) <= SPLIT_TARGET_PROGRAMS
             for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-                mix = KL.mix_blocks(B * n * n, C, C, dtype)
+                mix = RM.mix_blocks(B * n * n, C, C, dtype)
                 assert all(_is_pow2(t) and t >= 16 for t in (mix.m, mix.n, mix.k))
     if not interpreting:
         # C = 320 (ActiveMLP-T stage 3): channel tiles that divide it, or (fp16/bf16) 128-wide
         # column tiles: 3 gathers of each A tile rather than 5
         assert 320 % KL.means_blocks(128, 196, 320).c == 0
-        assert 320 % KL.mix_blocks(128 * 196, 320, 320, torch.float32).n == 0
+        assert 320 % RM.mix_blocks(128 * 196, 320, 320, torch.float32).n == 0
         for C in (64, 128, 320, 512):
-            assert KL.mix_blocks(128 * 196, C, C, torch.bfloat16).n == min(triton.next_power_of_2(C), 128)
+            assert RM.mix_blocks(128 * 196, C, C, torch.bfloat16).n == min(triton.next_power_of_2(C), 128)
 
 
 # --- the new kernels compile for sm_90 without spills -------------------------------------------
@@ -390,12 +392,15 @@ def _arg_values(fn, dtype, stage, ptr):
     biases, alpha contiguous [128, C, 3]."""
     n, C, share = stage
     G = C // share
-    values = dict(M=128 * n * n, H=n, W=n, C=C, C_OUT=C, SPLIT=1, s_bw=1, s_bh=1, sa_b=3 * C, sa_n=3, sa_k=1)
-    for prefix, t in (("sx", (n * n * C, n * C, C, 1)), ("sy", (n * n * C, n * C, C, 1)),
-                      ("sow", (n * n * 2 * G, n * 2 * G, 2 * G, 1)), ("soh", (n * n * 2 * G, n * 2 * G, 2 * G, 1))):
+    values = dict(M=128 * n * n, H=n, W=n, C=C, C_OUT=C, SPLIT=1, s_b0=1, s_b1=1, s_b2=0, sa_b=3 * C, sa_n=3,
+                  sa_k=1)  # fmt: skip
+    maps = (n * n * C, n * C, C, 1)
+    offsets = (n * n * 2 * G, n * 2 * G, 2 * G, 1)
+    for prefix, t in (("sx", maps), ("sf0", maps), ("sf1", maps), ("sf2", maps), ("sy", maps),
+                      ("sow", offsets), ("soh", offsets), ("so0", offsets), ("so1", offsets)):  # fmt: skip
         last = "g" if prefix.startswith("so") else "c"
         values.update(zip((f"{prefix}_b", f"{prefix}_h", f"{prefix}_w", f"{prefix}_{last}"), t))
-    for w in ("sww", "swh", "swc"):
+    for w in ("sw0", "sw1", "sw2"):
         values.update({f"{w}_n": C, f"{w}_k": 1})
     values.update({name: ptr.get(name, _PTR[dtype]) for name in fn.arg_names if name.endswith("_ptr")})
     return values
@@ -411,10 +416,11 @@ def _build(kernel, dtype, stage, needs):
         options = dict(num_warps=cfg.num_warps)
         ptr = {"part_ptr": "*fp64" if dtype == "fp64" else "*fp32"}
     else:
-        fn, cfg = KL._atm_mix_kernel, KL.mix_blocks(128 * n * n, C, C, torch_dtype)
+        fn, cfg = RM._reweighted_mix_kernel, RM.mix_blocks(128 * n * n, C, C, torch_dtype)
         has_bias, tf32 = needs
         dot_dtype, _, precision = dot_dtypes(torch_dtype)
-        consts = dict(SHARE=share, HAS_BW=has_bias, HAS_BH=has_bias, COMPUTE=compute, DOT_DTYPE=dot_dtype,
+        consts = dict(SHARE=share, GATHER=True, HAS_B0=has_bias, HAS_B1=has_bias, HAS_B2=False, COMPUTE=compute,
+                      DOT_DTYPE=dot_dtype,
                       PRECISION="tf32" if tf32 else precision, IDX64=False, BLOCK_M=cfg.m, BLOCK_N=cfg.n,
                       BLOCK_K=cfg.k)
         options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

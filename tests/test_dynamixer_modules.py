@@ -1,5 +1,7 @@
 """Drop-in DynaMixerOp / DynaMixerBlock: official state_dict keys, loading, forward and gradients
-against the reference module forwards, the docs/dynamixer.md section 8 linearity identities, error paths.
+against the reference module forwards, the docs/dynamixer.md section 8 linearity identities, when
+the fused block path is taken (and the same numbers with a random state_dict in the official
+keys), error paths.
 
 The forward/backward comparisons take a ``backend`` argument: they run the module under
 ``mixops.use_backend`` once per backend registered for ``dynamixer_mix`` (tests/conftest.py),
@@ -14,7 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mixops
+from mixops.backend import fused_backend
 from mixops.nn import DynaMixerBlock, DynaMixerOp
+from mixops.nn import dynamixer as nn_dyn
 from mixops.reference import dynamixer as ref
 from mixops_testing import assert_close, only_backends, skip_unless_runs
 
@@ -127,13 +131,19 @@ def test_op_module_matches_reference(dtype, backend):
         assert_close(a, b, dtype=dtype, name=f"grad {name}")
 
 
-@pytest.mark.op(OP)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("C, N, S, d, qkv_bias", [(16, 4, 4, 2, False), (24, 5, 3, 8, True)])
-def test_block_module_matches_reference(C, N, S, d, qkv_bias, dtype, backend):
-    skip_unless_runs(OP, backend, "cpu")
-    m = DynaMixerBlock(C, resolution=N, num_head=S, reduced_dim=d, qkv_bias=qkv_bias).to(dtype)
-    x = torch.randn(2, N, N, C, dtype=dtype, requires_grad=True)
+def _random_state(m: nn.Module) -> nn.Module:
+    """m with a random state_dict in the official keys loaded (strict), scaled so activations
+    stay O(1)."""
+    sd = {k: torch.randn(t.shape) / (t.shape[-1] ** 0.5 if t.dim() == 2 else 2) for k, t in m.state_dict().items()}
+    m.load_state_dict(sd, strict=True)
+    return m
+
+
+def _check_block(m, x, backend, dtype, device="cpu"):
+    """Block forward and every gradient (x and each parameter) on ``backend`` in ``dtype``
+    against the reference block forward of a float64 copy."""
+    m = m.to(device=device, dtype=dtype)
+    x = x.to(device=device, dtype=dtype).requires_grad_()
     names, params = zip(*m.named_parameters())
     with mixops.use_backend(backend):
         out = m(x)
@@ -148,6 +158,15 @@ def test_block_module_matches_reference(C, N, S, d, qkv_bias, dtype, backend):
 
 
 @pytest.mark.op(OP)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("C, N, S, d, qkv_bias", [(16, 4, 4, 2, False), (24, 5, 3, 8, True)])
+def test_block_module_matches_reference(C, N, S, d, qkv_bias, dtype, backend):
+    skip_unless_runs(OP, backend, "cpu")
+    m = DynaMixerBlock(C, resolution=N, num_head=S, reduced_dim=d, qkv_bias=qkv_bias)
+    _check_block(m, torch.randn(2, N, N, C), backend, dtype)
+
+
+@pytest.mark.op(OP)
 def test_block_channels_last_view_input(backend):
     """x as a channels-last view of an NCHW tensor (the usual layout after a conv)."""
     skip_unless_runs(OP, backend, "cpu")
@@ -157,6 +176,45 @@ def test_block_channels_last_view_input(backend):
     with mixops.use_backend(backend):
         out = m(x)
     assert_close(out, ref.dynamixer_block_forward(m, x.contiguous()).detach())
+
+
+@pytest.mark.op(OP)
+@pytest.mark.parametrize("C, N, S, d", [(24, 5, 3, 2), (32, 17, 4, 1)])
+def test_block_random_state_dict_float32(C, N, S, d, backend):
+    """C/S = 8 with N = 5, and N = 17 (two q-blocks of the kernels) with d = 1."""
+    skip_unless_runs(OP, backend, "cpu")
+    m = _random_state(DynaMixerBlock(C, resolution=N, num_head=S, reduced_dim=d))
+    _check_block(m, torch.randn(2, N, N, C), backend, torch.float32)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("gpu_backend", ["triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C, N, S, d", [(192, 32, 8, 2), (384, 16, 16, 2), (512, 16, 16, 8)], ids=["S-s1", "S-s2", "L-s2"])
+def test_gpu_fused_block_matches_float64(C, N, S, d, dtype, gpu_backend):
+    """The official block shapes (docs/dynamixer.md section 7), B = 3, on the GPU."""
+    skip_unless_runs(OP, gpu_backend, "cuda")
+    m = _random_state(DynaMixerBlock(C, resolution=N, num_head=S, reduced_dim=d))
+    _check_block(m, torch.randn(3, N, N, C), gpu_backend, dtype, "cuda")
+
+
+def test_block_fused_path_is_taken_where_the_backend_has_the_internal_ops(monkeypatch):
+    skip_unless_runs(OP, "triton", "cpu")
+    x = torch.randn(1, 4, 4, 8, dtype=torch.float64)
+    for name in ("torch", "triton"):
+        with mixops.use_backend(name):
+            assert fused_backend(OP, nn_dyn._FUSED_OPS, x) == name
+    # a backend with dynamixer_mix alone runs the official sequence through the public op
+    only_backends(monkeypatch, "_dynamixer_axis_mix", "torch")
+    seqs = []
+    public = nn_dyn.dynamixer_mix
+    monkeypatch.setattr(nn_dyn, "dynamixer_mix", lambda *a, **k: seqs.append(a[0].shape) or public(*a, **k))
+    m = _random_state(DynaMixerBlock(8, resolution=4, num_head=2)).double()
+    with mixops.use_backend("triton"):
+        assert fused_backend(OP, nn_dyn._FUSED_OPS, x) is None
+        out = m(x)
+    assert seqs == [(4, 4, 8), (4, 4, 8)]
+    assert_close(out, ref.dynamixer_block_forward(m, x))
 
 
 def test_block_eval_ignores_proj_drop():

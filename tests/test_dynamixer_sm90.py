@@ -1,7 +1,9 @@
 """sm_90 builds of the DynaMixer Triton kernels, no GPU needed: every launch the launchers make
 at the official shapes (B = 128) is recorded, compiled for sm_90 with the argument
 specialization a real launch gets, and ptxas's registers and spills read back
-(tests/sm90_compile.py). The interpreter accepts what the GPU backend may reject (3-D tl.dot,
+(tests/sm90_compile.py): the public op's [B', N, C] sequences, the block's columns (the H
+branch's strided view: two sequence strides) and the block's pass 2 (the reweighted K = 3C
+GEMM of kernels/_reweighted_mix.py on plain maps). The interpreter accepts what the GPU backend may reject (3-D tl.dot,
 the register reshapes and permutes, fp64 exp); this is where that shows without a GPU."""
 from __future__ import annotations
 
@@ -18,22 +20,29 @@ SHAPES = {
     "L2": (2048, 16, 512, 16, 8),
 }
 KERNELS = ("forward", "mix_input_grad", "logit_grad", "generate_grad", "weight_grad")
+# (kernel, dtype, shape, sequences): "op" the public op's [B', N, C], "h" the block's columns
 _BUILDS = {
-    **{f"{k}-bf16-{s}": (k, "bfloat16", s) for k in KERNELS for s in SHAPES},
-    **{f"{k}-tf32-{s}": (k, "tf32", s) for k in KERNELS for s in ("S1", "L2")},
-    **{f"{k}-fp32-{s}": (k, "float32", s) for k in KERNELS for s in ("S1", "L2")},
-    **{f"{k}-fp64-S1": (k, "float64", "S1") for k in KERNELS},
+    **{f"{k}-bf16-{s}": (k, "bfloat16", s, "op") for k in KERNELS for s in SHAPES},
+    **{f"{k}-bf16-{s}-h": (k, "bfloat16", s, "h") for k in KERNELS for s in ("S1", "S2")},
+    **{f"reweighted-bf16-{s}": ("reweighted", "bfloat16", s, "h") for s in SHAPES},
+    **{f"{k}-tf32-{s}": (k, "tf32", s, "h" if k == "reweighted" else "op") for k in (*KERNELS, "reweighted")
+       for s in ("S1", "L2")},
+    **{f"{k}-fp32-{s}": (k, "float32", s, "h" if k == "reweighted" else "op") for k in (*KERNELS, "reweighted")
+       for s in ("S1", "L2")},
+    **{f"{k}-fp64-S1": (k, "float64", "S1", "op") for k in KERNELS},
 }
 # fp16/bf16 (the training dtypes, autocast) must not spill. TF32's 4-byte operands spill a
 # little at 8 warps (24-732 bytes), IEEE fp32 and fp64 run every tl.dot as FMAs with both operand
 # tiles in registers and spill more: they compile and compute right (docs/dynamixer.md section 10)
-FAST = [b for b in _BUILDS if "-bf16-" in b or b.startswith("weight_grad")]
+# The reweighted GEMM's fp32 tiles are ATMLayer's (94 registers, no spills: test_atm_layer.py).
+FAST = [b for b in _BUILDS if "-bf16-" in b or b.startswith(("weight_grad", "reweighted"))]
 
 
-def _build(kernel: str, dtype_name: str, shape: str) -> dict:
+def _build(kernel: str, dtype_name: str, shape: str, sequences: str) -> dict:
     """Record the launch of ``kernel`` the launchers make at ``shape`` and compile it."""
     import torch
 
+    from mixops.kernels import _reweighted_mix as RM
     from mixops.kernels import _weight_grad as WG
     from mixops.kernels import dynamixer as K
 
@@ -42,7 +51,21 @@ def _build(kernel: str, dtype_name: str, shape: str) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
     dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    x = torch.empty(bp, n, c, dtype=dtype)
+    axis = None if sequences == "op" else "h"
+    # the block's map [B, N, N, C] (B' = B*N columns), or the op's [B', N, C]
+    x = torch.empty((bp, n, c) if axis is None else (bp // n, n, n, c), dtype=dtype)
+    if kernel == "reweighted":
+        calls = []
+        original = RM._reweighted_mix_kernel
+        RM._reweighted_mix_kernel = sm90_compile.Recorder(original, calls)
+        try:
+            K.reweighted_forward(x, x, x, *(torch.empty(c, c, dtype=dtype),) * 3, *(torch.empty(c, dtype=dtype),) * 2,
+                                 None, torch.empty(x.shape[0], c, 3, dtype=acc))  # fmt: skip
+        finally:
+            RM._reweighted_mix_kernel = original
+        (fn, args, kwargs), = calls
+        return sm90_compile.compile_launch(fn, args, kwargs, cfg={"num_warps": kwargs["num_warps"]})
+    xv = K.sequences(x, axis)
     params = (torch.empty(s * d, c, dtype=dtype), torch.empty(s * d, dtype=dtype),
               torch.empty(n * n, n * d, dtype=dtype), torch.empty(n * n, dtype=dtype))  # fmt: skip
     calls = []
@@ -59,13 +82,17 @@ def _build(kernel: str, dtype_name: str, shape: str) -> dict:
     K.column_sum = WG.column_sum = lambda t: torch.zeros(t.shape[0], t.shape[2], dtype=t.dtype)
     try:
         if kernel == "forward":
-            K.launch_forward(x, *params, torch.empty_like(x), s, d)
+            K.launch_forward(xv, *params, K.sequences(torch.empty_like(x), axis), s, d)
         elif kernel in ("mix_input_grad", "logit_grad"):
-            K.launch_mix_backward(x, *params, x, torch.empty_like(x), torch.empty(bp, n, s * d, dtype=acc), s, d)
+            dr = torch.empty((*x.shape[:-1], s * d), dtype=acc)
+            K.launch_mix_backward(xv, *params, xv, K.sequences(torch.empty_like(x), axis), K.sequences(dr, axis), s, d)
         elif kernel == "generate_grad":
-            K._generate_grads(x, *params, x, K.dynamixer_tiles(n, s, c // s, d), True, True, (bp, n, s, c // s, d))
+            geometry = K._geometry(xv, s, d)
+            K._generate_grads(xv, *params, xv, K.dynamixer_tiles(n, s, c // s, d), True, True, geometry)
         else:
-            WG.linear_param_grads(torch.empty(bp, n, s * d, dtype=acc), x, True, False)
+            rows = (x.shape[0], -1)
+            WG.linear_param_grads(torch.empty((*x.shape[:-1], s * d), dtype=acc).reshape(*rows, s * d),
+                                  x.reshape(*rows, c), True, False)  # fmt: skip
     finally:
         for (mod, attr), fn in zip(kernels, originals):
             setattr(mod, attr, fn)

@@ -87,38 +87,46 @@ def test_tiles_obey_the_dot_and_register_rules():
 
 
 def _canary(shape, dtype):
-    """A strided [B', N, C] view inside a NaN buffer, and the mask of the view."""
-    bp, n, c = shape
-    buf = torch.full((bp + 1, n + 2, c + 5), NAN, dtype=dtype)
+    """A strided view of the given shape inside a NaN buffer, and the mask of the view."""
+    buf = torch.full((shape[0] + 1, *(n + 2 for n in shape[1:-1]), shape[-1] + 5), NAN, dtype=dtype)
     inside = torch.zeros(buf.shape, dtype=torch.bool)
-    index = (slice(1, None), slice(1, n + 1), slice(2, c + 2))
+    index = (slice(1, None), *(slice(1, n + 1) for n in shape[1:-1]), slice(2, shape[-1] + 2))
     inside[index] = True
     return buf, buf[index], inside
 
 
-@pytest.mark.parametrize("shape", [(3, 17, 15, 5, 3), (2, 6, 8, 4, 2)])
-def test_outputs_written_exactly(shape):
-    """y and dx into strided views of NaN buffers (dx is also read back by the kernel, to add
-    compress's share): nothing outside is written, the values inside are right."""
-    bp, n, c, s, d = shape
-    inputs = make_inputs(*shape)
-    buf, y, inside = _canary((bp, n, c), torch.float64)
-    K.launch_forward(*inputs, y, s, d)
+# (x shape, S, d, axis): the public op's [B', N, C] (axis None) and the block's columns ("h")
+CANARY_CASES = [((3, 17, 15), 5, 3, None), ((2, 6, 8), 4, 2, None), ((2, 5, 3, 12), 3, 2, "h")]
+
+
+@pytest.mark.parametrize("shape, s, d, axis", CANARY_CASES)
+def test_outputs_written_exactly(shape, s, d, axis):
+    """y, dx and dr into strided views of NaN buffers (dx is also read back by the kernel, to
+    add compress's share): nothing outside is written, the values inside are right."""
+    n = shape[1] if axis is not None else shape[-2]
+    x, *params = make_inputs(1, n, shape[-1], s, d)
+    x = torch.randn(shape, dtype=torch.float64)
+    inputs = [x, *params]
+    seq = (lambda t: K.sequences(t, axis))
+    mix = ref.dynamixer_mix if axis is None else (lambda *a: ref.dynamixer_axis_mix(*a, axis))
+    buf, y, inside = _canary(shape, torch.float64)
+    K.launch_forward(seq(x), *params, seq(y), s, d)
     assert buf[~inside].isnan().all(), "forward wrote outside y"
-    assert_close(y, ref.dynamixer_mix(*inputs, s, d), name="y")
+    assert_close(y, mix(*inputs, s, d), name="y")
 
     exact = [t.clone().requires_grad_() for t in inputs]
-    dy = torch.randn(bp, n, c, dtype=torch.float64)
-    want = torch.autograd.grad(ref.dynamixer_mix(*exact, s, d), exact, dy)
-    buf, dx, inside = _canary((bp, n, c), torch.float64)
-    dr_buf = torch.full((bp, n + 1, s * d + 3), NAN, dtype=torch.float64)
-    dr = dr_buf[:, 1:, 1 : s * d + 1]
-    K.launch_mix_backward(*inputs, dy, dx, dr, s, d)
+    dy = torch.randn(shape, dtype=torch.float64)
+    want = torch.autograd.grad(mix(*exact, s, d), exact, dy)
+    buf, dx, inside = _canary(shape, torch.float64)
+    dr_buf, dr, dr_inside = _canary((*shape[:-1], s * d), torch.float64)
+    K.launch_mix_backward(seq(x), *params, seq(dy), seq(dx), seq(dr), s, d)
     assert buf[~inside].isnan().all(), "backward wrote outside dx"
-    assert dr_buf[:, :1].isnan().all() and dr_buf[:, :, :1].isnan().all() and dr_buf[:, :, s * d + 1 :].isnan().all()
+    assert dr_buf[~dr_inside].isnan().all(), "backward wrote outside dr"
     assert_close(dx, want[0], name="dx")
-    # dr is compress's output gradient: its Linear backward gives the compress gradients
-    dcw, dcb = WG.linear_param_grads(dr, inputs[0], True, True)
+    # dr is compress's output gradient, in x's token order: its Linear backward gives the
+    # compress gradients
+    rows = (shape[0], -1)
+    dcw, dcb = WG.linear_param_grads(dr.reshape(*rows, s * d), x.reshape(*rows, shape[-1]), True, True)
     assert_close(dcw, want[1], name="compress_weight grad from dr")
     assert_close(dcb, want[2], name="compress_bias grad from dr")
 

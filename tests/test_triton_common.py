@@ -36,6 +36,11 @@ TRITON_OP_INPUTS = {
         _randn(8), None, _randn(1, 8, 3), 1,
     ],  # fmt: skip
     "dynamixer_mix": lambda: [_randn(2, 4, 6), _randn(4, 6), _randn(4), _randn(16, 8), _randn(16), 2, 2],
+    "_dynamixer_reweighted": lambda: [
+        _randn(2, 3, 2, 8), _randn(2, 3, 2, 8), _randn(2, 3, 2, 8), _randn(8, 8), _randn(8, 8), _randn(8, 8),
+        _randn(8), _randn(8), None, _randn(2, 8, 3),
+    ],  # fmt: skip
+    "_dynamixer_axis_mix": lambda: [_randn(1, 4, 3, 6), _randn(4, 6), _randn(4), _randn(16, 8), _randn(16), 2, 2, "h"],
 }
 
 

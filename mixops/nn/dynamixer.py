@@ -3,8 +3,15 @@
 Same class names, constructor arguments, child names and registration order as
 ``ziyuwwang/DynaMixer`` ``models/dynamixer.py`` and ``models/utils.py``, so an official
 state_dict loads with ``strict=True``. The token mixing runs through ``mixops.dynamixer_mix``
-(and therefore through the selected backend); the Linears, reweighting and dropout are plain
-torch. Semantics: ``docs/dynamixer.md``.
+(and therefore through the selected backend). Semantics: ``docs/dynamixer.md``.
+
+Fused block path: when the backend ``mixops.dynamixer_mix`` resolves to for x also implements
+the internal ops ``_dynamixer_axis_mix`` and ``_dynamixer_reweighted`` (torch, triton),
+``DynaMixerBlock`` mixes the columns and rows of x where they lie (no transposed copies), takes
+the reweighting's input from the token means of the two mixed maps and of x by the mean
+identity, and runs ``mix_h.out``, ``mix_w.out``, ``mlp_c`` and the weighted sum as one K = 3C
+GEMM: no branch output is stored (docs/dynamixer.md section 11). Otherwise the official
+sequence through the public op.
 """
 from __future__ import annotations
 
@@ -12,10 +19,13 @@ import torch
 import torch.nn as nn
 
 from .._validate import check_tensor
-from ..ops.dynamixer import dynamixer_mix
+from ..backend import fused_backend
+from ..ops.dynamixer import dynamixer_axis_mix, dynamixer_mix, dynamixer_reweighted
 from ._layers import Mlp, reweighted_sum
 
 __all__ = ["DynaMixerBlock", "DynaMixerOp", "Mlp"]
+
+_FUSED_OPS = ("_dynamixer_axis_mix", "_dynamixer_reweighted")
 
 
 class DynaMixerOp(nn.Module):
@@ -91,9 +101,37 @@ class DynaMixerBlock(nn.Module):
             raise ValueError(
                 f"x must have H == W == resolution ({self.resolution}), got shape {tuple(x.shape)}"
             )
-        h = self.mix_h(x.permute(0, 2, 1, 3).reshape(B * W, H, C)).reshape(B, W, H, C).permute(0, 2, 1, 3)
-        w = self.mix_w(x.reshape(B * H, W, C)).reshape(B, H, W, C)
-        c = self.mlp_c(x)
+        backend = fused_backend("dynamixer_mix", _FUSED_OPS, x)
+        if backend is not None:
+            y = self._fused(x, backend)
+        else:
+            h = self.mix_h(x.permute(0, 2, 1, 3).reshape(B * W, H, C)).reshape(B, W, H, C).permute(0, 2, 1, 3)
+            w = self.mix_w(x.reshape(B * H, W, C)).reshape(B, H, W, C)
+            c = self.mlp_c(x)
+            # branch order (h, w, c): reweight output 3c + k weighs branch k of channel c
+            y = self.proj(reweighted_sum(self.reweight, [h, w, c]))
+        return self.proj_drop(y)
 
-        # branch order (h, w, c): reweight output 3c + k weighs branch k of channel c
-        return self.proj_drop(self.proj(reweighted_sum(self.reweight, [h, w, c])))
+    def _fused(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        """Pass 1: the two mixed maps and the reweighting input from token means alone, since
+        mean(out(y)) = out.weight . mean(y) + out.bias (accumulated in fp32, rounded to the
+        block's dtype as the official mean is); pass 2: the reweighted branch sum as one GEMM,
+        then proj."""
+        ops = (self.mix_h, self.mix_w)
+        mixed = [
+            dynamixer_axis_mix(x, op.compress.weight, op.compress.bias, op.generate.weight, op.generate.bias,
+                               num_head=op.num_head, reduced_dim=op.reduced_dim, axis=axis, backend=backend)
+            for op, axis in zip(ops, ("h", "w"))
+        ]  # fmt: skip
+        weights = (self.mix_h.out.weight, self.mix_w.out.weight, self.mlp_c.weight)
+        biases = (self.mix_h.out.bias, self.mix_w.out.bias, self.mlp_c.bias)
+        acc = torch.promote_types(mixed[0].dtype, torch.float32)
+        a = None
+        for t, w, b in zip((*mixed, x), weights, biases):
+            term = t.mean(dim=(1, 2), dtype=acc) @ w.to(acc).t()
+            if b is not None:
+                term = term + b.to(acc)
+            a = term if a is None else a + term
+        B, C = x.shape[0], x.shape[-1]
+        alpha = self.reweight(a.to(mixed[0].dtype)).reshape(B, C, 3).to(acc).softmax(dim=2)
+        return self.proj(dynamixer_reweighted(*mixed, x, weights, biases, alpha, backend=backend))

@@ -74,10 +74,6 @@ morph_branch.op = _op.op
 morph_branch.backward_op = _op.backward_op
 
 
-def _alpha_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _proj_fake(b0, b1, b2, alpha, weight, bias):
     return b0.new_empty(b0.shape)
 
@@ -112,12 +108,7 @@ def reweighted_proj(
         if b.shape != b0.shape:
             raise ValueError(f"branches[{i}] must have the shape of branches[0] {tuple(b0.shape)}, got {tuple(b.shape)}")
     B, C, K = b0.shape[0], b0.shape[-1], len(branches)
-    v.check_tensor("alpha", alpha, ndim=3)
-    if alpha.dtype != _alpha_dtype(b0.dtype):
-        raise TypeError(f"alpha must be {_alpha_dtype(b0.dtype)} for {b0.dtype} branches, got {alpha.dtype}")
-    if alpha.device != b0.device:
-        raise ValueError(f"alpha must be on the device of branches[0] ({b0.device}), got {alpha.device}")
-    v.check_shape("alpha", alpha, (B, C, K))
+    v.check_branch_weights(alpha, "branches[0]", b0, (B, C, K))
     v.check_tensor("weight", weight, ndim=2)
     v.check_like("weight", weight, "branches[0]", b0)
     v.check_shape("weight", weight, (C, C))

@@ -30,6 +30,11 @@ if triton is not None:
     register("_atm_means", "triton", forward=_atm_layer.means_forward, backward=_atm_layer.means_backward, auto=False)
     register("_atm_mix", "triton", forward=_atm_layer.mix_forward, backward=_atm_layer.mix_backward, auto=False)
     register("dynamixer_mix", "triton", forward=_dynamixer.forward, backward=_dynamixer.backward, auto=False)
+    # the fused DynaMixerBlock's internal ops (mixops.ops.dynamixer)
+    register("_dynamixer_axis_mix", "triton", forward=_dynamixer.axis_forward, backward=_dynamixer.axis_backward,
+             auto=False)  # fmt: skip
+    register("_dynamixer_reweighted", "triton", forward=_dynamixer.reweighted_forward,
+             backward=_dynamixer.reweighted_backward, auto=False)  # fmt: skip
     register("morph_fc", "triton", forward=_morph_fc.forward, backward=_morph_fc.backward, auto=False)
     register(
         "_morph_branch", "triton", forward=_morph_fc.branch_forward, backward=_morph_fc.branch_backward, auto=False

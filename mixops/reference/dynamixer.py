@@ -10,6 +10,11 @@ Shapes (S = num_head, d = reduced_dim, N = sequence length, C = channels):
   compress Linear(C, S*d) with segment-major output ``s*d + k``; generate Linear(N*d, N*N)
   with token-major input ``l*d + k``, shared by all segments; logits ``[B', S, N, N]``
   softmaxed over dim -2 (the source token); segment s mixes channels ``[s*C/S, (s+1)*C/S)``.
+- ``dynamixer_axis_mix``: ``dynamixer_mix`` of the rows (axis "w") or the columns (axis "h")
+  of a channels-last ``[B, H, W, C]`` map, returned in the map's layout: the mixing of the
+  block's ``mix_w`` / ``mix_h`` before their ``out`` Linear.
+- ``dynamixer_reweighted``: the block's reweighted branch sum before ``proj``,
+  ``h*a0 + w*a1 + c*a2`` with ``h = out_h(y_h)``, ``w = out_w(y_w)``, ``c = mlp_c(x)``.
 - ``dynamixer_op_forward``: ``out(dynamixer_mix(x))`` for a DynaMixerOp module.
 - ``dynamixer_block_forward``: x ``[B, H, W, C]`` channels-last -> ``[B, H, W, C]``.
 
@@ -19,15 +24,19 @@ baseline of the benchmarks.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from ._common import branch_weights, mlp_forward
 
 __all__ = [
+    "dynamixer_axis_mix",
     "dynamixer_block_forward",
     "dynamixer_mix",
     "dynamixer_op_forward",
+    "dynamixer_reweighted",
     "mlp_forward",
 ]
 
@@ -57,6 +66,50 @@ def dynamixer_mix(
     # every backend and the fake kernel agree. The copy is the one the official ``out`` Linear
     # makes of this view anyway, moved earlier.
     return mixed.permute(0, 3, 1, 2).reshape(B, L, C).contiguous()
+
+
+def dynamixer_axis_mix(
+    x: torch.Tensor,
+    compress_weight: torch.Tensor,
+    compress_bias: torch.Tensor,
+    generate_weight: torch.Tensor,
+    generate_bias: torch.Tensor,
+    num_head: int,
+    reduced_dim: int,
+    axis: str,
+) -> torch.Tensor:
+    """``dynamixer_mix`` along ``axis`` of x ``[B, H, W, C]`` -> ``[B, H, W, C]``: "w" mixes each
+    row (sequences in batch order (b, h)), "h" each column (batch order (b, w)), as the
+    official DynaMixerBlock feeds ``mix_w`` and ``mix_h``."""
+    B, H, W, C = x.shape
+    args = (compress_weight, compress_bias, generate_weight, generate_bias, num_head, reduced_dim)
+    if axis == "w":
+        return dynamixer_mix(x.reshape(B * H, W, C), *args).reshape(B, H, W, C)
+    y = dynamixer_mix(x.permute(0, 2, 1, 3).reshape(B * W, H, C), *args)
+    return y.reshape(B, W, H, C).permute(0, 2, 1, 3)
+
+
+def dynamixer_reweighted(
+    mixed_h: torch.Tensor,
+    mixed_w: torch.Tensor,
+    x: torch.Tensor,
+    weight_h: torch.Tensor,
+    weight_w: torch.Tensor,
+    weight_c: torch.Tensor,
+    bias_h: Optional[torch.Tensor],
+    bias_w: Optional[torch.Tensor],
+    bias_c: Optional[torch.Tensor],
+    alpha: torch.Tensor,
+) -> torch.Tensor:
+    """DynaMixerBlock's reweighted branch sum before ``proj``: ``h*a0 + w*a1 + c*a2`` in the
+    official add order, with ``h = mixed_h @ weight_h.T + bias_h`` (``mix_h.out``), w likewise
+    (``mix_w.out``), ``c = x @ weight_c.T + bias_c`` (``mlp_c``) and alpha ``[B, C, 3]`` (branch
+    order h, w, c) broadcast over the tokens of each sample. ``[B, H, W, C]`` maps."""
+    h = F.linear(mixed_h, weight_h, bias_h)
+    w = F.linear(mixed_w, weight_w, bias_w)
+    c = F.linear(x, weight_c, bias_c)
+    a = alpha[:, None, None].to(h.dtype)
+    return h * a[..., 0] + w * a[..., 1] + c * a[..., 2]
 
 
 def dynamixer_op_forward(m, x: torch.Tensor) -> torch.Tensor:
