@@ -36,6 +36,8 @@ HEADLINES = (
     ("ATM layer fwd+bwd, speedup over official", "activemlp-t", "fwd+bwd", "speedup", "x", 5.0),
     ("bare ATM gather fwd, % of the measured copy bandwidth", "activemlp-t-gather", "fwd", "pct_copy", "%", 70.0),
     ("DynaMixerOp fwd+bwd, speedup over official", "dynamixer-op", "fwd+bwd", "speedup", "x", 3.0),
+    ("window attention (ws 14) fwd+bwd, speedup over pad + partition + SDPA + reverse", "uniformer-s-win", "fwd+bwd",
+     "speedup", "x", 1.5),
 )
 ARCHIVE = "gpu-check-files.tar.gz"
 # what the device tool returns from $OUT (its README): 8 files, 2 folders down, plain names

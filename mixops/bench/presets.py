@@ -190,15 +190,20 @@ def _dyna_op_case(preset, label, n, c, heads, d, batch):
 
 # --- UniFormer: window attention, stage 3 (docs/window_attention.md 2.10) ------------------
 
+# (H, W, ws): detection size (800 x 1333 -> 50 x 84) and ADE20K size (512 -> 32 x 32) at ws 14 and
+# 32; (T, H, W) of the global block at 224 px and of the 16-frame video stage
 _WINDOWS = {"uniformer-s-win": [(50, 84, 14), (32, 32, 14), (32, 32, 32)]}
+_GLOBAL = {"uniformer-s-global": [(1, 14, 14), (8, 14, 14)]}
 
 
-def _window_case(preset, h, w, ws, batch, c=320, heads=5):
+def _window_case(preset, h, w, ws, batch, c=320, heads=5, t=1):
     def build(device, dtype):
-        qkv = _rand(batch, h, w, 3 * c, device=device, dtype=dtype)
+        lead = (batch, h, w) if t == 1 else (batch, t, h, w)
+        qkv = _rand(*lead, 3 * c, device=device, dtype=dtype)
         bias = _rand(3 * c, device=device, dtype=dtype)
+        tokens = t * h * w
         # real queries only (padded ones are work a kernel can skip), each over ws*ws keys
-        flops = 4.0 * batch * h * w * ws * ws * c
+        flops = 4.0 * batch * tokens * (ws * ws if ws else tokens) * c
 
         def official(qkv, bias):  # pad + partition + SDPA + reverse (DESIGN.md baseline)
             return ref.window_attention.window_attention_sdpa(qkv, heads, ws, (c // heads) ** -0.5, "bias", bias)
@@ -208,7 +213,8 @@ def _window_case(preset, h, w, ws, batch, c=320, heads=5):
 
         return Built(official, fast, [qkv, bias], [], flops)
 
-    return Case(preset, f"{h}x{w} ws{ws} C{c}", batch, ("window_attention",), build)
+    where = f"{h}x{w} ws{ws}" if ws else (f"{h}x{w} global" if t == 1 else f"{t}x{h}x{w} global")
+    return Case(preset, f"{where} C{c}", batch, ("window_attention",), build)
 
 
 # --- RepMLPNet: deploy RepMLPBlock (docs/repmlp.md 8) --------------------------------------
@@ -255,7 +261,9 @@ def presets(device: torch.device, batches: list[int] | None = None) -> dict[str,
     for name, shapes in _DYNA_OP.items():
         out[name] = [_dyna_op_case(name, *s, b) for b in bs(128, 127, 1) for s in shapes]
     for name, shapes in _WINDOWS.items():
-        out[name] = [_window_case(name, *s, b) for b in bs(2, 1) for s in shapes]
+        out[name] = [_window_case(name, *s, b) for b in bs(8, 1) for s in shapes]
+    for name, shapes in _GLOBAL.items():
+        out[name] = [_window_case(name, h, w, None, b, t=t) for b in bs(8, 1) for t, h, w in shapes]
     for name, stages in _REPMLP.items():
         out[name] = [_repmlp_case(name, i + 1, *s, b) for b in bs(128, 1) for i, s in enumerate(stages)]
     out["headline"] = _headline(gpu, batches)
@@ -265,7 +273,7 @@ def presets(device: torch.device, batches: list[int] | None = None) -> dict[str,
 def _headline(gpu: bool, batches: list[int] | None) -> list[Case]:
     """The cases of the DESIGN.md targets that have kernels (what benchmarks/gpu_check.sh times),
     each under its own preset's name: on a GPU every stage at the training batch (DynaMixerOp:
-    DynaMixer-S's two stage shapes), then the ATM layer at its prime batch (last: torchvision runs the official one image at a time, the
+    DynaMixer-S's two stage shapes; window attention: ws 14 at detection size, B = 8), then the ATM layer at its prime batch (last: torchvision runs the official one image at a time, the
     slowest cases); on a CPU the last, smallest stage of each at B = 1, one quick case per target.
     ``batches`` replaces both batch sizes."""
     train = batches or ([128] if gpu else [1])
@@ -282,6 +290,9 @@ def _headline(gpu: bool, batches: list[int] | None) -> list[Case]:
         *cases(_atm_gather_case, "activemlp-t-gather", _ATM["activemlp-t"], train),
         # DynaMixerOp at DynaMixer-S's two stage shapes (on a CPU the smaller, stages 2-4)
         *[_dyna_op_case("dynamixer-op", *s, b) for b in train for s in _DYNA_OP["dynamixer-op"][0 if gpu else 1 : 2]],
+        # window attention at ws 14: detection size (on a CPU the ADE20K size)
+        *[_window_case("uniformer-s-win", *_WINDOWS["uniformer-s-win"][0 if gpu else 1], b) for b in
+          (batches or ([8] if gpu else [1]))],
         *cases(_atm_case, "activemlp-t", _ATM["activemlp-t"], prime),
     ]
 
@@ -289,5 +300,5 @@ def _headline(gpu: bool, batches: list[int] | None) -> list[Case]:
 # The presets of the DESIGN.md target table: what `mixops-bench` runs with no arguments.
 DEFAULT = [
     "morphmlp-s", "morphmlp-s-branch", "activemlp-t", "activemlp-t-gather", "dynamixer-s",
-    "uniformer-s-win", "repmlp-t224", "repmlp-b224",
+    "uniformer-s-win", "uniformer-s-global", "repmlp-t224", "repmlp-b224",
 ]
