@@ -21,14 +21,14 @@
 # Backward (FlashAttention-2 style, no atomics, every output written by one program): the
 # forward is recomputed for out and the row log-sum-exp lse (the op saves only its inputs),
 # delta = rowsum(dO * out); then
-#   _key_grad_kernel    per (window, head, key block): dK, dV over every query block, into the
-#                       k and v slots of a [B, (T,) H, W, 3C] gradient (no partition copy); the
-#                       extra key block of an edge window's program set is the virtual key, whose
-#                       dk, dv (summed over its n_pad keys by construction, section 2.7) are
-#                       written as per-(window, head) partials of the bias gradient, added in a
-#                       fixed order (column_sum).
-#   _query_grad_kernel  per (window, head, query block): dQ over every key block (+ the virtual
-#                       key's share scale*dS_v*b_k), into the q slots.
+#   _key_grad_kernel          per (window, head, key block): dK, dV over every query block,
+#                             into the k and v slots of a [B, (T,) H, W, 3C] gradient (no
+#                             partition copy);
+#   _query_grad_kernel        per (window, head, query block): dQ over every key block (+ the
+#                             virtual key's share scale*dS_v*b_k), into the q slots;
+#   _virtual_key_grad_kernel  per (window, head): the virtual key's dk, dv (the summed gradient of
+#                             its n_pad keys by construction, section 2.7) as partials of the
+#                             bias gradient, added over the windows in a fixed order (column_sum).
 #
 # Token map: a window's real tokens are enumerated row-major, u -> (row r0 + u // cols,
 # column c0 + u % cols), so no padded token is ever loaded; a row of a video clip is (t, y),
