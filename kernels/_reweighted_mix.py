@@ -280,8 +280,8 @@ def branch_backward(
     B, H, W, c_out = g.shape
     acc = accumulate_dtype(g.dtype)
     al = alpha.to(acc)[:, :, k]
-    g_acc = g.to(acc)
-    ga = (g_acc * al[:, None, None, :]).to(g.dtype)  # a_k·dY in the storage dtype, for the GEMMs
+    # g times an accumulate-dtype tensor computes in that dtype: no converted copy of g per branch
+    ga = (g * al[:, None, None, :]).to(g.dtype)  # a_k·dY in the storage dtype, for the GEMMs
     ds = torch.matmul(ga, weight) if need_s else None
     dw = db = dalpha = None
     if need_w or need_alpha:
@@ -298,7 +298,7 @@ def branch_backward(
             if need_w:
                 dw = (ga.reshape(-1, c_out).t() @ s2.reshape(-1, C)).to(weight.dtype)
             if need_alpha:
-                dalpha = column_sum(g_acc.reshape(B, H * W, c_out) * torch.matmul(s2, weight.t()).to(acc))
+                dalpha = column_sum(g.reshape(B, H * W, c_out) * torch.matmul(s2, weight.t()).to(acc))
     if need_b:
         db = column_sum((gsum * al)[None])[0].to(bias.dtype)
     if need_alpha and bias is not None:
