@@ -38,6 +38,8 @@ HEADLINES = (
     ("DynaMixerOp fwd+bwd, speedup over official", "dynamixer-op", "fwd+bwd", "speedup", "x", 3.0),
     ("window attention (ws 14) fwd+bwd, speedup over pad + partition + SDPA + reverse", "uniformer-s-win", "fwd+bwd",
      "speedup", "x", 1.5),
+    ("RepMLP deploy block fwd (RepMLPNet-T224), speedup over the official grouped 1x1 conv + gate", "repmlp-t224",
+     "fwd", "speedup", "x", 1.3),
 )
 ARCHIVE = "gpu-check-files.tar.gz"
 # what the device tool returns from $OUT (its README): 8 files, 2 folders down, plain names

@@ -148,6 +148,20 @@ def vector_width(t: torch.Tensor, dim: int, *extents: int) -> int:
     return vec
 
 
+def weight_operand(weight: torch.Tensor, transpose_weight: bool, extent: int) -> tuple[int, int, int, int]:
+    """(sb_k, sb_n, VEC_B, DIM_B) of a GEMM operand B[k, n] = weight[n, k] (transposed) or
+    weight[k, n] of a 2-D weight whose tiles are masked at ``extent`` along both dimensions (F
+    of a square [F, F] weight; hw of one share-set's [hw, hw] block of RepMLP's [S*hw, hw]):
+    its strides and its vector hint along the tile dimension whose stride is 1. The JIT knows
+    only that a stride is a multiple of 16 elements; vector_width checks the 16-byte multiple
+    itself, so at F = 392 (MorphMLP stage 3) bf16 and fp32 rows still move as 16-byte cp.async
+    copies rather than 2- / 4-byte ones (tests/test_morph_fc_sm90.py)."""
+    weight_dim = (1, 0) if transpose_weight else (0, 1)  # weight's dimension of B's k and n
+    sb_k, sb_n = (weight.stride(d) for d in weight_dim)
+    dim_b = 0 if sb_k == 1 else 1
+    return sb_k, sb_n, vector_width(weight, weight_dim[dim_b], extent), dim_b
+
+
 @triton.jit
 def vector_hint(base, offs, VEC: tl.constexpr, DIM: tl.constexpr):
     """base + offs, telling the compiler what the host checked (vector_width): along dimension
@@ -164,6 +178,23 @@ def vector_hint(base, offs, VEC: tl.constexpr, DIM: tl.constexpr):
         else:
             ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [ALIGN, 1]), [VEC, 1])
     return ptrs
+
+
+@triton.jit
+def vector_mask(ok0, ok1, VEC: tl.constexpr, DIM: tl.constexpr):
+    """The mask ok0[:, None] & ok1[None, :] of a vector_hint tile, telling the compiler it is
+    constant over each VEC-element vector along DIM, as the host checked (vector_width: VEC
+    divides the bound the mask compares with). The JIT knows an int argument's divisibility only
+    by 16, so a bound like 196 or 392 would otherwise cut every vector into masked scalars -- and
+    a 2-byte load cannot become a pipelined cp.async copy at all. The & happens here because a
+    hint attaches to the op that makes the value (on a function argument it is dropped)."""
+    mask = ok0[:, None] & ok1[None, :]
+    if VEC > 1:
+        if DIM == 1:
+            mask = tl.max_constancy(mask, [1, VEC])
+        else:
+            mask = tl.max_constancy(mask, [VEC, 1])
+    return mask
 
 
 @triton.jit

@@ -44,7 +44,7 @@
 #
 # kernels/morph_fc_proj.py (same family) builds its dA kernel from the public pieces here:
 # tile_offsets, gemm_mainloop, alpha_tile, batch_colsums (JIT) and geometry, gemm_blocks,
-# gathered_vector_width, weight_operand, alpha_items, batch_slots / batch_partials / batch_sums,
+# gathered_vector_width, alpha_items, batch_slots / batch_partials / batch_sums,
 # weight_grads, as_video (host).
 #
 # Grids: forward / dX GEMM: (cdiv(M, BLOCK_M) * cdiv(F, BLOCK_N),), with the F tiles of one row
@@ -70,7 +70,9 @@ from ._common import (
     output_tile,
     strides,
     vector_hint,
+    vector_mask,
     vector_width,
+    weight_operand,
 )
 
 
@@ -252,14 +254,9 @@ def gemm_mainloop(
         # B first: issued before the gathered operand's address arithmetic, the fp32 dX with
         # grad_mean at F = 392 (16-byte B copies) fits 128 registers without a spill (ptxas -v)
         b_ptrs = vector_hint(b_ptr, ks[:, None] * sb_k + cols[None, :] * sb_n, VEC_B, DIM_B)
-        b_ok = k_ok[:, None] & col_ok[None, :]
-        if VEC_B > 1:
-            # the mask is constant over each vector too (host: VEC_B divides F); the JIT alone
-            # knows F's divisibility only from D, 2 at F = 392 = 28 * 14
-            if DIM_B == 0:
-                b_ok = tl.max_constancy(b_ok, [VEC_B, 1])
-            else:
-                b_ok = tl.max_constancy(b_ok, [1, VEC_B])
+        # the mask is constant over each vector too (host: VEC_B divides F); the JIT alone
+        # knows F's divisibility only from D, 2 at F = 392 = 28 * 14
+        b_ok = vector_mask(k_ok, col_ok, VEC_B, DIM_B)
         b = tl.load(b_ptrs, mask=b_ok, other=0.0)
         a_offs = tile_offsets(rows, ks, T, H, W, L, NCH, sa_b, sa_t, sa_h, sa_w, sa_c, D, AXIS, 0)
         a = _load_mixed(a_ptr, a1_ptr, a2_ptr, alpha_ptr, a_offs, rows, ks, ak_ok, row0, M, F, ROWS_PER_B,
@@ -525,18 +522,6 @@ def gathered_vector_width(t: torch.Tensor, D: int) -> int:
     return vector_width(t, -1, D)
 
 
-def weight_operand(weight: torch.Tensor, transpose_weight: bool) -> tuple[int, int, int, int]:
-    """(sb_k, sb_n, VEC_B, DIM_B) of the GEMM operand B[f, n] = weight[n, f] (transposed) or
-    weight[f, n], [F, F]: its strides and its vector hint along the tile dimension whose stride
-    is 1. The JIT knows only that a stride is a multiple of 16 elements; vector_width checks the
-    16-byte multiple itself, so at F = 392 (MorphMLP stage 3) bf16 and fp32 rows still move as
-    16-byte cp.async copies rather than 2- / 4-byte ones (tests/test_morph_fc_sm90.py)."""
-    weight_dim = (1, 0) if transpose_weight else (0, 1)  # weight's dimension of B's k and n
-    sb_k, sb_n = (weight.stride(d) for d in weight_dim)
-    dim_b = 0 if sb_k == 1 else 1
-    return sb_k, sb_n, vector_width(weight, weight_dim[dim_b], weight.shape[0]), dim_b
-
-
 def _mean_dp(D: int) -> int:
     """The selection matrix width of the MEAN == 1 epilogue: D padded to a power of 2 >= 16."""
     return max(16, triton.next_power_of_2(D))
@@ -567,7 +552,7 @@ def launch_gemm(
         return
     blocks = gemm_blocks(geo.M, geo.F, a5.dtype)
     dot_dtype, acc_dtype, precision = dot_dtypes(a5.dtype)
-    sb_k, sb_n, vec_b, dim_b = weight_operand(weight, transpose_weight)
+    sb_k, sb_n, vec_b, dim_b = weight_operand(weight, transpose_weight, geo.F)
     mean = 0 if mean_part is None else _mean_mode(geo)
     if mean == 2:
         slots = batch_slots(geo, blocks)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_dtypes, needs_idx64, output_tile, strides, vector_hint
+from ._common import dot_dtypes, needs_idx64, output_tile, strides, vector_hint, weight_operand
 from .morph_fc import (
     Geometry,
     alpha_items,
@@ -47,7 +47,6 @@ from .morph_fc import (
     launch_gemm,
     tile_offsets,
     weight_grads,
-    weight_operand,
 )
 
 
@@ -151,7 +150,7 @@ def launch_proj_grad(
     contiguous; grads: None or K tensors of one layout, of the branches' shape."""
     blocks = gemm_blocks(geo.M, geo.F, dy5.dtype)
     dot_dtype, acc_dtype, precision = dot_dtypes(dy5.dtype)
-    sw_o, sw_i, vec_w, dim_w = weight_operand(weight, transpose_weight=False)
+    sw_o, sw_i, vec_w, dim_w = weight_operand(weight, transpose_weight=False, extent=geo.F)
     x0, x1, x2 = (*branches, branches[0])[:3]
     g0, g1, g2 = (*grads, grads[0])[:3] if grads is not None else (x0, x0, x0)
     sp = (part.stride(0) * batch_slots(geo, blocks), part.stride(0)) if part is not None else (0, 0)

@@ -80,10 +80,17 @@ def global_access_bits(ptx: str, op: str) -> list[int]:
     return bits
 
 
+def cp_async_bytes(ptx: str) -> list[int]:
+    """Bytes moved by each cp.async global -> shared copy of ``ptx``: the pipelined operand
+    loads of a tl.dot (.cg moves 16 bytes; .ca 4, 8 or 16; the size is printed in hex)."""
+    return [int(n, 0) for n in re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, (0x[0-9a-f]+|\d+)(?:, %?\w+)?;", ptx)]
+
+
 def compile_sm90(fn, signature: dict, constexprs: dict, options: dict | None = None, attrs: dict | None = None,
                  **extra) -> dict:
     """Compile ``fn`` for sm_90: whether a cubin came out, ptxas's registers per thread and spill
-    bytes, the bits of each global load and store (``load_bits``, ``store_bits``), and ``extra``."""
+    bytes, the bits of each global load and store (``load_bits``, ``store_bits``), the bytes of
+    each cp.async copy (``copy_bytes``), and ``extra``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -101,6 +108,7 @@ def compile_sm90(fn, signature: dict, constexprs: dict, options: dict | None = N
         "spills": spills,
         "load_bits": global_access_bits(ptx, "ld"),
         "store_bits": global_access_bits(ptx, "st"),
+        "copy_bytes": cp_async_bytes(ptx),
         **extra,
     }
 

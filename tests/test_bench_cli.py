@@ -113,7 +113,7 @@ def test_headline_preset_is_the_design_targets():
         assert (c.name, c.batch) in {(o.name, o.batch) for o in gpu[c.preset]}
     assert {p: {b for _, b in cases} for p, cases in by_preset.items()} == {
         "morphmlp-s": {128}, "morphmlp-s-branch": {128}, "activemlp-t": {128, 127}, "activemlp-t-gather": {128},
-        "dynamixer-op": {128}, "uniformer-s-win": {8},
+        "dynamixer-op": {128}, "uniformer-s-win": {8}, "repmlp-t224": {128},
     }
     sizes = {"activemlp-t": 8, "dynamixer-op": 2, "uniformer-s-win": 1}
     assert all(len(cases) == sizes.get(p, 4) for p, cases in by_preset.items())
@@ -122,5 +122,5 @@ def test_headline_preset_is_the_design_targets():
     cpu = presets.presets(torch.device("cpu"))["headline"]
     assert [(c.preset, c.name[:2], c.batch) for c in cpu] == [
         ("morphmlp-s", "s4", 1), ("activemlp-t", "s4", 1), ("morphmlp-s-branch", "s4", 1), ("activemlp-t-gather", "s4", 1),
-        ("dynamixer-op", "S ", 1), ("uniformer-s-win", "32", 1),
+        ("dynamixer-op", "S ", 1), ("uniformer-s-win", "32", 1), ("repmlp-t224", "s4", 1),
     ]

@@ -82,7 +82,7 @@ def test_dry_run_end_to_end(tmp_path):
     data = json.loads((out / f"{stem}.json").read_text())
     assert data["meta"]["commit"] == "0123abc" and data["meta"]["complete"] is True
     assert {r["preset"] for r in data["results"]} == {"morphmlp-s", "activemlp-t", "morphmlp-s-branch", "activemlp-t-gather",
-                                                         "dynamixer-op", "uniformer-s-win"}
+                                                         "dynamixer-op", "uniformer-s-win", "repmlp-t224"}
     assert all(r["status"].startswith("unavailable") for r in data["results"] if r["backend"] in ("triton", "cuda"))
 
 

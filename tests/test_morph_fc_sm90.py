@@ -102,10 +102,10 @@ def _compile(kernel, args, kwargs):
 
 def _loads(ptx: str) -> tuple[int, int, int]:
     """(vector, scalar) global loads in the PTX and how many of them are 16-byte cp.async copies:
-    the pipelined operand loads are cp.async copies (.cg moves 16 bytes; .ca 4, 8 or 16; the
-    size is printed in hex), the rest ld.global(.v2/.v4)."""
+    the pipelined operand loads are cp.async copies (sm90_compile.cp_async_bytes), the rest
+    ld.global(.v2/.v4)."""
     loads = re.findall(r"ld\.global[\w.]*", ptx)
-    copies = [int(n, 0) for n in re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, (0x[0-9a-f]+|\d+)(?:, %?\w+)?;", ptx)]
+    copies = sm90_compile.cp_async_bytes(ptx)
     vector = sum(1 for op in loads if ".v2" in op or ".v4" in op) + sum(1 for n in copies if n > 4)
     scalar = len(loads) - sum(1 for op in loads if ".v2" in op or ".v4" in op) + sum(1 for n in copies if n <= 4)
     return vector, scalar, copies.count(16)

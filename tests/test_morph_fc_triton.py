@@ -188,7 +188,8 @@ def test_column_major_weight(axis):
     x, w, b, L = _inputs(axis)
     w_cm = w.t().contiguous().t()
     assert w_cm.stride(0) == 1 and torch.equal(w_cm, w)
-    assert K.weight_operand(w_cm, True)[3] == 1 and K.weight_operand(w, True)[3] == 0
+    F = w.shape[0]
+    assert K.weight_operand(w_cm, True, F)[3] == 1 and K.weight_operand(w, True, F)[3] == 0
     g = torch.randn(x.shape, dtype=f64)
     assert_close(K.forward(x, w_cm, b, L, axis), ref.morph_fc(x, w, b, L, axis))
     got = K.backward([g], [True, True, True], x, w_cm, b, L, axis)

@@ -47,7 +47,7 @@ def test_partition_fc_matches_reference(case, dtype, device, backend):
     leaves = [t.requires_grad_() for t in (x, weight, b)]
     out = mixops.partition_fc(x, weight, b, partition=(h, w), num_sharesets=S, backend=backend)
     assert out.dtype == dtype and out.device.type == device
-    expected = ref.partition_fc(x64, w64, b64, (h, w), S)
+    expected = ref.partition_fc(x64, w64, b64, None, (h, w), S)
     assert_close(out, expected, dtype)
 
     # an output gradient exactly representable in dtype: the reference sees the same one
@@ -60,6 +60,32 @@ def test_partition_fc_matches_reference(case, dtype, device, backend):
 
 
 @pytest.mark.op("partition_fc")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_partition_fc_gated_matches_reference(case, dtype, device, backend):
+    """The global-perceptron gate as the op's epilogue ([N, C, 1, 1] as the module passes it,
+    indexed by the output channel also where the map is scrambled): forward and the gradients of
+    x, weight, bias and gate against the float64 reference."""
+    skip_unless_runs("partition_fc", backend, device)
+    N, C, S, h, w, H, W = case
+    (x64, w64, b64), (x, weight, b) = _inputs(*case, dtype=dtype, device=device)
+    gate64 = torch.rand(N, C, 1, 1, dtype=F64) + 0.5
+    gate = gate64.to(dtype=dtype, device=device)
+    leaves64 = [t.requires_grad_() for t in (x64, w64, b64, gate64)]
+    leaves = [t.requires_grad_() for t in (x, weight, b, gate)]
+    out = mixops.partition_fc(x, weight, b, partition=(h, w), num_sharesets=S, gate=gate, backend=backend)
+    expected = ref.partition_fc(x64, w64, b64, gate64[:, :, 0, 0], (h, w), S)
+    assert_close(out, expected, dtype)
+    grad = torch.randn_like(expected).to(dtype).to(F64)
+    got = torch.autograd.grad(out, leaves, grad.to(dtype=dtype, device=device))
+    want = torch.autograd.grad(expected, leaves64, grad)
+    for name, g, r in zip(("x", "weight", "bias", "gate"), got, want):
+        assert g.dtype == dtype and g.shape == r.shape, name
+        assert_close(g, r, dtype, name=f"grad {name}")
+
+
+@pytest.mark.op("partition_fc")
 @pytest.mark.parametrize("case", CASES[:3])
 def test_partition_fc_awkward_layouts(case, backend):
     """Channels-last, sliced and transposed inputs, and a non-contiguous output gradient."""
@@ -67,7 +93,7 @@ def test_partition_fc_awkward_layouts(case, backend):
     N, C, S, h, w, H, W = case
     (x, weight, b), _ = _inputs(*case)
     leaves = [t.requires_grad_() for t in (x, weight, b)]
-    expected = ref.partition_fc(x, weight, b, (h, w), S)
+    expected = ref.partition_fc(x, weight, b, None, (h, w), S)
     # an output gradient that is a transposed view, and its reference gradients
     grad = torch.randn(N, C, W, H, dtype=F64).transpose(2, 3)
     assert not grad.is_contiguous()
@@ -124,7 +150,35 @@ def test_partition_fc_opcheck(bias, layout, H, W, backend):
     for t in (x, weight, b):
         if t is not None:
             t.requires_grad_()
-    torch.library.opcheck(ops._partition_fc.op, (x, weight, b, [2, 3], 2, backend))
+    torch.library.opcheck(ops._partition_fc.op, (x, weight, b, None, [2, 3], 2, backend))
+
+
+@pytest.mark.op("partition_fc")
+@pytest.mark.parametrize("case", [(1, 4, 2, 2, 3, 4, 3), (2, 2, 1, 2, 2, 4, 4)])
+def test_partition_fc_gated_gradcheck(case, backend):
+    skip_unless_runs("partition_fc", backend, "cpu")
+    N, C, S, h, w, H, W = case
+    (x, weight, b), _ = _inputs(*case)
+    gate = torch.rand(N, C, dtype=F64)
+    args = [t.requires_grad_() for t in (x, weight, b, gate)]
+
+    def f(*ts):
+        return mixops.partition_fc(ts[0], ts[1], ts[2], partition=(h, w), num_sharesets=S, gate=ts[3], backend=backend)
+
+    assert torch.autograd.gradcheck(f, args, fast_mode=True)
+
+
+@pytest.mark.op("partition_fc")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("H,W", [(2, 3), (4, 6)])
+def test_partition_fc_gated_opcheck(bias, H, W, backend):
+    skip_unless_runs("partition_fc", backend, "cpu")
+    (x, weight, b), _ = _inputs(2, 4, 2, 2, 3, H, W, bias=bias)
+    gate = torch.rand(2, 4, dtype=F64)
+    for t in (x, weight, b, gate):
+        if t is not None:
+            t.requires_grad_()
+    torch.library.opcheck(ops._partition_fc.op, (x, weight, b, gate, [2, 3], 2, backend))
 
 
 def _li_inputs(S=2, K=3, h=3, w=4, dtype=F64, fc_bias=True, kernel_bias=True):
@@ -213,13 +267,14 @@ def test_partition_fc_is_deterministic(device, backend):
     skip_unless_runs("partition_fc", backend, device)
     # many rows per share-set: the weight / bias gradients are long reductions
     (_, _, _), (x, weight, b) = _inputs(4, 16, 2, 3, 5, 12, 10, dtype=torch.float32, device=device)
-    leaves = [t.requires_grad_() for t in (x, weight, b)]
+    gate = torch.rand(4, 16, dtype=torch.float32).to(device)
+    leaves = [t.requires_grad_() for t in (x, weight, b, gate)]
     grad = torch.randn(x.shape, dtype=torch.float32).to(device)
     runs = []
     for _ in range(2):
-        out = mixops.partition_fc(x, weight, b, partition=(3, 5), num_sharesets=2, backend=backend)
+        out = mixops.partition_fc(x, weight, b, partition=(3, 5), num_sharesets=2, gate=gate, backend=backend)
         runs.append((out, *torch.autograd.grad(out, leaves, grad)))
-    for name, a, c in zip(("output", "grad x", "grad weight", "grad bias"), *runs):
+    for name, a, c in zip(("output", "grad x", "grad weight", "grad bias", "grad gate"), *runs):
         assert torch.equal(a, c), f"{name} differs between two runs"
 
 
@@ -268,10 +323,10 @@ def test_backend_plumbing(monkeypatch):
             call("nope")
     with mixops.use_backend("torch"):
         out = mixops.partition_fc(x, weight, b, partition=(4, 4), num_sharesets=2)
-    assert_close(out, ref.partition_fc(x, weight, b, (4, 4), 2))
+    assert_close(out, ref.partition_fc(x, weight, b, None, (4, 4), 2))
 
 
-def _pfc_call(x=None, weight=None, bias="default", partition=(4, 4), S=2):
+def _pfc_call(x=None, weight=None, bias="default", partition=(4, 4), S=2, gate=None):
     (x0, w0, b0), _ = _inputs(2, 8, 2, 4, 4, 8, 8)
     return lambda: mixops.partition_fc(
         x0 if x is None else x,
@@ -279,6 +334,7 @@ def _pfc_call(x=None, weight=None, bias="default", partition=(4, 4), S=2):
         b0 if isinstance(bias, str) else bias,
         partition=partition,
         num_sharesets=S,
+        gate=gate,
     )
 
 
@@ -303,6 +359,11 @@ def _pfc_call(x=None, weight=None, bias="default", partition=(4, 4), S=2):
         (dict(partition=(4, 4.0)), TypeError, "partition"),
         (dict(S=0), ValueError, "num_sharesets"),
         (dict(S=True), TypeError, "num_sharesets"),
+        (dict(gate=torch.rand(2, 8, 1, dtype=F64)), ValueError, "gate"),
+        (dict(gate=torch.rand(1, 8, 1, 1, dtype=F64)), ValueError, "gate"),
+        (dict(gate=torch.rand(2, 4, dtype=F64)), ValueError, "gate"),
+        (dict(gate=torch.rand(2, 8, dtype=torch.float32)), TypeError, "gate"),
+        (dict(gate=[[1.0] * 8] * 2), TypeError, "gate"),
     ],
 )
 def test_partition_fc_errors(kwargs, exc, match):

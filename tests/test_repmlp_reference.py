@@ -72,7 +72,7 @@ def _fc(S, h, w, bias=True):
 def test_partition_fc_native_resolution(C, S, h, w, bias):
     x = torch.randn(2, C, h, w, dtype=F64)
     weight, b = _fc(S, h, w, bias)
-    out = ref.partition_fc(x, weight, b, (h, w), S)
+    out = ref.partition_fc(x, weight, b, None, (h, w), S)
     assert_close(out, _native_model(x, weight, b, S, h, w))
 
 
@@ -87,7 +87,7 @@ def test_partition_fc_native_resolution(C, S, h, w, bias):
 def test_partition_fc_scramble_formula(N, C, S, h, w, hp, wp):
     x = torch.randn(N, C, hp * h, wp * w, dtype=F64)
     weight, b = _fc(S, h, w)
-    out = ref.partition_fc(x, weight, b, (h, w), S)
+    out = ref.partition_fc(x, weight, b, None, (h, w), S)
     expected = _scramble_model(x, weight, b, S, h, w)
     assert not torch.isnan(expected).any(), "the docs/repmlp.md 3.2 map must write every output element"
     assert_close(out, expected)
@@ -99,7 +99,7 @@ def test_partition_fc_no_scramble_when_one_channel_per_shareset():
     """S == C (Q == 1): the round trip is the identity even with several partitions."""
     x = torch.randn(2, 4, 6, 9, dtype=F64)
     weight, b = _fc(4, 3, 3)
-    out = ref.partition_fc(x, weight, b, (3, 3), 4)
+    out = ref.partition_fc(x, weight, b, None, (3, 3), 4)
     assert_close(out, _unscrambled_model(x, weight, b, 4, 3, 3))
 
 

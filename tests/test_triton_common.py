@@ -41,6 +41,7 @@ TRITON_OP_INPUTS = {
         _randn(8), _randn(8), None, _randn(2, 8, 3),
     ],  # fmt: skip
     "window_attention": lambda: [_randn(1, 5, 4, 24), 2, 3, 0.25, "bias", _randn(24)],
+    "partition_fc": lambda: [_randn(2, 4, 4, 6), _randn(12, 6, 1, 1), _randn(12), _randn(2, 4), [2, 3], 2],
     "_dynamixer_axis_mix": lambda: [_randn(1, 4, 3, 6), _randn(4, 6), _randn(4), _randn(16, 8), _randn(16), 2, 2, "h"],
 }
 

@@ -273,7 +273,8 @@ def presets(device: torch.device, batches: list[int] | None = None) -> dict[str,
 def _headline(gpu: bool, batches: list[int] | None) -> list[Case]:
     """The cases of the DESIGN.md targets that have kernels (what benchmarks/gpu_check.sh times),
     each under its own preset's name: on a GPU every stage at the training batch (DynaMixerOp:
-    DynaMixer-S's two stage shapes; window attention: ws 14 at detection size, B = 8), then the ATM layer at its prime batch (last: torchvision runs the official one image at a time, the
+    DynaMixer-S's two stage shapes; window attention: ws 14 at detection size, B = 8; the
+    RepMLPNet-T224 deploy block's four stages), then the ATM layer at its prime batch (last: torchvision runs the official one image at a time, the
     slowest cases); on a CPU the last, smallest stage of each at B = 1, one quick case per target.
     ``batches`` replaces both batch sizes."""
     train = batches or ([128] if gpu else [1])
@@ -293,6 +294,7 @@ def _headline(gpu: bool, batches: list[int] | None) -> list[Case]:
         # window attention at ws 14: detection size (on a CPU the ADE20K size)
         *[_window_case("uniformer-s-win", *_WINDOWS["uniformer-s-win"][0 if gpu else 1], b) for b in
           (batches or ([8] if gpu else [1]))],
+        *cases(_repmlp_case, "repmlp-t224", _REPMLP["repmlp-t224"], train),
         *cases(_atm_case, "activemlp-t", _ATM["activemlp-t"], prime),
     ]
 

@@ -4,6 +4,9 @@ state_dicts (train-mode and deploy-mode) load with ``strict=True``.
 
 The token mixing (fc3, the set-sharing partition FC) runs through ``mixops.partition_fc`` and
 the locality injection through ``mixops.locality_injection``, so the selected backend applies.
+In deploy form (and after ``local_inject()``) nothing stands between fc3 and the
+global-perceptron gate, so the gate goes into ``partition_fc`` as its epilogue: on the Triton
+backend one kernel reads x and writes the gated output.
 
 Train mode: ``mixops.partition_fc`` (no bias) gives fc3's output already un-partitioned. That
 un-partition is a permutation that keeps every element in its share-set (output channel
@@ -142,13 +145,18 @@ class RepMLPBlock(nn.Module):
         """``[N, C, H, W] -> [N, C, H, W]``."""
         self._check_inputs(inputs)
         global_vec = self.gp(inputs)
+        deploy = isinstance(self.fc3_bn, nn.Identity) and (self.reparam_conv_k is None or self.deploy)
         out = partition_fc(
             inputs,
             self.fc3.weight,
             self.fc3.bias,
             partition=(self.h, self.w),
             num_sharesets=self.S,
+            # nothing between fc3 and the gate in deploy form: the gate is the FC's epilogue
+            gate=global_vec if deploy else None,
         )
+        if deploy:
+            return out
         if not isinstance(self.fc3_bn, nn.Identity):
             out = self._shareset_norm(out, self.fc3_bn)
         if self.reparam_conv_k is not None and not self.deploy:

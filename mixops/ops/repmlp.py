@@ -1,7 +1,8 @@
 """RepMLP's public ops: the set-sharing partition FC and the conv -> FC locality injection.
 
-``mixops.partition_fc`` is the deploy-mode fc3 of a RepMLPBlock (without the global-perceptron
-gate); ``mixops.locality_injection`` folds a depthwise conv branch into such an FC. Semantics:
+``mixops.partition_fc`` is the deploy-mode fc3 of a RepMLPBlock, optionally with the
+global-perceptron gate applied to its output (one kernel on the Triton backend);
+``mixops.locality_injection`` folds a depthwise conv branch into such an FC. Semantics:
 ``mixops.reference.repmlp`` and ``docs/repmlp.md``.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ._define import autocast_args, define_op
 __all__ = ["locality_injection", "partition_fc"]
 
 
-def _fake_partition_fc(x, weight, bias, partition, num_sharesets):
+def _fake_partition_fc(x, weight, bias, gate, partition, num_sharesets):
     return x.new_empty(x.shape)
 
 
@@ -27,7 +28,7 @@ def _fake_locality_injection(fc_weight, fc_bias, kernel, kernel_bias, partition)
 
 _partition_fc = define_op(
     "partition_fc",
-    "(Tensor x, Tensor weight, Tensor? bias, int[] partition, int num_sharesets) -> Tensor",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? gate, int[] partition, int num_sharesets) -> Tensor",
     reference=_ref.partition_fc,
     fake=_fake_partition_fc,
 )
@@ -64,9 +65,10 @@ def partition_fc(
     *,
     partition: Sequence[int],
     num_sharesets: int,
+    gate: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """RepMLP's set-sharing partition FC (the deploy fc3 of a RepMLPBlock), ungated.
+    """RepMLP's set-sharing partition FC (the deploy fc3 of a RepMLPBlock), optionally gated.
 
     Args:
         x: ``[N, C, H, W]``, with ``H % h == 0``, ``W % w == 0`` and ``C % S == 0``.
@@ -75,15 +77,18 @@ def partition_fc(
         bias: fc3.bias ``[S*hw]`` or None.
         partition: ``(h, w)``, ``hw = h*w``.
         num_sharesets: S.
+        gate: None, or the global perceptron's output ``[N, C, 1, 1]`` (or ``[N, C]``): the
+            result is multiplied by it per (image, output channel), as RepMLPBlock's
+            ``out * global_vec``; differentiable.
         backend: ``mixops.backend`` choice (None: context / environment / auto).
 
     Returns:
         ``[N, C, H, W]``. With one partition per map (``H == h``, ``W == w``) or ``S == C``,
         ``out[n, c] = W_{c%S} @ vec(x[n, c]) + b_{c%S}`` per partition; otherwise the output
-        carries the official channel/partition scramble (docs/repmlp.md section 3.2), reproduced on purpose.
-        The module multiplies this by the global-perceptron gate.
+        carries the official channel/partition scramble (docs/repmlp.md section 3.2), reproduced on purpose;
+        the gate is indexed by the output channel.
     """
-    x, weight, bias = autocast_args("lower", x, weight, bias)
+    x, weight, bias, gate = autocast_args("lower", x, weight, bias, gate)
     v.check_tensor("x", x, ndim=4)
     h, w = _check_partition(partition)
     S = v.check_int("num_sharesets", num_sharesets)
@@ -94,9 +99,14 @@ def partition_fc(
     _check_fc_weight("weight", weight, S, h * w)
     v.check_like("weight", weight, "x", x)
     v.check_optional("bias", bias, "x", x, (S * h * w,))
+    if gate is not None:
+        v.check_tensor("gate", gate, ndim=(2, 4))
+        v.check_shape("gate", gate, (x.shape[0], C) if gate.dim() == 2 else (x.shape[0], C, 1, 1))
+        v.check_like("gate", gate, "x", x)
+        gate = gate.reshape(gate.shape[0], C)
     if weight.dim() == 2:
         weight = weight.reshape(S * h * w, h * w, 1, 1)
-    return _partition_fc(x, weight, bias, [h, w], S, backend=backend)
+    return _partition_fc(x, weight, bias, gate, [h, w], S, backend=backend)
 
 
 def locality_injection(

@@ -16,6 +16,7 @@ if triton is not None:
     from ..kernels import dynamixer as _dynamixer
     from ..kernels import morph_fc as _morph_fc
     from ..kernels import morph_fc_proj as _morph_fc_proj
+    from ..kernels import repmlp as _repmlp
     from ..kernels import window_attention as _window_attention
     from ..kernels._common import on_input_device
 
@@ -43,5 +44,6 @@ if triton is not None:
     register(
         "_reweighted_proj", "triton", forward=_morph_fc_proj.forward, backward=_morph_fc_proj.backward, auto=False
     )
+    register("partition_fc", "triton", forward=_repmlp.forward, backward=_repmlp.backward, auto=False)
     register("window_attention", "triton", forward=_window_attention.forward, backward=_window_attention.backward,
              auto=False)  # fmt: skip

@@ -58,13 +58,15 @@ def partition_fc(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor],
     partition: Sequence[int],
     num_sharesets: int,
 ) -> torch.Tensor:
-    """The deploy-mode fc3 of a RepMLPBlock on ``x``, without the global-perceptron gate.
+    """The deploy-mode fc3 of a RepMLPBlock on ``x``, un-partitioned, times the
+    global-perceptron gate when one is given (``forward``'s ``out * global_vec``).
 
-    x ``[N, C, H, W]``; weight ``[S*hw, hw, 1, 1]``; bias ``[S*hw]`` or None;
-    partition ``(h, w)``; returns ``[N, C, H, W]``.
+    x ``[N, C, H, W]``; weight ``[S*hw, hw, 1, 1]``; bias ``[S*hw]`` or None; gate ``[N, C]``
+    or None; partition ``(h, w)``; returns ``[N, C, H, W]``.
     """
     h, w = partition
     S = num_sharesets
@@ -75,7 +77,8 @@ def partition_fc(
     fc_inputs = partitions.reshape(-1, S * h * w, 1, 1)
     out = F.conv2d(fc_inputs, weight, bias, groups=S)
     out = out.reshape(-1, S, h, w)  # fc3_bn is an Identity in deploy mode
-    return _unpartition(out, x.shape, S, h, w, hp, wp)
+    out = _unpartition(out, x.shape, S, h, w, hp, wp)
+    return out if gate is None else out * gate[:, :, None, None]
 
 
 def _convert_conv_to_fc(kernel: torch.Tensor, bias: torch.Tensor, h: int, w: int):
