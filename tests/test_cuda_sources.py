@@ -2,8 +2,10 @@
 architecture the build supports.
 
 CI builds the extension for sm_90a only (two cores compile slowly), so this compiles each kernel
-file once more, object only, for sm_80 (the oldest architecture of the GEMM engine: cp.async,
-bf16/TF32 tensor cores), with the flags the CMake build uses. (The sm_90a build itself is read
+file's device code once more, to a cubin, for sm_80 (the oldest architecture of the GEMM engine:
+cp.async, bf16/TF32 tensor cores), with the flags the CMake build uses. (Device code only: the
+host half of a translation unit is the same for every architecture and the CI build compiles it;
+skipping it here takes ~30% off each compile.) (The sm_90a build itself is read
 in tests/test_gemm_engine.py and the families' CUDA tests.)
 """
 from __future__ import annotations
@@ -99,8 +101,8 @@ def test_compiles_for_sm80_with_tensor_core_engine_tiles(tmp_path):
                 *cpp_extension.include_paths(device_type="cuda")]
 
     def compile_sm80(source):
-        obj = tmp_path / f"{source}.o"
-        cmd = [nvcc, "-c", str(CSRC / source), "-o", str(obj), "-gencode", "arch=compute_80,code=sm_80",
+        obj = tmp_path / f"{source}.cubin"
+        cmd = [nvcc, "-cubin", str(CSRC / source), "-o", str(obj), "-gencode", "arch=compute_80,code=sm_80",
                "-std=c++20", "-O3", "-DNDEBUG", "-Xcompiler=-fPIC", "--expt-relaxed-constexpr",
                *(f"-I{d}" for d in includes)]
         return obj, subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
