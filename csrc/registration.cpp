@@ -38,6 +38,10 @@ TORCH_LIBRARY(mixops, m) {
   m.def("_morph_branch_cuda_backward(Tensor[] grads, bool[] needs, Tensor x, Tensor weight, Tensor? bias, int segment_dim, str axis) -> Tensor[]");
   m.def("_reweighted_proj_cuda(Tensor b0, Tensor b1, Tensor? b2, Tensor alpha, Tensor weight, Tensor? bias) -> Tensor");
   m.def("_reweighted_proj_cuda_backward(Tensor[] grads, bool[] needs, Tensor b0, Tensor b1, Tensor? b2, Tensor alpha, Tensor weight, Tensor? bias) -> Tensor[]");
+
+  // RepMLP (repmlp.cu, repmlp_cpu.cpp): mixops.partition_fc
+  m.def("_partition_fc_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor? gate, int[] partition, int num_sharesets) -> Tensor");
+  m.def("_partition_fc_cuda_backward(Tensor[] grads, bool[] needs, Tensor x, Tensor weight, Tensor? bias, Tensor? gate, int[] partition, int num_sharesets) -> Tensor[]");
 }
 
 // `import mixops._C` loads the library and thereby runs the registrations; the module itself

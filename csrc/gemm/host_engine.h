@@ -31,11 +31,11 @@ Acc<typename Op::Element> host_element(const Op& op, int64_t r, int64_t k) {
   else return static_cast<AccT>(op.data[op.offset(op.row(r), op.col(k))]);
 }
 
-// C = A B^T as gathered_gemm_kernel<Tile> computes it, block by block: the accumulators in
-// increasing k (the GPU's order differs; the tests compare within a tolerance), folded per K
-// segment, then the stores and the tile sums of each block.
+// C = A B^T as gathered_gemm_kernel<Tile> computes it, group by group (Problem.groups) and block by
+// block: the accumulators in increasing k (the GPU's order differs; the tests compare within a
+// tolerance), folded per K segment, then the stores and the tile sums of each block.
 template <class Tile, class OpA, class OpB, class Epi>
-void run_on_host(const Problem& p, const OpA& a, const OpB& b, const Epi& epi) {
+void run_on_host(const Problem& p, const OpA& group_a, const OpB& group_b, const Epi& group_epi) {
   using AccT = Acc<typename OpA::Element>;
   using Row = typename Epi::Row;
   using Col = typename Epi::Col;
@@ -43,40 +43,45 @@ void run_on_host(const Problem& p, const OpA& a, const OpB& b, const Epi& epi) {
   std::vector<AccT> acc(static_cast<size_t>(kBM) * kBN);
   std::vector<Row> rows(kBM);
   std::vector<Col> cols(kBN);
-  for (int split = 0; split < p.splits; ++split) {
-    const int64_t k_begin = split * p.k_per_split;
-    const int64_t k_end = std::min(p.K, k_begin + p.k_per_split);
-    for (int64_t m0 = 0; m0 < p.M; m0 += kBM) {
-      for (int64_t n0 = 0; n0 < p.N; n0 += kBN) {
-        const int rows_valid = static_cast<int>(std::min<int64_t>(kBM, p.M - m0));
-        const int cols_valid = static_cast<int>(std::min<int64_t>(kBN, p.N - n0));
-        for (int c = 0; c < cols_valid; ++c) cols[c] = epi.col(n0 + c);
-        for (int r = 0; r < rows_valid; ++r) {
-          rows[r] = epi.row(m0 + r, split);
-          for (int c = 0; c < cols_valid; ++c) {
-            // K segments: each range's sum folded by the epilogue, the contributions added in order
-            const int64_t length = (k_end - k_begin) / p.segments;  // (the kernel's k_per_segment)
-            AccT total = 0;
-            for (int seg = 0; seg < p.segments; ++seg) {
-              AccT sum = 0;
-              for (int64_t k = k_begin + seg * length; k < k_begin + (seg + 1) * length; ++k)
-                sum += host_element(a, m0 + r, k) * host_element(b, n0 + c, k);
-              if constexpr (kHasSegments<Epi>) {
-                const AccT v = epi.fold(seg, rows[r], cols[c], sum);
-                total = seg == 0 ? v : total + v;
-              } else {
-                total = sum;
+  for (int group = 0; group < p.groups; ++group) {
+    const OpA a = for_group(group_a, group);
+    const OpB b = for_group(group_b, group);
+    const Epi epi = for_group(group_epi, group);
+    for (int split = 0; split < p.splits; ++split) {
+      const int64_t k_begin = split * p.k_per_split;
+      const int64_t k_end = std::min(p.K, k_begin + p.k_per_split);
+      for (int64_t m0 = 0; m0 < p.M; m0 += kBM) {
+        for (int64_t n0 = 0; n0 < p.N; n0 += kBN) {
+          const int rows_valid = static_cast<int>(std::min<int64_t>(kBM, p.M - m0));
+          const int cols_valid = static_cast<int>(std::min<int64_t>(kBN, p.N - n0));
+          for (int c = 0; c < cols_valid; ++c) cols[c] = epi.col(n0 + c);
+          for (int r = 0; r < rows_valid; ++r) {
+            rows[r] = epi.row(m0 + r, split);
+            for (int c = 0; c < cols_valid; ++c) {
+              // K segments: each range's sum folded by the epilogue, the contributions added in order
+              const int64_t length = (k_end - k_begin) / p.segments;  // (the kernel's k_per_segment)
+              AccT total = 0;
+              for (int seg = 0; seg < p.segments; ++seg) {
+                AccT sum = 0;
+                for (int64_t k = k_begin + seg * length; k < k_begin + (seg + 1) * length; ++k)
+                  sum += host_element(a, m0 + r, k) * host_element(b, n0 + c, k);
+                if constexpr (kHasSegments<Epi>) {
+                  const AccT v = epi.fold(seg, rows[r], cols[c], sum);
+                  total = seg == 0 ? v : total + v;
+                } else {
+                  total = sum;
+                }
               }
+              acc[r * kBN + c] = total;
             }
-            acc[r * kBN + c] = total;
           }
-        }
-        for (int r = 0; r < rows_valid; ++r)
-          for (int c = 0; c < cols_valid; ++c) epi.store(rows[r], cols[c], acc[r * kBN + c]);
-        if constexpr (kHasTileSums<Epi>) {
-          const TileView<kBM, kBN, AccT, Row, Col> view{acc.data(), kBN, rows.data(), cols.data(),
-                                                        m0, n0, rows_valid, cols_valid};
-          epi.sums(view, 0, 1);
+          for (int r = 0; r < rows_valid; ++r)
+            for (int c = 0; c < cols_valid; ++c) epi.store(rows[r], cols[c], acc[r * kBN + c]);
+          if constexpr (kHasTileSums<Epi>) {
+            const TileView<kBM, kBN, AccT, Row, Col> view{acc.data(), kBN, rows.data(), cols.data(),
+                                                          m0, n0, rows_valid, cols_valid};
+            epi.sums(view, 0, 1);
+          }
         }
       }
     }

@@ -27,9 +27,10 @@
 // per row (staged in shared memory) and its column share once per thread; an epilogue with tile
 // sums (gemm/tile_sums.cuh) then reduces the same shared tile.
 //
-// Grid: (tiles_m * tiles_n, splits); block b covers rows (b / tiles_n) * kBM and columns
+// Grid: (tiles_m * tiles_n, splits, groups); block b covers rows (b / tiles_n) * kBM and columns
 // (b % tiles_n) * kBN, so the column tiles of one row tile are adjacent in launch order and the
-// gathered rows they share are re-read from L2.
+// gathered rows they share are re-read from L2; grid z is the GEMM of a grouped launch
+// (Problem.groups, gemm/operands.cuh for_group).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -92,11 +93,16 @@ struct SmemPlan {
 
 template <class Tile, class OpA, class OpB, class Epi>
 __global__ void __launch_bounds__(Tile::kThreads, 1)
-    gathered_gemm_kernel(Problem p, OpA a, OpB b, Epi epi) {
+    gathered_gemm_kernel(Problem p, OpA group_a, OpB group_b, Epi group_epi) {
   using namespace cute;
   if constexpr (!Tile::kCompiledHere) {
     __trap();  // never launched: the host picks the tile of the device's architecture
   } else {
+    // this block's GEMM of a grouped launch (Problem.groups; grid z), the launch's own otherwise
+    const int group = static_cast<int>(blockIdx.z);
+    const OpA a = for_group(group_a, group);
+    const OpB b = for_group(group_b, group);
+    const Epi epi = for_group(group_epi, group);
     using T = typename Tile::Element;
     using SmemT = typename Tile::SmemT;
     using AccT = typename Tile::AccT;
@@ -295,8 +301,9 @@ void launch(Problem p, const OpA& a, const OpB& b, const Epi& epi) {
   if (p.M == 0 || p.N == 0) return;
   using Plan = SmemPlan<Tile, OpA, OpB, Epi>;
   const int64_t tiles = cdiv(p.M, Tile::kBM) * cdiv(p.N, Tile::kBN);
-  TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max() && p.splits <= 65535,
-              "mixops: GEMM too large for one launch (", tiles, " tiles x ", p.splits, " splits)");
+  TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max() && p.splits <= 65535 && p.groups >= 1 && p.groups <= 65535,
+              "mixops: GEMM too large for one launch (", tiles, " tiles x ", p.splits, " splits x ", p.groups,
+              " groups)");
   TORCH_CHECK(p.segments == 1 || (kHasSegments<Epi> && p.splits == 1 && p.segments > 0 && p.K % p.segments == 0),
               "mixops: ", p.segments, " K segments need a folding epilogue, no split and K (", p.K,
               ") divisible by them");
@@ -308,7 +315,8 @@ void launch(Problem p, const OpA& a, const OpB& b, const Epi& epi) {
   // the rings are over the 48 KB of static shared memory: opt in (per device, so on every launch)
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(Plan::kBytes)));
-  kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.splits)), Tile::kThreads, Plan::kBytes,
+  kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.splits), static_cast<unsigned>(p.groups)),
+           Tile::kThreads, Plan::kBytes,
            at::cuda::getCurrentCUDAStream()>>>(p, a, b, epi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

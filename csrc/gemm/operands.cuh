@@ -40,12 +40,25 @@ namespace mixops::gemm {
 // min(K, (split + 1) * k_per_split)) (k_per_split = K: no split).
 // segments > 1 (an epilogue with kSegments; splits must be 1): the K range is run as `segments`
 // equal consecutive ranges, each folded into the result by the epilogue (below).
+// groups > 1: that many GEMMs of this one shape in one launch (grid z), whose operands and epilogue
+// differ by their pointers only (RepMLP's share-sets, each with its own weight block and channels):
+// group g runs on for_group(x, g) of each (below).
 struct Problem {
   int64_t M, N, K, k_per_split;
   int splits;
   int segments = 1;
   int64_t k_per_segment = 0;  // K / segments, set by gemm::launch (no 64-bit division on the device)
+  int groups = 1;
 };
+
+// An operand or epilogue of a grouped launch has `MIXOPS_HD X for_group(int g) const`: itself with
+// its pointers moved to group g. One that is the same for every group (or a launch of one group)
+// has none and is used as it is.
+template <class X>
+MIXOPS_HD X for_group(const X& x, int g) {
+  if constexpr (requires { x.for_group(g); }) return x.for_group(g);
+  else return x;
+}
 
 // Whether an epilogue folds K segments: `static constexpr bool kSegments = true;` and
 //   MIXOPS_HD Acc fold(int segment, const Row&, const Col&, Acc acc) const
@@ -68,7 +81,9 @@ inline constexpr bool kRegisterHeavy = requires { requires Op::kRegisterHeavy; }
 enum class Major { K, Rows };
 
 // A strided 2-D matrix M[r, k] = data[r * stride_r + k * stride_k]: the weights, the plain
-// incoming gradients. kMajor says which stride is the unit one (checked by vector_width).
+// incoming gradients. kMajor says which stride is the unit one (checked by vector_width). In a
+// grouped launch, group g's matrix starts group_stride elements further per group (RepMLP's
+// weight blocks W_s).
 template <typename T, Major kMajorAxis>
 struct Matrix {
   using Element = T;
@@ -79,7 +94,9 @@ struct Matrix {
   const T* data;
   int64_t stride_r, stride_k;
   int vec;
+  int64_t group_stride = 0;
 
+  MIXOPS_HD Matrix for_group(int g) const { return {data + g * group_stride, stride_r, stride_k, vec, group_stride}; }
   MIXOPS_HD int64_t row(int64_t r) const { return r * stride_r; }
   MIXOPS_HD int64_t col(int64_t k) const { return k * stride_k; }
   MIXOPS_HD int64_t offset(int64_t r, int64_t c) const { return r + c; }
@@ -95,7 +112,9 @@ struct MatrixStore {
   using Col = int64_t;
   T* out;
   int64_t stride_m, stride_n, split_rows;
+  int64_t group_stride = 0;  // a grouped launch: group g's output starts g * group_stride further
 
+  MIXOPS_HD MatrixStore for_group(int g) const { return {out + g * group_stride, stride_m, stride_n, split_rows, group_stride}; }
   MIXOPS_HD int64_t row(int64_t m, int split) const { return (split * split_rows + m) * stride_m; }
   MIXOPS_HD int64_t col(int64_t n) const { return n * stride_n; }
   MIXOPS_HD void store(int64_t r, int64_t c, Acc<T> v) const { out[r + c] = static_cast<T>(v); }

@@ -18,15 +18,20 @@
 
 namespace mixops::gemm {
 
-// C in `dtype`; `like` gives the device (and the partials take the accumulator dtype).
+// C in `dtype`; `like` gives the device (and the partials take the accumulator dtype). With
+// groups > 1 (a grouped launch: operands with for_group) C is the [groups * M, N] stack of the
+// groups' results, split by the same rule over all groups' tiles.
 template <class Runner, class Tile, class OpA, class OpB>
 at::Tensor split_k(int64_t M, int64_t N, int64_t K, const OpA& a, const OpB& b, const at::Tensor& like,
-                   c10::ScalarType dtype) {
+                   c10::ScalarType dtype, int groups = 1) {
   using AccT = Acc<typename OpA::Element>;
-  const RowSplit split = split_rows(K, Tile::kBK, cdiv(M, Tile::kBM) * cdiv(N, Tile::kBN));
-  at::Tensor part = at::empty({split.count, M, N}, like.options().dtype(kAccDtype<typename OpA::Element>));
-  Runner::template launch<Tile>(Problem{M, N, K, split.rows, static_cast<int>(split.count)}, a, b,
-                                partials(part.mutable_data_ptr<AccT>(), M, N));
+  const RowSplit split = split_rows(K, Tile::kBK, cdiv(M, Tile::kBM) * cdiv(N, Tile::kBN) * groups);
+  at::Tensor part = at::empty({split.count, groups * M, N}, like.options().dtype(kAccDtype<typename OpA::Element>));
+  MatrixStore<AccT> store = partials(part.mutable_data_ptr<AccT>(), groups * M, N);
+  store.group_stride = M * N;
+  Problem problem{M, N, K, split.rows, static_cast<int>(split.count)};
+  problem.groups = groups;
+  Runner::template launch<Tile>(problem, a, b, store);
   return part.sum(0).to(dtype);
 }
 

@@ -29,3 +29,5 @@ if cuda_extension_available():
              auto=False)
     register("_reweighted_proj", "cuda", forward=ops._reweighted_proj_cuda,
              backward=ops._reweighted_proj_cuda_backward, auto=False)
+    register("partition_fc", "cuda", forward=ops._partition_fc_cuda, backward=ops._partition_fc_cuda_backward,
+             auto=False)
