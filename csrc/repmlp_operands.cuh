@@ -281,11 +281,16 @@ struct GateBiasTerm {
 };
 
 // db = sum over the rows m of every share-set of gate * dOut through the output map, as a column
-// sum over rows m < M and columns j = s*hw + q (share-set s, pixel q); gate nullptr: none.
+// sum over rows m < M and columns j = s*hw + q (share-set s, pixel q); gate nullptr: none. The
+// shares carry the gate's offset too, so an element costs two loads and a multiply (in the 64
+// registers of column_sum.cuh's loop: computing the gate's index per element spilled in bf16).
 template <typename T>
 struct BiasGradColumns {
+  struct Row {
+    int64_t offset, gate;
+  };
   struct Col {
-    int64_t offset, share;
+    int64_t offset, gate;
   };
   const T* grad;
   const T* gate;
@@ -295,16 +300,18 @@ struct BiasGradColumns {
   Pixels pix;
   Divider hw;
 
-  MIXOPS_HD OutputRow row(int64_t m) const { return output_row(g, s, m); }
+  MIXOPS_HD Row row(int64_t m) const {
+    const OutputRow r = output_row(g, s, m);
+    return {r.offset, r.n * gate_n + r.channel * g.S * gate_c};
+  }
   MIXOPS_HD Col col(int64_t j) const {
     int64_t q;
     const int64_t share = hw.divmod(j, q);
-    return {share * s.c + pix(q), share};
+    return {share * s.c + pix(q), share * gate_c};
   }
-  MIXOPS_HD Acc<T> value(const OutputRow& r, const Col& c) const {
+  MIXOPS_HD Acc<T> value(const Row& r, const Col& c) const {
     const Acc<T> v = static_cast<Acc<T>>(grad[r.offset + c.offset]);
-    if (gate == nullptr) return v;
-    return v * static_cast<Acc<T>>(gate[r.n * gate_n + (r.channel * g.S + c.share) * gate_c]);
+    return gate == nullptr ? v : v * static_cast<Acc<T>>(gate[r.gate + c.gate]);
   }
 };
 
