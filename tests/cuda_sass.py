@@ -2,6 +2,7 @@
 ``cuobjdump -sass`` of ``mixops._C``, split into one SASS listing per (architecture, kernel)."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -32,21 +33,28 @@ def _cuobjdump() -> str | None:
     return bundled if os.path.exists(bundled) else None
 
 
-def object_sass(path: str, keep=lambda name: True) -> dict[tuple[str, str], str]:
-    """(arch, mangled kernel name) -> SASS of the kernels of a binary (extension or object file)
-    whose name passes ``keep`` (skips the test when there is no cuobjdump)."""
+def object_sass(path: str, keep=lambda name: True, arch: str | None = None) -> dict[tuple[str, str], str]:
+    """(arch, mangled kernel name) -> SASS of the kernels of a binary (extension, object file or
+    cubin) whose name passes ``keep`` (skips the test when there is no cuobjdump). A cubin's dump
+    names no architecture: ``arch`` gives the one it was compiled for."""
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (toolkit or Triton's bundle) to read the device code with")
+    return {(a or arch, name): sass for (a, name), sass in _dump(tool, path, os.stat(path).st_mtime_ns).items()
+            if keep(name)}
+
+
+@functools.lru_cache(maxsize=4)
+def _dump(tool: str, path: str, mtime_ns: int) -> dict[tuple[str | None, str], str]:
+    """Every kernel's SASS in ``path``, read once per file version: the extension's dump takes
+    ~45 s of cuobjdump on two cores, and a dozen tests read it."""
     dump = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
     kernels, arch = {}, None
     for block in re.split(r"\n(?=arch = |\s+Function : )", dump):
         if block.startswith("arch = "):
             arch = block.split()[2]
         elif "Function : " in block:
-            name = block.split("Function : ")[1].split()[0]
-            if keep(name):
-                kernels[(arch, name)] = block
+            kernels[(arch, block.split("Function : ")[1].split()[0])] = block
     return kernels
 
 

@@ -113,7 +113,7 @@ def test_compiles_for_sm80_with_tensor_core_engine_tiles(tmp_path):
     for source, (obj, proc) in runs.items():
         out = proc.stdout
         assert proc.returncode == 0, f"{source}:\n{out[-4000:]}"
-        kernels = cuda_sass.object_sass(str(obj))
+        kernels = cuda_sass.object_sass(str(obj), arch="sm_80")
         tiles |= cuda_sass.check_engine_kernels(
             {key: sass for key, sass in kernels.items() if cuda_sass.ENGINE_KERNEL in key[1]}, "sm_80")
         spilling = [name for (_, name), sass in kernels.items() if cuda_sass.spills(sass)]
