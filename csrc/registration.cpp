@@ -42,6 +42,10 @@ TORCH_LIBRARY(mixops, m) {
   // RepMLP (repmlp.cu, repmlp_cpu.cpp): mixops.partition_fc
   m.def("_partition_fc_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor? gate, int[] partition, int num_sharesets) -> Tensor");
   m.def("_partition_fc_cuda_backward(Tensor[] grads, bool[] needs, Tensor x, Tensor weight, Tensor? bias, Tensor? gate, int[] partition, int num_sharesets) -> Tensor[]");
+
+  // UniFormer window attention (window_attention.cu, window_attention_cpu.cpp): mixops.window_attention
+  m.def("_window_attention_cuda(Tensor qkv, int num_heads, int? window_size, float scale, str padding, Tensor? qkv_bias) -> Tensor");
+  m.def("_window_attention_cuda_backward(Tensor[] grads, bool[] needs, Tensor qkv, int num_heads, int? window_size, float scale, str padding, Tensor? qkv_bias) -> Tensor[]");
 }
 
 // `import mixops._C` loads the library and thereby runs the registrations; the module itself

@@ -95,7 +95,8 @@ def test_compiles_for_sm80_with_tensor_core_engine_tiles(tmp_path):
     """Every source compiled for sm_80, the oldest architecture the GEMM engine runs on (cp.async),
     one compile per core at a time (each takes minutes on one core; all at once, the heaviest
     were killed for memory in CI); its engine kernels hold what cuda_sass.ENGINE_MUST asks of
-    sm_80 (HMMA, ldmatrix, LDGSTS; no wgmma), and no kernel spills to local memory."""
+    sm_80 (HMMA, ldmatrix, LDGSTS; no wgmma), and no kernel spills to local memory but the
+    bounded ones of the window-attention kernels (cuda_sass.known_spill)."""
     nvcc = _nvcc()
     includes = [str(CSRC), *_cutlass_include(), *_cuda_library_include(), sysconfig.get_paths()["include"],
                 *cpp_extension.include_paths(device_type="cuda")]
@@ -116,6 +117,7 @@ def test_compiles_for_sm80_with_tensor_core_engine_tiles(tmp_path):
         kernels = cuda_sass.object_sass(str(obj), arch="sm_80")
         tiles |= cuda_sass.check_engine_kernels(
             {key: sass for key, sass in kernels.items() if cuda_sass.ENGINE_KERNEL in key[1]}, "sm_80")
-        spilling = [name for (_, name), sass in kernels.items() if cuda_sass.spills(sass)]
+        spilling = [name for (_, name), sass in kernels.items()
+                    if cuda_sass.spills(sass) and not cuda_sass.known_spill(name, sass)]
         assert not spilling, f"{source}: spills on sm_80: {spilling}"
     assert tiles == {"Sm80Mma", "Tf32Mma", "Simt"}, tiles

@@ -27,12 +27,15 @@ def test_extension_engine_kernels_on_sm90a():
 
 
 def test_no_kernel_of_the_extension_spills():
-    """Every kernel of the build, engine or not (column sums, gathers), keeps to registers."""
+    """Every kernel of the build, engine or not (column sums, gathers), keeps to registers, but
+    the window-attention kernels' bounded, documented spills (cuda_sass.known_spill)."""
     kernels = cuda_sass.extension_engine_sass()  # skips or fails as the engine test does
     ext = pytest.importorskip("mixops._C")
     every = cuda_sass.object_sass(ext.__file__)
     assert len(every) > len(kernels)
-    assert not [name for (_, name), sass in every.items() if cuda_sass.spills(sass)]
+    unbounded = [name for (_, name), sass in every.items()
+                 if cuda_sass.spills(sass) and not cuda_sass.known_spill(name, sass)]
+    assert not unbounded
 
 
 # --- the engine itself on a GPU (mixops::_gemm_engine, csrc/gemm_check.cu) --------------------

@@ -34,13 +34,13 @@ def _inputs(lead, heads, d, dtype=torch.float64, device="cpu", bias=True):
     return qkv, b
 
 
-def _check(lead, heads, d, ws, padding, dtype=torch.float64, device="cpu"):
-    """Forward, dqkv and dbias of the triton backend against the float64 reference on the same
-    (rounded) inputs."""
+def check(lead, heads, d, ws, padding, dtype=torch.float64, device="cpu", backend="triton"):
+    """Forward, dqkv and dbias of a backend against the float64 reference on the same (rounded)
+    inputs (tests/test_window_attention_cuda.py runs it on the cuda backend)."""
     qkv, b = _inputs(lead, heads, d, dtype, device)
     leaves = [qkv.requires_grad_(), b.requires_grad_()]
     kw = dict(num_heads=heads, window_size=ws, padding=padding)
-    out = mixops.window_attention(qkv, qkv_bias=b, backend="triton", **kw)
+    out = mixops.window_attention(qkv, qkv_bias=b, backend=backend, **kw)
     g = torch.randn(out.shape, dtype=dtype, device=device)
     got = torch.autograd.grad(out, leaves, g)
     exact = [t.detach().cpu().double().requires_grad_() for t in leaves]
@@ -66,12 +66,12 @@ EDGE_CASES = [
 
 @pytest.mark.parametrize("lead, heads, d, ws, padding", EDGE_CASES)
 def test_edge_windows_forward_and_backward(lead, heads, d, ws, padding):
-    _check(lead, heads, d, ws, padding)
+    check(lead, heads, d, ws, padding)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_storage_dtypes(dtype):
-    _check((1, 9, 11), 2, 16, 7, "bias", dtype)
+    check((1, 9, 11), 2, 16, 7, "bias", dtype)
 
 
 def _canary(shape):
@@ -154,7 +154,7 @@ def test_tiles():
 def test_gpu_official_shapes(lead, heads, d, ws, padding, dtype):
     """UniFormer-S stage 3 (C = 320, 5 heads of 64) at detection and ADE20K sizes, global and the
     16-frame video stage."""
-    _check(lead, heads, d, ws, padding, dtype, "cuda")
+    check(lead, heads, d, ws, padding, dtype, "cuda")
 
 
 # --- sm_90 builds -----------------------------------------------------------------------------

@@ -40,27 +40,13 @@
 #include <limits>
 #include <type_traits>
 
+#include "mma_from_shared.cuh"
 #include "operands.cuh"
 #include "tile_loader.cuh"
 #include "tile_sums.cuh"
 #include "tiles.cuh"
 
 namespace mixops::gemm {
-
-// Round the fp32 bits of a TF32 operand fragment to nearest (ties away), as cuBLAS does; the
-// tensor cores would truncate the low 13 bits.
-template <class Fragment>
-__device__ __forceinline__ void round_to_tf32(Fragment&& frag) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  CUTE_UNROLL
-  for (int i = 0; i < cute::size(frag); ++i) {
-    // (through the storage member: a reference cast of a fragment element sends it to local memory)
-    uint32_t rounded;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(rounded) : "f"(__uint_as_float(frag(i).storage)));
-    frag(i).storage = rounded;
-  }
-#endif
-}
 
 // Shared memory of one launch: the ring of A and B stages, reused after the K loop as the
 // accumulator tile [kBM][kBN + 4] followed by the epilogue's row shares.
@@ -179,30 +165,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
           warpgroup_commit_batch();
           warpgroup_fence_operand(accum);
         } else {
-          auto s2r_a = make_tiled_copy_A(typename Tile::template S2RAtom<OpA::kMajor>{}, mma);
-          auto s2r_b = make_tiled_copy_B(typename Tile::template S2RAtom<OpB::kMajor>{}, mma);
-          auto thr_a = s2r_a.get_slice(threadIdx.x);
-          auto thr_b = s2r_b.get_slice(threadIdx.x);
-          Tensor tXsA = thr_a.partition_S(sA);  // (CPY, MMA_M, MMA_K, S)
-          Tensor tXsB = thr_b.partition_S(sB);
-          Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
-          Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));
-          Tensor tXrA = thr_a.retile_D(tCrA);
-          Tensor tXrB = thr_b.retile_D(tCrB);
-          // every k-block goes through the registers of k-block 0 (the others are never touched, so
-          // they take no registers): MMA_K sets at once would be 64 more registers next to the 64
-          // accumulators, and ptxas spilled the fp16/bf16 tiles on sm_80
-          CUTE_UNROLL
-          for (int kb = 0; kb < size<2>(tCrA); ++kb) {
-            if (kb * Tile::kAtomK >= k_valid) break;
-            copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, 0));
-            copy(s2r_b, tXsB(_, _, kb, stage), tXrB(_, _, 0));
-            if constexpr (std::is_same_v<SmemT, cutlass::tfloat32_t>) {
-              round_to_tf32(tCrA(_, _, 0));
-              round_to_tf32(tCrB(_, _, 0));
-            }
-            cute::gemm(mma, tCrA(_, _, 0), tCrB(_, _, 0), accum);
-          }
+          mma_from_shared<Tile, OpA::kMajor, OpB::kMajor>(mma, sA(_, _, stage), sB(_, _, stage), accum,
+                                                          static_cast<int>(k_valid < kBK ? k_valid : kBK));
         }
       };
 

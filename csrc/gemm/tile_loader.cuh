@@ -43,6 +43,7 @@ __device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool vali
 template <class Op, int kRows, int kK, int kThreads>
 class TileLoader {
  public:
+  struct SharesFilled {};  // (the constructor over shares already in shared memory, below)
   using T = typename Op::Element;
   using AccT = Acc<T>;
   static constexpr bool kAlongK = Op::kMajor == Major::K;
@@ -59,18 +60,29 @@ class TileLoader {
   // for the kRows row shares, filled here by the whole block (the caller syncs before the first
   // write); unused (nullptr) for Rows-major operands.
   __device__ TileLoader(const Op& op, int64_t row0, int64_t rows, typename Op::Row* shares)
-      : op_(op), row0_(row0), rows_(rows), row_shares_(shares) {
-    const int tid = threadIdx.x;
-    chunk_ = tid % kChunksPerLine;
-    line_ = tid / kChunksPerLine;
+      : TileLoader(op, row0, rows, shares, SharesFilled{}) {
     // K-major: a row's share is the same in every K step; computed once per block into shared
     // memory (in registers, 4 of them per thread next to the 64 accumulators made ptxas spill).
     // (Rows-major operands compute theirs per step, in rows_major_shares.)
-    if constexpr (kAlongK) {
-      for (int i = tid; i < kRows; i += kThreads) {
-        const int64_t r = row0_ + i;
-        row_shares_[i] = op_.row(r < rows_ ? r : 0);
-      }
+    if constexpr (kAlongK) fill_shares(op, row0, rows, shares);
+  }
+
+  // The same over row shares some earlier code of the block filled (fill_shares, then a barrier):
+  // a stream of tiles (the attention kernels' key and query blocks) computes the next block's
+  // shares before the barrier that publishes the current one, and two operands over the same
+  // rows (K and V of one window, Q and dOut) share them.
+  __device__ TileLoader(const Op& op, int64_t row0, int64_t rows, typename Op::Row* shares, SharesFilled)
+      : op_(op), row0_(row0), rows_(rows), row_shares_(shares) {
+    chunk_ = threadIdx.x % kChunksPerLine;
+    line_ = threadIdx.x / kChunksPerLine;
+  }
+
+  // shares[i] = op.row(row0 + i) for the kRows rows (row 0's share past the operand's last row),
+  // by the whole block.
+  __device__ static void fill_shares(const Op& op, int64_t row0, int64_t rows, typename Op::Row* shares) {
+    for (int i = threadIdx.x; i < kRows; i += kThreads) {
+      const int64_t r = row0 + i;
+      shares[i] = op.row(r < rows ? r : 0);
     }
   }
 

@@ -31,3 +31,5 @@ if cuda_extension_available():
              backward=ops._reweighted_proj_cuda_backward, auto=False)
     register("partition_fc", "cuda", forward=ops._partition_fc_cuda, backward=ops._partition_fc_cuda_backward,
              auto=False)
+    register("window_attention", "cuda", forward=ops._window_attention_cuda,
+             backward=ops._window_attention_cuda_backward, auto=False)
