@@ -13,12 +13,12 @@
 //                      key's dk, dv (the qkv_bias gradient, summed by the host in a fixed order).
 // Every output element has one owning block: no atomics, deterministic.
 //
-// Why fused (per window and head, n real tokens, head dim d, e bytes per element): the official
-// block pads, partitions and reverses the map (three copies of [B, H, W, C] and more for the
-// padded tokens) and writes and reads the [n, n] scores per head; here HBM sees q, k, v once per
-// query block (K/V re-read from L2 by the window's other query blocks) and out once: at
-// UniFormer-S stage 3 for ADE20K (32 x 32 at ws 14: windows of 196, 196 x 84 and 84 x ... tokens)
-// 1.72x fewer tokens than the official padded map, and no score matrix at all.
+// Why fused: the official block pads, partitions and reverses the map (copies of [B, H, W, C],
+// larger by the padded tokens) and writes and reads the [n, n] scores of every window and head;
+// here HBM sees q, k, v once per query block (K/V re-read from L2 by the window's other query
+// blocks) and out once, and no score matrix at all. At UniFormer-S stage 3 for ADE20K (32 x 32
+// at ws 14: windows of 196, 56 and 16 real tokens) the official padded map has 42 x 42 tokens,
+// 1.72x the real ones this reads.
 //
 // The math: the tiles of the shared GEMM engine (gemm/tiles.cuh) name the MMAs -- mma.sync
 // m16n8k16 for fp16/bf16 (on sm_90a too: these GEMMs are 64 x 64 x d, too small for a warpgroup
